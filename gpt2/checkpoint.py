@@ -1,0 +1,166 @@
+"""Read GPT-2 weights from OpenAI's TF checkpoint or Hugging Face's safetensors directory, and write both.
+
+Weights are held as a flat dict of numpy arrays under canonical names, OpenAI's without the `model/` prefix
+and with Conv1D's leading 1 squeezed: `wte` (V, C), `wpe` (n_ctx, C), `h0/attn/c_attn/w` (C, 3C), `ln_f/g` (C,) ...
+Nothing here ever unpickles: a `pytorch_model.bin` is refused with a message saying how to convert it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gpt2.config import GPT2Config
+
+Weights = dict[str, np.ndarray]
+
+# Per-layer tensors: canonical suffix -> Hugging Face suffix.
+_LAYER_KEYS = {
+    "ln_1/g": "ln_1.weight", "ln_1/b": "ln_1.bias",
+    "attn/c_attn/w": "attn.c_attn.weight", "attn/c_attn/b": "attn.c_attn.bias",
+    "attn/c_proj/w": "attn.c_proj.weight", "attn/c_proj/b": "attn.c_proj.bias",
+    "ln_2/g": "ln_2.weight", "ln_2/b": "ln_2.bias",
+    "mlp/c_fc/w": "mlp.c_fc.weight", "mlp/c_fc/b": "mlp.c_fc.bias",
+    "mlp/c_proj/w": "mlp.c_proj.weight", "mlp/c_proj/b": "mlp.c_proj.bias",
+}
+_TOP_KEYS = {"wte": "wte.weight", "wpe": "wpe.weight", "ln_f/g": "ln_f.weight", "ln_f/b": "ln_f.bias"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used, with the reason."""
+
+
+def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    C = cfg.n_embd
+    shapes = {"wte": (cfg.n_vocab, C), "wpe": (cfg.n_ctx, C), "ln_f/g": (C,), "ln_f/b": (C,)}
+    per_layer = {"ln_1/g": (C,), "ln_1/b": (C,), "attn/c_attn/w": (C, 3 * C), "attn/c_attn/b": (3 * C,),
+                 "attn/c_proj/w": (C, C), "attn/c_proj/b": (C,), "ln_2/g": (C,), "ln_2/b": (C,),
+                 "mlp/c_fc/w": (C, 4 * C), "mlp/c_fc/b": (4 * C,), "mlp/c_proj/w": (4 * C, C),
+                 "mlp/c_proj/b": (C,)}
+    for i in range(cfg.n_layer):
+        shapes.update({f"h{i}/{k}": s for k, s in per_layer.items()})
+    return shapes
+
+
+def check_weights(weights: Weights, cfg: GPT2Config, source: str) -> Weights:
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(weights))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, shape in want.items():
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+    return {name: weights[name] for name in want}
+
+
+def detect_format(directory: str | Path) -> str:
+    """'openai' or 'hf', from the files present."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
+    if (d / "hparams.json").is_file():
+        return "openai"
+    if (d / "config.json").is_file():
+        if (d / "model.safetensors").is_file():
+            return "hf"
+        if (d / "pytorch_model.bin").is_file():
+            raise CheckpointError(
+                f"{d}: only pytorch_model.bin, a pickle, which we never load. Convert it to safetensors first, e.g. "
+                "`GPT2LMHeadModel.from_pretrained(d).save_pretrained(d, safe_serialization=True)` on a trusted "
+                "machine, then export again.")
+        raise CheckpointError(f"{d}: config.json but no model.safetensors")
+    raise CheckpointError(f"{d}: neither an OpenAI checkpoint (hparams.json) nor a Hugging Face one (config.json)")
+
+
+def load_checkpoint(directory: str | Path) -> tuple[GPT2Config, Weights, str]:
+    """(config, weights, format) from either checkpoint layout, auto-detected."""
+    fmt = detect_format(directory)
+    cfg, weights = (_load_openai if fmt == "openai" else _load_hf)(Path(directory))
+    return cfg, check_weights(weights, cfg, str(directory)), fmt
+
+
+def _load_openai(d: Path) -> tuple[GPT2Config, Weights]:
+    import tensorflow as tf
+
+    cfg = GPT2Config.from_dict(json.loads((d / "hparams.json").read_text()))
+    ckpt = tf.train.latest_checkpoint(str(d))
+    if ckpt is None:
+        raise CheckpointError(f"{d}: hparams.json but no TF checkpoint (no `checkpoint` file or model.ckpt.*)")
+    reader = tf.train.load_checkpoint(ckpt)
+    weights = {}
+    for name in reader.get_variable_to_shape_map():
+        if name.startswith("model/"):
+            w = reader.get_tensor(name)
+            weights[name[len("model/"):]] = w[0] if w.ndim == 3 and w.shape[0] == 1 else w  # Conv1D: (1, in, out)
+    return cfg, weights
+
+
+def _load_hf(d: Path) -> tuple[GPT2Config, Weights]:
+    from safetensors.numpy import load_file
+
+    hf = json.loads((d / "config.json").read_text())
+    cfg = GPT2Config(n_vocab=hf["vocab_size"], n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                     n_embd=hf["n_embd"], n_head=hf["n_head"], n_layer=hf["n_layer"])
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{d}: activation_function {act!r} is not GPT-2's tanh GELU")
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    weights = {ours: tensors[theirs] for ours, theirs in _TOP_KEYS.items() if theirs in tensors}
+    for i in range(cfg.n_layer):
+        for ours, theirs in _LAYER_KEYS.items():
+            if f"h.{i}.{theirs}" in tensors:
+                weights[f"h{i}/{ours}"] = tensors[f"h.{i}.{theirs}"]
+    return cfg, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+
+
+def random_weights(cfg: GPT2Config, seed: int = 0, std: float = 0.02) -> Weights:
+    """GPT-2-initialised random weights (for demos and tests)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("/g"):
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif name.endswith("/b"):
+            out[name] = (0.1 * std * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = (std * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def save_hf(directory: str | Path, cfg: GPT2Config, weights: Weights) -> None:
+    """Write a Hugging Face GPT-2 directory (config.json + model.safetensors); tokenizer files are the caller's."""
+    from safetensors.numpy import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {theirs: weights[ours] for ours, theirs in _TOP_KEYS.items()}
+    for i in range(cfg.n_layer):
+        tensors.update({f"h.{i}.{theirs}": weights[f"h{i}/{ours}"] for ours, theirs in _LAYER_KEYS.items()})
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.n_vocab,
+              "n_positions": cfg.n_ctx, "n_ctx": cfg.n_ctx, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+              "n_layer": cfg.n_layer, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 50256,
+              "eos_token_id": 50256, "tie_word_embeddings": True}
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def save_openai(directory: str | Path, cfg: GPT2Config, weights: Weights) -> None:
+    """Write an OpenAI-layout TF checkpoint (hparams.json, checkpoint, model.ckpt.*) with `model/...` names."""
+    import tensorflow as tf
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "hparams.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    graph = tf.Graph()
+    with graph.as_default():
+        for name, w in weights.items():
+            w = w[None] if name.endswith("/w") else w  # Conv1D weights carry a leading 1
+            tf.compat.v1.get_variable(f"model/{name}", initializer=tf.constant(w), use_resource=False)
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            saver.save(sess, str(d / "model.ckpt"))

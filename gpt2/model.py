@@ -1,0 +1,227 @@
+"""GPT-2 generation as one TensorFlow graph: prefill, then a `tf.while_loop` of cached decode steps.
+
+Shapes: B batch, T prompt slots (prompts are left padded), N new-token slots, L = T + N cache slots,
+C n_embd, nh heads, hs head size, V vocabulary.
+
+The KV cache is one tensor, `past` (n_layer, 2, B, nh, L, hs): keys [:, 0] and values [:, 1] of every layer.
+The prompt fills slots [0, T); decode step i writes slot T + i. It is allocated once per run and written in
+place through `InplaceUpdate` on a row view (rows of hs floats), so a step costs the same whatever L is;
+`tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
+allocates its own `past` (a `Pad` of the prompt's K/V), nothing else holds that buffer, and every read of a slot
+depends on the write before it.
+
+Sampling is per row and batch-invariant: a row's choice depends only on its own logits, parameters, seed and
+step, never on its neighbours (see `choose_tokens`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import tensorflow as tf
+
+from gpt2.config import EOT_TOKEN, GPT2Config
+
+Params = dict[str, tf.Tensor]  # canonical weight name -> tensor (constant after freezing, or a variable read)
+NEG_INF = -1e9  # additive mask; finite so a fully masked (padding) query row stays finite
+
+
+def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
+    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(var + eps) * g + b
+
+
+def linear(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """x (M, in) float32 @ w (in, out) + b; the matmul runs in w's dtype (float32, float16 or bfloat16)."""
+    y = tf.matmul(tf.cast(x, w.dtype), w)
+    return tf.nn.bias_add(tf.cast(y, tf.float32), tf.cast(b, tf.float32))
+
+
+def mlp(x: tf.Tensor, p: Callable[[str], tf.Tensor]) -> tf.Tensor:
+    h = tf.nn.gelu(linear(x, p("mlp/c_fc/w"), p("mlp/c_fc/b")), approximate=True)  # (M, 4C), GPT-2's tanh GELU
+    return linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b"))  # (M, C)
+
+
+def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """Scaled dot-product attention. q (B, nh, Tq, hs), k/v (B, nh, Tk, hs), bias (B, 1, Tq, Tk) additive mask."""
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    w = tf.matmul(q, k, transpose_b=True) + bias  # (B, nh, Tq, Tk)
+    return tf.matmul(tf.nn.softmax(w, axis=-1), v)  # (B, nh, Tq, hs)
+
+
+def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.gather(params["wte"], ids), tf.float32) + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
+
+
+def lm_head(params: Params, x: tf.Tensor) -> tf.Tensor:
+    """x (B, C) -> logits (B, V), with the output projection tied to wte."""
+    x = norm(x, params["ln_f/g"], params["ln_f/b"])
+    wte = params["wte"]
+    return tf.cast(tf.matmul(tf.cast(x, wte.dtype), wte, transpose_b=True), tf.float32)
+
+
+def layer_params(params: Params, i: int) -> Callable[[str], tf.Tensor]:
+    return lambda name: params[f"h{i}/{name}"]
+
+
+def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Run the left-padded prompts ids (B, T) with real lengths (B,).
+
+    Returns the logits of each prompt's last token (B, V) and the prompt's keys/values (n_layer, 2, B, nh, T, hs).
+    """
+    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
+    nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    t = tf.range(T)
+    pad = T - lengths  # (B,) padding slots on the left
+    valid = t[None, :] >= pad[:, None]  # (B, T)
+    pos = tf.maximum(t[None, :] - pad[:, None], 0)  # (B, T) position ids start at 0 on each row's first real token
+    allowed = (t[:, None] >= t[None, :])[None] & valid[:, None, :]  # (B, T, T) causal and not padding
+    bias = tf.where(allowed, 0.0, NEG_INF)[:, None]  # (B, 1, T, T)
+
+    x = tf.reshape(embed(params, ids, pos), [B * T, C])  # (B*T, C)
+    kv = []
+    for i in range(cfg.n_layer):
+        p = layer_params(params, i)
+        qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B*T, 3C)
+        qkv = tf.transpose(tf.reshape(qkv, [B, T, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, T, hs)
+        a = attend(qkv[0], qkv[1], qkv[2], bias)  # (B, nh, T, hs)
+        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * T, C])  # (B*T, C)
+        x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
+        x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
+        kv.append(qkv[1:])  # (2, B, nh, T, hs)
+    last = tf.reshape(x, [B, T, C])[:, -1]  # (B, C) left padding puts every row's last token at T-1
+    return lm_head(params, last), tf.stack(kv)  # (B, V), (n_layer, 2, B, nh, T, hs)
+
+
+def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, slot: tf.Tensor,
+                past: tf.Tensor, key_bias: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """One new token per row: token (B,), position ids (B,), cache slot (scalar) -> logits (B, V), updated past.
+
+    key_bias (B, 1, 1, L) masks padding and not-yet-written slots.
+    """
+    n_layer, _, B, nh, L, hs = tf.unstack(tf.shape(past))
+    C = cfg.n_embd
+    rows = tf.reshape(past, [-1, hs])  # (n_layer*2*B*nh*L, hs) the same buffer, row-addressable
+    slot_rows = tf.range(2 * B * nh) * L + slot  # (2*B*nh,) rows of this slot in layer 0, keys then values
+    x = embed(params, token, pos)  # (B, C)
+    for i in range(cfg.n_layer):
+        p = layer_params(params, i)
+        qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B, 3C)
+        qkv = tf.transpose(tf.reshape(qkv, [B, 3, nh, hs]), [1, 0, 2, 3])  # (3, B, nh, hs)
+        new_kv = tf.reshape(qkv[1:], [2 * B * nh, hs])
+        rows = tf.raw_ops.InplaceUpdate(x=rows, i=slot_rows + i * 2 * B * nh * L, v=new_kv)  # write in place
+        layer_kv = tf.reshape(rows, [n_layer, 2, B, nh, L, hs])[i]  # (2, B, nh, L, hs) a view, no copy
+        a = attend(qkv[0][:, :, None], layer_kv[0], layer_kv[1], key_bias)  # (B, nh, 1, hs)
+        x = x + linear(tf.reshape(a, [B, C]), p("attn/c_proj/w"), p("attn/c_proj/b"))
+        x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
+    return lm_head(params, x), tf.reshape(rows, tf.shape(past))
+
+
+def _mix32(x: tf.Tensor) -> tf.Tensor:
+    """murmur3's 32-bit finaliser: a bijective avalanche hash on uint32."""
+    rs, xor = tf.bitwise.right_shift, tf.bitwise.bitwise_xor
+    x = xor(x, rs(x, tf.constant(16, tf.uint32))) * tf.constant(0x85EBCA6B, tf.uint32)
+    x = xor(x, rs(x, tf.constant(13, tf.uint32))) * tf.constant(0xC2B2AE35, tf.uint32)
+    return xor(x, rs(x, tf.constant(16, tf.uint32)))
+
+
+def row_uniform(seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """A uniform [0, 1) number per row from (row seed, step) alone: a stateless counter-based generator.
+
+    TF's stateless random ops take one seed per op; a per-row seed needs a vectorised keyed hash instead.
+    seed (B,) int64, step scalar int32 -> (B,) float32 with 24 random bits.
+    """
+    halves = tf.bitcast(seed, tf.uint32)  # (B, 2)
+    key = _mix32(tf.bitwise.bitwise_xor(halves[:, 0], _mix32(halves[:, 1] + tf.constant(0x9E3779B9, tf.uint32))))
+    h = _mix32(tf.bitwise.bitwise_xor(key, _mix32(tf.cast(step, tf.uint32) + tf.constant(0x7F4A7C15, tf.uint32))))
+    return tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.float32) * (1.0 / (1 << 24))
+
+
+def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
+                  seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """Temperature, top-k, top-p sampling by inverse CDF over the sorted candidates, one uniform per row.
+
+    The candidate count K is the batch's largest top-k, but a row's result never depends on K: its candidates
+    beyond its own k get weight exactly 0, and everything after the sort is a prefix scan (cumsum), so the
+    numbers a row sees are bit-identical in any batch.
+    """
+    V = tf.shape(logits)[1]
+    k_row = tf.where(top_k > 0, tf.minimum(top_k, V), V)  # (B,)
+    K = tf.reduce_max(tf.where(temperature > 0, k_row, 1))
+    scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]  # (B, V)
+    vals, idx = tf.math.top_k(scaled, K)  # (B, K) sorted, descending
+    rank = tf.range(K)[None, :]
+    e = tf.where(rank < k_row[:, None], tf.exp(vals - vals[:, :1]), 0.0)  # (B, K) unnormalised, top-k applied
+    cdf = tf.cumsum(e, axis=1)  # (B, K)
+    keep = (tf.cumsum(e, axis=1, exclusive=True) < top_p[:, None] * cdf[:, -1:]) & (rank < k_row[:, None])
+    n_keep = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1), 1)  # (B,) nucleus size, at least 1
+    total = tf.gather(cdf, n_keep - 1, batch_dims=1)  # (B,) mass of the kept prefix
+    target = row_uniform(seed, step) * total
+    choice = tf.minimum(tf.reduce_sum(tf.cast(cdf <= target[:, None], tf.int32), axis=1), n_keep - 1)
+    return tf.gather(idx, choice, batch_dims=1)  # (B,)
+
+
+def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
+                  seed: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Next token per row (greedy where temperature == 0) and its log-probability under the model (B,)."""
+    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)  # (B,)
+    token = tf.cond(
+        tf.reduce_any(temperature > 0),
+        lambda: tf.where(temperature > 0, sample_tokens(logits, temperature, top_k, top_p, seed, step), greedy),
+        lambda: greedy)  # skip the sort when the whole batch is greedy
+    logprob = tf.gather(tf.nn.log_softmax(logits), token, batch_dims=1)
+    return token, logprob
+
+
+def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, max_new_tokens: tf.Tensor,
+             temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor,
+             eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
+    """Completions of a batch of left-padded prompts, all inside the graph.
+
+    ids (B, T) int32, lengths (B,) int32 >= 1, and per row: max_new_tokens int32, temperature float32
+    (0 = greedy), top_k int32 (0 = off), top_p float32 (1 = off), seed int64.
+    Returns tokens (B, N) int32 (padded with eot), lengths (B,), finish_reason (B,) int32 (1 = stop at eot,
+    0 = length) and logprobs (B, N) float32 of each chosen token; N = max(max_new_tokens). The loop exits as
+    soon as every row is done.
+    """
+    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
+    N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
+    logits, prompt_kv = prefill(params, cfg, ids, lengths)
+    past = tf.pad(prompt_kv, [[0, 0]] * 4 + [[0, N], [0, 0]])  # (n_layer, 2, B, nh, L, hs) fresh buffer per run
+    prompt_valid = tf.range(T)[None, :] >= (T - lengths)[:, None]  # (B, T)
+
+    def record(i, logits, done, n_new, stopped, tokens_ta, logprobs_ta):
+        """Choose step i's tokens from logits and account for them; rows already done emit padding."""
+        token, logprob = choose_tokens(logits, temperature, top_k, top_p, seed, i)
+        live = ~done
+        stop = live & tf.equal(token, eot)
+        emit = live & ~stop
+        n_new = n_new + tf.cast(emit, tf.int32)
+        done = done | stop | (n_new >= max_new_tokens)
+        tokens_ta = tokens_ta.write(i, tf.where(emit, token, eot))
+        logprobs_ta = logprobs_ta.write(i, tf.where(emit, logprob, 0.0))
+        return tf.where(emit, token, eot), done, n_new, stopped | stop, tokens_ta, logprobs_ta
+
+    def body(i, token, past, done, n_new, stopped, tokens_ta, logprobs_ta):
+        pos = tf.minimum(lengths + i, cfg.n_ctx - 1)  # (B,) clamped only for rows that are done already
+        gen_valid = tf.broadcast_to(tf.range(N)[None, :] <= i, [B, N])  # (B, N) slots written so far
+        key_bias = tf.where(tf.concat([prompt_valid, gen_valid], 1), 0.0, NEG_INF)[:, None, None, :]  # (B,1,1,L)
+        logits, past = decode_step(params, cfg, token, pos, T + i, past, key_bias)
+        out = record(i + 1, logits, done, n_new, stopped, tokens_ta, logprobs_ta)
+        return (i + 1, out[0], past) + out[1:]
+
+    done = max_new_tokens <= 0
+    zeros = tf.zeros([B], tf.int32)
+    tokens_ta = tf.TensorArray(tf.int32, size=N, element_shape=[None])
+    logprobs_ta = tf.TensorArray(tf.float32, size=N, element_shape=[None])
+    token, done, n_new, stopped, tokens_ta, logprobs_ta = record(
+        0, logits, done, zeros, tf.zeros([B], tf.bool), tokens_ta, logprobs_ta)
+    i, _, _, done, n_new, stopped, tokens_ta, logprobs_ta = tf.while_loop(
+        lambda i, token, past, done, *_: (i + 1 < N) & ~tf.reduce_all(done),
+        body, (tf.constant(0), token, past, done, n_new, stopped, tokens_ta, logprobs_ta),
+        maximum_iterations=cfg.n_ctx)
+    steps = i + 1
+    pad = [[0, 0], [0, N - steps]]  # early exit leaves slots unwritten: pad to a fixed (B, N)
+    tokens = tf.pad(tf.transpose(tokens_ta.gather(tf.range(steps))), pad, constant_values=eot)
+    logprobs = tf.pad(tf.transpose(logprobs_ta.gather(tf.range(steps))), pad)
+    return {"tokens": tokens, "lengths": n_new, "finish_reason": tf.cast(stopped, tf.int32), "logprobs": logprobs}

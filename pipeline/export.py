@@ -1,0 +1,65 @@
+"""Export a GPT-2 checkpoint (OpenAI TF or Hugging Face safetensors) to a frozen generation-graph model directory.
+
+  python -m pipeline.export --checkpoint DIR --output MODEL_DIR [--dtype float32|float16|bfloat16]
+  python -m pipeline.export --random tiny|124M|355M|774M|1558M --output MODEL_DIR   (random weights, for demos)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="OpenAI checkpoint dir (hparams.json) or Hugging Face dir (config.json)")
+    src.add_argument("--random", choices=["tiny", "124M", "355M", "774M", "1558M"],
+                     help="random weights of this size with the real GPT-2 vocabulary (demos and tests)")
+    p.add_argument("--output", required=True, help="model directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the weight matrices (activations, norms and softmax stay float32)")
+    p.add_argument("--weights", default="auto", choices=["auto", "frozen", "external"],
+                   help="frozen: constants in model.pb; external: weights.safetensors bound at load "
+                        "(needed past protobuf's 2 GB cap); auto picks frozen when it fits")
+    p.add_argument("--name", help="model name recorded in the manifest and in every output row")
+    p.add_argument("--seed", type=int, default=0, help="with --random: the weights' seed")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from gpt2 import checkpoint, export
+    from gpt2.config import SIZES
+    from gpt2.tokenizer import default_vocab_dir
+
+    start = time.perf_counter()
+    if args.random:
+        cfg = SIZES[args.random]
+        weights = checkpoint.random_weights(cfg, seed=args.seed)
+        vocab_dir, name = default_vocab_dir(), args.name or f"gpt2-{args.random}-random"
+        source = {"random": True, "size": args.random, "seed": args.seed}
+    else:
+        try:
+            cfg, weights, fmt = checkpoint.load_checkpoint(args.checkpoint)
+        except (checkpoint.CheckpointError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        vocab_dir, name = Path(args.checkpoint), args.name or Path(args.checkpoint).resolve().name
+        source = {"random": False, "format": fmt, "path": str(Path(args.checkpoint).resolve())}
+    try:
+        manifest = export.export(cfg, weights, args.output, vocab_dir, dtype=args.dtype,
+                                 weights_mode=args.weights, source=source, name=name)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output": args.output, "name": name, "weights": manifest["weights"]["mode"],
+                      "dtype": args.dtype, "seconds": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

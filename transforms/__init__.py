@@ -1,0 +1,1 @@
+"""Beam PTransforms and DoFns: read -> validate -> tokenize -> batch -> generate -> detokenize -> write."""
