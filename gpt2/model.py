@@ -139,26 +139,30 @@ def row_uniform(seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
 
 def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
                   seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    """Temperature, top-k, top-p sampling by inverse CDF over the sorted candidates, one uniform per row.
+    """Temperature, top-k, top-p sampling by inverse CDF, one uniform per row.
 
-    The candidate count K is the batch's largest top-k, but a row's result never depends on K: its candidates
-    beyond its own k get weight exactly 0, and everything after the sort is a prefix scan (cumsum), so the
-    numbers a row sees are bit-identical in any batch.
+    The sort only finds each row's smallest kept value; the draw then walks the vocabulary in id order. So a
+    row's result depends on nothing but its own logits, parameters, seed and step: not on the batch's largest
+    top-k (the sort width K), nor on how the sort orders tied logits (exact float32 ties do occur in 50k logits).
+    Tokens tied with the last kept value are all kept.
     """
     V = tf.shape(logits)[1]
     k_row = tf.where(top_k > 0, tf.minimum(top_k, V), V)  # (B,)
     K = tf.reduce_max(tf.where(temperature > 0, k_row, 1))
     scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]  # (B, V)
-    vals, idx = tf.math.top_k(scaled, K)  # (B, K) sorted, descending
+    vals = tf.math.top_k(scaled, K).values  # (B, K) descending
     rank = tf.range(K)[None, :]
     e = tf.where(rank < k_row[:, None], tf.exp(vals - vals[:, :1]), 0.0)  # (B, K) unnormalised, top-k applied
-    cdf = tf.cumsum(e, axis=1)  # (B, K)
-    keep = (tf.cumsum(e, axis=1, exclusive=True) < top_p[:, None] * cdf[:, -1:]) & (rank < k_row[:, None])
+    total = tf.cumsum(e, axis=1)[:, -1:]  # (B, 1) prefix scans, not reductions: bit-identical for any K
+    keep = (tf.cumsum(e, axis=1, exclusive=True) < top_p[:, None] * total) & (rank < k_row[:, None])
     n_keep = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1), 1)  # (B,) nucleus size, at least 1
-    total = tf.gather(cdf, n_keep - 1, batch_dims=1)  # (B,) mass of the kept prefix
-    target = row_uniform(seed, step) * total
-    choice = tf.minimum(tf.reduce_sum(tf.cast(cdf <= target[:, None], tf.int32), axis=1), n_keep - 1)
-    return tf.gather(idx, choice, batch_dims=1)  # (B,)
+    threshold = tf.gather(vals, n_keep - 1, batch_dims=1)  # (B,) smallest kept value
+
+    kept = scaled >= threshold[:, None]  # (B, V)
+    cdf = tf.cumsum(tf.where(kept, tf.exp(scaled - vals[:, :1]), 0.0), axis=1)  # (B, V) in token-id order
+    target = row_uniform(seed, step) * cdf[:, -1]  # (B,)
+    last_kept = V - 1 - tf.argmax(tf.reverse(kept, [1]), axis=1, output_type=tf.int32)  # (B,)
+    return tf.minimum(tf.reduce_sum(tf.cast(cdf <= target[:, None], tf.int32), axis=1), last_kept)  # (B,)
 
 
 def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,

@@ -1,0 +1,193 @@
+"""The generation graph against Hugging Face transformers (the reference), and its own invariants."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+
+from gpt2 import model as gmodel
+from gpt2.checkpoint import load_checkpoint, random_weights, save_openai
+from gpt2.config import EOT_TOKEN
+from gpt2.loader import GenerationModel, SamplingParams
+from gpt2.tokenizer import default_vocab_dir
+
+from tests.conftest import TINY, TINY_STD, write_hf_checkpoint
+
+PROMPTS = [[15496, 995, 11, 314, 716], [464], [40, 588, 257, 1492, 286, 8246, 11, 290, 340, 318, 523, 922],
+           [818, 257, 1295], [50256, 1212, 318]]
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=n, do_sample=False, pad_token_id=EOT_TOKEN, eos_token_id=eos)
+    return out[0, len(prompt):].tolist()
+
+
+def test_next_token_logits_match_hf(hf_dir, hf_model):
+    cfg, weights, fmt = load_checkpoint(hf_dir)
+    assert fmt == "hf"
+    T = max(map(len, PROMPTS))
+    ids = np.full((len(PROMPTS), T), EOT_TOKEN, np.int32)
+    for r, p in enumerate(PROMPTS):
+        ids[r, T - len(p):] = p
+    params = {k: tf.constant(v) for k, v in weights.items()}
+    logits, past = gmodel.prefill(params, cfg, tf.constant(ids), tf.constant([len(p) for p in PROMPTS]))
+    assert past.shape == (cfg.n_layer, 2, len(PROMPTS), cfg.n_head, T, cfg.head_size)
+    for r, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([p])).logits[0, -1].numpy()
+        rel = np.abs(logits[r].numpy() - ref).max() / np.abs(ref).max()
+        assert rel < 1e-4, f"row {r}: relative error {rel:.2e}"
+
+
+def test_greedy_batch_matches_hf_alone(model, hf_model):
+    ours = model.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    for p, c in zip(PROMPTS, ours):
+        assert c.token_ids == hf_greedy(hf_model, p, 12)
+        assert c.finish_reason == "length" and len(c.logprobs) == 12
+
+
+def test_logprobs_match_hf(model, hf_model):
+    prompt = PROMPTS[0]
+    c = model.generate([prompt], SamplingParams(max_new_tokens=6))[0]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + c.token_ids])).logits[0]
+    ref = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    np.testing.assert_allclose(c.logprobs, ref.numpy(), atol=1e-4)
+
+
+def test_stops_at_end_of_text_like_hf(tmp_path):
+    """A model that often predicts <|endoftext|>: rows stop where HF stops, others run to max_new_tokens."""
+    from pipeline.export import main
+    from transformers import GPT2LMHeadModel
+
+    weights = random_weights(TINY, seed=3, std=TINY_STD)
+    weights["ln_f/b"] = (weights["wte"][EOT_TOKEN] * 2.0).astype(np.float32)  # raises the EOT logit for all
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    write_hf_checkpoint(hf, TINY, weights)
+    assert main(["--checkpoint", str(hf), "--output", str(tmp_path / "m")]) == 0
+    m = GenerationModel(tmp_path / "m")
+    ref_model = GPT2LMHeadModel.from_pretrained(str(hf)).eval()
+    prompts = [[i, i + 7, i * 3 + 1] for i in range(100, 4100, 250)]
+    ours = m.generate(prompts, SamplingParams(max_new_tokens=16))
+    reasons = set()
+    for p, c in zip(prompts, ours):
+        ref = hf_greedy(ref_model, p, 16, eos=EOT_TOKEN)
+        stopped = EOT_TOKEN in ref
+        assert c.token_ids == (ref[:ref.index(EOT_TOKEN)] if stopped else ref)
+        assert c.finish_reason == ("stop" if stopped else "length")
+        reasons.add(c.finish_reason)
+    assert reasons == {"stop", "length"}, "the test model should produce both outcomes"
+    m.close()
+
+
+def test_openai_checkpoint_gives_same_outputs_as_hf(tmp_path, tiny_weights, model):
+    from pipeline.export import main
+    import shutil
+
+    ckpt = tmp_path / "openai"
+    save_openai(ckpt, TINY, tiny_weights)
+    for f in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(default_vocab_dir() / f, ckpt / f)
+    cfg, weights, fmt = load_checkpoint(ckpt)
+    assert fmt == "openai" and cfg == TINY
+    assert weights["h0/attn/c_attn/w"].shape == (TINY.n_embd, 3 * TINY.n_embd)  # Conv1D's leading 1 squeezed
+    assert main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "m")]) == 0
+    m = GenerationModel(tmp_path / "m")
+    params = [SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.9, seed=5)] * 2
+    prompts = PROMPTS[:4]
+    for a, b in zip(m.generate(prompts, params), model.generate(prompts, params)):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    m.close()
+
+
+SAMPLED = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+TOPK = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, seed=99)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=10), SAMPLED, TOPK], ids=["greedy", "top_p", "top_k"])
+def test_row_output_does_not_depend_on_its_batch(model, params):
+    prompt = [818, 257, 1295]
+    alone = model.generate([prompt], params)[0]
+    others = [SamplingParams(max_new_tokens=n, temperature=t, top_k=k, seed=s)
+              for n, t, k, s in [(3, 0.0, 0, 0), (14, 1.3, 0, 7), (6, 0.5, 5, 8), (10, 0.0, 0, 1), (2, 2.0, 1, 3),
+                                 (9, 0.9, 0, 4), (12, 0.0, 0, 5)]]
+    in_batch = model.generate([PROMPTS[0], prompt] + PROMPTS[1:] + [[5, 6], [7, 8, 9, 10]], [others[0], params] + others[1:])
+    longest = [list(range(1000, 1040))]  # pads our prompt by 37 slots on the left
+    padded = model.generate(longest + [prompt], [SAMPLED, params])
+    assert len(in_batch) == 8
+    assert in_batch[1].token_ids == alone.token_ids == padded[1].token_ids
+    np.testing.assert_allclose(in_batch[1].logprobs, alone.logprobs, atol=1e-5)
+
+
+def test_top_k_1_is_greedy_and_seeds_matter(model):
+    greedy = model.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    top1 = model.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=3))
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
+    a = model.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1))
+    b = model.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, seed=2))
+    again = model.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1))
+    assert [c.token_ids for c in a] == [c.token_ids for c in again]
+    assert [c.token_ids for c in a] != [c.token_ids for c in b]
+
+
+def test_sampling_follows_the_distribution():
+    """The in-graph sampler's frequencies match softmax(logits / T) restricted to top-k / top-p."""
+    logits = np.log(np.array([[0.5, 0.25, 0.15, 0.1]], np.float32))
+    draws = 4000
+
+    def freq(temperature, top_k, top_p):
+        counts = np.zeros(4)
+        step = tf.constant(0)
+        row = lambda v: tf.constant([v] * draws)  # noqa: E731
+        tokens = gmodel.sample_tokens(tf.constant(np.repeat(logits, draws, 0)), row(temperature), row(top_k),
+                                      row(top_p), tf.range(draws, dtype=tf.int64), step)
+        np.add.at(counts, tokens.numpy(), 1)
+        return counts / draws
+
+    np.testing.assert_allclose(freq(1.0, 0, 1.0), [0.5, 0.25, 0.15, 0.1], atol=0.03)
+    np.testing.assert_allclose(freq(1.0, 2, 1.0), [2 / 3, 1 / 3, 0, 0], atol=0.03)
+    np.testing.assert_allclose(freq(1.0, 0, 0.7), [0.5 / 0.75, 0.25 / 0.75, 0, 0], atol=0.03)  # nucleus {0, 1}
+    p = np.array([0.5, 0.25, 0.15, 0.1]) ** 2
+    np.testing.assert_allclose(freq(0.5, 0, 1.0), p / p.sum(), atol=0.03)
+
+
+def test_per_row_max_new_tokens_and_context_check(model):
+    out = model.generate(PROMPTS[:3], [SamplingParams(max_new_tokens=n) for n in (1, 7, 3)])
+    assert [len(c.token_ids) for c in out] == [1, 7, 3]
+    full = model.generate([PROMPTS[0]], SamplingParams(max_new_tokens=7))[0]
+    assert out[0].token_ids == full.token_ids[:1]
+    with pytest.raises(ValueError, match="row 1: .* exceed the model context of 128"):
+        model.generate([[1], list(range(120))], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate([[1]], SamplingParams(top_p=1.5))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_export_stays_close_to_float32(tmp_path, hf_dir, model, dtype):
+    from pipeline.export import main
+
+    assert main(["--checkpoint", str(hf_dir), "--output", str(tmp_path / dtype), "--dtype", dtype]) == 0
+    low = GenerationModel(tmp_path / dtype)
+    ref = model.generate(PROMPTS, SamplingParams(max_new_tokens=1))
+    got = low.generate(PROMPTS, SamplingParams(max_new_tokens=1))
+    # the first greedy token agrees, and its log-probability is within reduced-precision rounding
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+    np.testing.assert_allclose([c.logprobs[0] for c in got], [c.logprobs[0] for c in ref], atol=0.15)
+    low.close()
+
+
+def test_external_weights_match_frozen(tmp_path, hf_dir, model):
+    from pipeline.export import main
+
+    assert main(["--checkpoint", str(hf_dir), "--output", str(tmp_path / "ext"), "--weights", "external"]) == 0
+    assert (tmp_path / "ext" / "weights.safetensors").is_file()
+    ext = GenerationModel(tmp_path / "ext")
+    params = [SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=9, temperature=0.8, seed=2)]
+    for a, b in zip(ext.generate(PROMPTS[:2], params), model.generate(PROMPTS[:2], params)):
+        assert a.token_ids == b.token_ids
+    ext.close()

@@ -1,0 +1,103 @@
+"""A model directory is untrusted: checksums, op allowlist, format version, path tricks."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import tensorflow as tf
+
+from gpt2.checkpoint import CheckpointError, detect_format
+from gpt2.export import sha256_file
+from gpt2.loader import GenerationModel, ModelError, SamplingParams
+
+
+@pytest.fixture
+def copy_dir(tmp_path, model_dir):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    return d
+
+
+def rewrite_manifest(d, **changes):
+    m = json.loads((d / "manifest.json").read_text())
+    m.update(changes)
+    (d / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def test_valid_model_loads_and_names_itself(model_dir):
+    m = GenerationModel(model_dir)
+    assert m.name.startswith("tiny@") and len(m.generate([[1, 2]], SamplingParams(max_new_tokens=3))[0].token_ids) == 3
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["random_weights"] is False and manifest["source"]["format"] == "hf"
+    assert set(manifest["files"]) == {"model.pb", "vocab.json", "merges.txt"}
+    m.close()
+
+
+def test_flipped_byte_is_refused(copy_dir):
+    data = bytearray((copy_dir / "model.pb").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy_dir / "model.pb").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="model.pb does not match its sha256"):
+        GenerationModel(copy_dir)
+
+
+@pytest.mark.parametrize("op", ["ReadFile", "PyFunc", "WriteFile"])
+def test_graph_with_io_ops_is_refused(copy_dir, op):
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString((copy_dir / "model.pb").read_bytes())
+    node = graph_def.library.function.add() if op == "PyFunc" else None
+    if node is not None:  # hidden inside a function of the library
+        node.signature.name = "innocent"
+        node.node_def.add(name="evil", op=op)
+    else:
+        graph_def.node.add(name="evil", op=op)
+    (copy_dir / "model.pb").write_bytes(graph_def.SerializeToString())
+    m = json.loads((copy_dir / "manifest.json").read_text())
+    rewrite_manifest(copy_dir, files={**m["files"], "model.pb": sha256_file(copy_dir / "model.pb")})
+    with pytest.raises(ModelError, match=f"ops outside the allowlist: \\['{op}'\\]"):
+        GenerationModel(copy_dir)
+
+
+def test_newer_format_version_is_refused(copy_dir):
+    rewrite_manifest(copy_dir, format_version=99)
+    with pytest.raises(ModelError, match="format_version 99 is newer"):
+        GenerationModel(copy_dir)
+
+
+def test_path_tricks_are_refused(copy_dir, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    m = json.loads((copy_dir / "manifest.json").read_text())
+    rewrite_manifest(copy_dir, files={**m["files"], "../outside.json": sha256_file(outside)})
+    with pytest.raises(ModelError, match="points outside the model directory"):
+        GenerationModel(copy_dir)
+    (copy_dir / "link.json").symlink_to(outside)
+    rewrite_manifest(copy_dir, files={**m["files"], "link.json": sha256_file(outside)})
+    with pytest.raises(ModelError, match="outside the model directory"):
+        GenerationModel(copy_dir)
+
+
+def test_missing_or_incomplete_model_dir(tmp_path, copy_dir):
+    with pytest.raises(ModelError, match="no manifest.json"):
+        GenerationModel(tmp_path / "nope")
+    (copy_dir / "vocab.json").unlink()
+    with pytest.raises(ModelError, match="vocab.json is listed in the manifest but missing"):
+        GenerationModel(copy_dir)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not even looked at")
+    with pytest.raises(CheckpointError, match="never load. Convert it to safetensors"):
+        detect_format(tmp_path)
+
+
+def test_random_export_is_labelled(tmp_path):
+    from pipeline.export import main
+
+    assert main(["--random", "tiny", "--output", str(tmp_path / "r")]) == 0
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["random_weights"] is True and manifest["name"] == "gpt2-tiny-random"
+    assert set(manifest["files"]) == {"model.pb", "encoder.json", "vocab.bpe"}
