@@ -1,0 +1,58 @@
+"""Command-line options of the generation job; anything else is passed to Beam as pipeline options."""
+from __future__ import annotations
+
+import argparse
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+class UsageError(ValueError):
+    """A mistake in how the job was invoked: reported as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.run",
+        description="Batch text generation with GPT-2 (frozen TF graph) on Apache Beam. "
+                    "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", required=True, help="glob of Parquet prompt shards, local or gs://")
+    io.add_argument("--output", required=True, help="output directory: completions/, errors/, run_report.json")
+    io.add_argument("--model_dir", required=True, help="model directory written by `python -m pipeline.export`")
+    io.add_argument("--prompt_column", default="prompt")
+    io.add_argument("--id_column", default="id", help="when absent from a shard, ids are <shard name>:<row>")
+    io.add_argument("--skip_existing", action="store_true",
+                    help="skip input shards whose completions file already exists (incremental and re-runs)")
+    s = p.add_argument_group("sampling (per-row columns of the same names override these)")
+    s.add_argument("--max_new_tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top_k", type=int, default=0, help="0 = off")
+    s.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    s.add_argument("--seed", type=int, default=0, help="run seed; a row's seed derives from it and the row id")
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable), applied after decoding")
+    s.add_argument("--truncate", choices=["none", "left"], default="none",
+                   help="left: keep the end of prompts that do not fit the context instead of rejecting them")
+    b = p.add_argument_group("batching and workers")
+    b.add_argument("--batch_size", type=int, default=32, help="rows per generation batch at most")
+    b.add_argument("--max_batch_tokens", type=int, default=16384,
+                   help="rows x (longest prompt + max_new_tokens) per batch at most")
+    b.add_argument("--length_shards", type=int, default=16,
+                   help="groups per length bucket, spread over workers")
+    b.add_argument("--intra_op_threads", type=int, default=None,
+                   help="TensorFlow threads per worker process (default: all cores)")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
+    args, beam_args = build_parser().parse_known_args(argv)
+    for name in ("max_new_tokens", "batch_size", "max_batch_tokens", "length_shards"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UsageError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
+    options = PipelineOptions(beam_args)
+    known = options.get_all_options(retain_unknown_options=False)
+    unknown = [a for a in beam_args if a.startswith("--") and a[2:].split("=")[0] not in known]
+    if unknown:
+        raise UsageError(f"unknown option(s): {' '.join(unknown)} (see python -m pipeline.run --help)")
+    return args, options

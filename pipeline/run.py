@@ -1,0 +1,116 @@
+"""The generation job: Parquet prompts in, completions out.
+
+  python -m pipeline.run --input 'prompts/*.parquet' --output out/ --model_dir models/gpt2 [options] [Beam options]
+
+Checks what it can before any work (inputs match, model directory intact, options known), runs the Beam
+pipeline, then writes DIR/run_report.json with the row accounting read from the files written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from gpt2.loader import ModelError, SamplingParams, read_manifest, verify_files
+from pipeline.options import UsageError, parse
+from transforms.job import GenerateCompletions, JobConfig
+from transforms.read import open_parquet, shard_name
+from transforms.write import completions_path, errors_path
+
+
+def match_inputs(pattern: str) -> list[str]:
+    try:
+        paths = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+    except Exception as e:  # noqa: BLE001 - Beam raises BeamIOError for a bad pattern or bucket
+        raise UsageError(f"--input {pattern!r}: {e}") from None
+    if not paths:
+        raise UsageError(f"--input {pattern!r} matches no files")
+    names = [shard_name(p) for p in paths]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"input shards share file names {dupes}: each shard's output is named after it")
+    return paths
+
+
+def rows_in(path: str) -> int | None:
+    try:
+        return open_parquet(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - unreadable: reported by the pipeline as a dead letter
+        return None
+
+
+def build_report(paths: list[str], output: str, args, wall: float, model: str, skipped: list[str]) -> dict:
+    read = written = dead = tokens = 0
+    unreadable = []
+    for p in paths:
+        n = rows_in(p)
+        if n is None:
+            unreadable.append(p)
+        else:
+            read += n
+        written += pq.ParquetFile(FileSystems.open(completions_path(output, p))).metadata.num_rows
+        errors = pq.read_table(FileSystems.open(errors_path(output, p)), columns=["id"])
+        dead += errors.num_rows
+        table = pq.read_table(FileSystems.open(completions_path(output, p)), columns=["completion_tokens"])
+        tokens += sum(table.column(0).to_pylist())
+    dead_rows = dead - len(unreadable)  # an unreadable shard is one dead letter, not a row
+    return {
+        "rows_read": read, "rows_written": written, "rows_dead_lettered": dead_rows,
+        "accounted": read == written + dead_rows, "unreadable_shards": unreadable,
+        "shards": len(paths), "shards_skipped_existing": skipped,
+        "generated_tokens": tokens, "wall_seconds": round(wall, 2),
+        "tokens_per_second": round(tokens / wall, 2) if wall else None,
+        "model": model, "options": vars(args),
+    }
+
+
+def run(argv: list[str]) -> dict:
+    args, options = parse(argv)
+    start = time.time()
+    paths = match_inputs(args.input)
+    manifest = read_manifest(args.model_dir)
+    verify_files(args.model_dir, manifest)
+    model = f"{manifest['name']}@{manifest['files']['model.pb'][:12]}"
+    skipped = []
+    if args.skip_existing:
+        skipped = [p for p in paths if FileSystems.exists(completions_path(args.output, p))]
+        paths = [p for p in paths if p not in skipped]
+    for sub in ("completions", "errors", ".tmp"):
+        if not FileSystems.exists(FileSystems.join(args.output, sub)):
+            FileSystems.mkdirs(FileSystems.join(args.output, sub))
+    config = JobConfig(
+        output_dir=args.output, model_dir=args.model_dir, model_label=model, n_ctx=manifest["config"]["n_ctx"],
+        defaults=SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
+        seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
+        id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+        length_shards=args.length_shards, intra_op_threads=args.intra_op_threads)
+    logging.info("%d shard(s) to do, %d skipped as done; model %s", len(paths), len(skipped), model)
+    if paths:
+        with beam.Pipeline(options=options) as p:
+            _ = p | "Inputs" >> beam.Create(paths) | "Generate" >> GenerateCompletions(config)
+    report = build_report(paths, args.output, args, time.time() - start, model, skipped)
+    with FileSystems.create(FileSystems.join(args.output, "run_report.json")) as f:
+        f.write(json.dumps(report, indent=2).encode())
+    logging.info("done: %d rows read, %d written, %d dead-lettered, %d tokens in %.1f s (%.1f tokens/s)",
+                 report["rows_read"], report["rows_written"], report["rows_dead_lettered"],
+                 report["generated_tokens"], report["wall_seconds"], report["tokens_per_second"] or 0)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    try:
+        report = run(sys.argv[1:] if argv is None else argv)
+    except (UsageError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if report["accounted"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
