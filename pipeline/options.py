@@ -36,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch_size", type=int, default=32, help="rows per generation batch at most")
     b.add_argument("--max_batch_tokens", type=int, default=16384,
                    help="rows x (longest prompt + max_new_tokens) per batch at most")
-    b.add_argument("--length_shards", type=int, default=16,
-                   help="groups per length bucket, spread over workers")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="TensorFlow threads per worker process (default: all cores)")
     return p
@@ -45,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
     args, beam_args = build_parser().parse_known_args(argv)
-    for name in ("max_new_tokens", "batch_size", "max_batch_tokens", "length_shards"):
+    for name in ("max_new_tokens", "batch_size", "max_batch_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.temperature >= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:

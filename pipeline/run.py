@@ -88,7 +88,7 @@ def run(argv: list[str]) -> dict:
         defaults=SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
         seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
         id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-        length_shards=args.length_shards, intra_op_threads=args.intra_op_threads)
+        intra_op_threads=args.intra_op_threads)
     logging.info("%d shard(s) to do, %d skipped as done; model %s", len(paths), len(skipped), model)
     if paths:
         with beam.Pipeline(options=options) as p:

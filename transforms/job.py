@@ -29,7 +29,6 @@ class JobConfig:
     id_column: str = "id"
     batch_size: int = 32
     max_batch_tokens: int = 16384
-    length_shards: int = 16
     intra_op_threads: int | None = None
 
 
@@ -47,7 +46,7 @@ class GenerateCompletions(beam.PTransform):
             ERRORS, main="ok")
         tokens = valid.ok | "Tokenize" >> beam.ParDo(Tokenize(c.model_dir, c.n_ctx, c.truncate)).with_outputs(
             ERRORS, main="ok")
-        batches = tokens.ok | "Batch" >> BatchByLength(c.batch_size, c.max_batch_tokens, c.length_shards)
+        batches = tokens.ok | "Batch" >> BatchByLength(c.batch_size, c.max_batch_tokens)
         results = batches | "Generate" >> beam.ParDo(GenerateBatches(c.model_dir, c.intra_op_threads)).with_outputs(
             ERRORS, main="ok")
         rows = results.ok | "Detokenize" >> beam.ParDo(Detokenize(c.model_dir, c.model_label, list(c.stops)))
