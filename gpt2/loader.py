@@ -26,7 +26,7 @@ ALLOWED_OPS = frozenset("""
     BroadcastTo Cast ConcatV2 Const Cumsum Enter Equal Exit Exp ExpandDims Fill GatherV2 Greater GreaterEqual
     Identity IdentityN InplaceUpdate LeftShift Less LessEqual Log LogSoftmax LogicalAnd LogicalNot LogicalOr LoopCond
     MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2 Placeholder Pow Prod Range
-    ReadVariableOp RealDiv Reshape ReverseV2 RightShift Rsqrt Select SelectV2 Shape Slice Snapshot Softmax Sqrt Square
+    ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Slice Snapshot Softmax Sqrt Square
     SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListFromTensor TensorListGather
     TensorListGetItem TensorListLength TensorListReserve TensorListSetItem TensorListStack TopKV2 Transpose Unpack
     VarHandleOp Where ZerosLike

@@ -125,44 +125,47 @@ def _mix32(x: tf.Tensor) -> tf.Tensor:
     return xor(x, rs(x, tf.constant(16, tf.uint32)))
 
 
-def row_uniform(seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    """A uniform [0, 1) number per row from (row seed, step) alone: a stateless counter-based generator.
+def token_uniform(seed: tf.Tensor, step: tf.Tensor, token_ids: tf.Tensor) -> tf.Tensor:
+    """A uniform (0, 1) number per (row seed, step, token id) alone: a stateless counter-based generator.
 
-    TF's stateless random ops take one seed per op; a per-row seed needs a vectorised keyed hash instead.
-    seed (B,) int64, step scalar int32 -> (B,) float32 with 24 random bits.
+    TF's stateless random ops take one seed per op; per-row seeds need a vectorised keyed hash instead.
+    seed (B,) int64, step scalar int32, token_ids (B, K) int32 -> (B, K) float32 with 24 random bits.
     """
+    u32 = lambda v: tf.constant(v, tf.uint32)  # noqa: E731
+    xor = tf.bitwise.bitwise_xor
     halves = tf.bitcast(seed, tf.uint32)  # (B, 2)
-    key = _mix32(tf.bitwise.bitwise_xor(halves[:, 0], _mix32(halves[:, 1] + tf.constant(0x9E3779B9, tf.uint32))))
-    h = _mix32(tf.bitwise.bitwise_xor(key, _mix32(tf.cast(step, tf.uint32) + tf.constant(0x7F4A7C15, tf.uint32))))
-    return tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.float32) * (1.0 / (1 << 24))
+    row = _mix32(xor(halves[:, 0], _mix32(halves[:, 1] + u32(0x9E3779B9))))  # (B,)
+    row = _mix32(xor(row, _mix32(tf.cast(step, tf.uint32) + u32(0x7F4A7C15))))  # (B,)
+    token = _mix32(tf.cast(token_ids, tf.uint32) * u32(0x27D4EB2F) + u32(0x165667B1))  # (B, K)
+    h = _mix32(xor(row[:, None], token))  # (B, K)
+    return (tf.cast(tf.bitwise.right_shift(h, u32(8)), tf.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
                   seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    """Temperature, top-k, top-p sampling by inverse CDF, one uniform per row.
+    """Temperature, top-k, top-p sampling by the Gumbel-max trick: argmax(logit / T + Gumbel noise) over the
+    kept tokens is an exact draw from their softmax.
 
-    The sort only finds each row's smallest kept value; the draw then walks the vocabulary in id order. So a
-    row's result depends on nothing but its own logits, parameters, seed and step: not on the batch's largest
-    top-k (the sort width K), nor on how the sort orders tied logits (exact float32 ties do occur in 50k logits).
-    Tokens tied with the last kept value are all kept.
+    The noise of each candidate is keyed by (row seed, step, token id), so a row's draw depends on nothing but
+    its own logits, parameters, seed and step. It is also robust: logits differ in the last bits between batch
+    shapes (matmul kernels vary with the row count), and an inverse-CDF draw over thousands of tiny
+    probabilities flips on such noise, while Gumbel-max flips only if the two best perturbed scores are within
+    it. Tokens tied with the last kept value are all kept.
     """
     V = tf.shape(logits)[1]
     k_row = tf.where(top_k > 0, tf.minimum(top_k, V), V)  # (B,)
     K = tf.reduce_max(tf.where(temperature > 0, k_row, 1))
     scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]  # (B, V)
-    vals = tf.math.top_k(scaled, K).values  # (B, K) descending
+    vals, idx = tf.math.top_k(scaled, K)  # (B, K) descending
     rank = tf.range(K)[None, :]
     e = tf.where(rank < k_row[:, None], tf.exp(vals - vals[:, :1]), 0.0)  # (B, K) unnormalised, top-k applied
-    total = tf.cumsum(e, axis=1)[:, -1:]  # (B, 1) prefix scans, not reductions: bit-identical for any K
+    total = tf.cumsum(e, axis=1)[:, -1:]  # (B, 1) prefix scans, not reductions: the same for any K
     keep = (tf.cumsum(e, axis=1, exclusive=True) < top_p[:, None] * total) & (rank < k_row[:, None])
     n_keep = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1), 1)  # (B,) nucleus size, at least 1
     threshold = tf.gather(vals, n_keep - 1, batch_dims=1)  # (B,) smallest kept value
-
-    kept = scaled >= threshold[:, None]  # (B, V)
-    cdf = tf.cumsum(tf.where(kept, tf.exp(scaled - vals[:, :1]), 0.0), axis=1)  # (B, V) in token-id order
-    target = row_uniform(seed, step) * cdf[:, -1]  # (B,)
-    last_kept = V - 1 - tf.argmax(tf.reverse(kept, [1]), axis=1, output_type=tf.int32)  # (B,)
-    return tf.minimum(tf.reduce_sum(tf.cast(cdf <= target[:, None], tf.int32), axis=1), last_kept)  # (B,)
+    gumbel = -tf.math.log(-tf.math.log(token_uniform(seed, step, idx)))  # (B, K)
+    score = tf.where(vals >= threshold[:, None], vals + gumbel, -math.inf)  # (B, K)
+    return tf.gather(idx, tf.argmax(score, axis=1, output_type=tf.int32), batch_dims=1)  # (B,)
 
 
 def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
