@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -143,6 +144,8 @@ class GenerationModel:
         with self.graph.as_default():
             tf.compat.v1.import_graph_def(graph_def, name="")
         self.session = tf.compat.v1.Session(graph=self.graph, config=session_config(intra_threads))
+        # Close the Session when the model is garbage-collected (e.g. the last DoFn holding it torn down).
+        self._close_session = weakref.finalize(self, self.session.close)
         weights = self.manifest["weights"]
         if weights["mode"] == "external":
             self._bind_weights(weights)
@@ -198,5 +201,5 @@ class GenerationModel:
     def close(self) -> None:
         with self._lock:
             if self.session is not None:
-                self.session.close()
+                self._close_session()
                 self.session = None

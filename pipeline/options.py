@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
+import math
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -10,8 +14,14 @@ class UsageError(ValueError):
     """A mistake in how the job was invoked: reported as one line, exit code 2, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse would print the usage and exit; we want our one-line message and exit code 2
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m pipeline.run",
         description="Batch text generation with GPT-2 (frozen TF graph) on Apache Beam. "
                     "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
@@ -46,10 +56,24 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
     for name in ("max_new_tokens", "batch_size", "max_batch_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.temperature >= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UsageError("--temperature must be >= 0, --top_p in (0, 1], --top_k >= 0")
+    if args.intra_op_threads is not None and args.intra_op_threads < 1:
+        raise UsageError(f"--intra_op_threads must be >= 1, got {args.intra_op_threads}")
+    rules = {"temperature": (math.isfinite(args.temperature) and args.temperature >= 0, "a finite number >= 0"),
+             "top_p": (0 < args.top_p <= 1, "in (0, 1]"), "top_k": (args.top_k >= 0, ">= 0")}
+    for name, (ok, rule) in rules.items():
+        if not ok:
+            raise UsageError(f"--{name} must be {rule}, got {getattr(args, name)}")
     options = PipelineOptions(beam_args)
-    known = options.get_all_options(retain_unknown_options=False)
+    stderr, beam_log = io.StringIO(), logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    try:  # quietly: Beam's parser prints its whole usage on a bad value and logs the unknown options
+        beam_log.setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(stderr):
+            known = options.get_all_options(retain_unknown_options=False)
+    except SystemExit:
+        raise UsageError(stderr.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
+    finally:
+        beam_log.setLevel(level)
     unknown = [a for a in beam_args if a.startswith("--") and a[2:].split("=")[0] not in known]
     if unknown:
         raise UsageError(f"unknown option(s): {' '.join(unknown)} (see python -m pipeline.run --help)")

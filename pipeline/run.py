@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from gpt2.loader import ModelError, SamplingParams, read_manifest, verify_files
 from pipeline.options import UsageError, parse
 from transforms.job import GenerateCompletions, JobConfig
-from transforms.read import open_parquet, shard_name
+from transforms.read import open_parquet, shard_name, unreadable_id
 from transforms.write import completions_path, errors_path
 
 
@@ -37,36 +37,42 @@ def match_inputs(pattern: str) -> list[str]:
     return paths
 
 
-def rows_in(path: str) -> int | None:
-    try:
-        return open_parquet(path).metadata.num_rows
-    except Exception:  # noqa: BLE001 - unreadable: reported by the pipeline as a dead letter
-        return None
-
-
 def build_report(paths: list[str], output: str, args, wall: float, model: str, skipped: list[str]) -> dict:
+    """Rows read come from the input files' metadata, rows written and dead-lettered from the files written:
+    the accounting checks the pipeline rather than echoing it."""
     read = written = dead = tokens = 0
     unreadable = []
     for p in paths:
-        n = rows_in(p)
-        if n is None:
+        ids = pq.read_table(FileSystems.open(errors_path(output, p)), columns=["id"]).column(0).to_pylist()
+        if unreadable_id(p) in ids:  # one dead letter for a shard that could not be read: no rows to count
             unreadable.append(p)
-        else:
-            read += n
-        written += pq.ParquetFile(FileSystems.open(completions_path(output, p))).metadata.num_rows
-        errors = pq.read_table(FileSystems.open(errors_path(output, p)), columns=["id"])
-        dead += errors.num_rows
+            dead += len(ids) - 1
+            continue
+        read += open_parquet(p).metadata.num_rows
+        dead += len(ids)
         table = pq.read_table(FileSystems.open(completions_path(output, p)), columns=["completion_tokens"])
+        written += table.num_rows
         tokens += sum(table.column(0).to_pylist())
-    dead_rows = dead - len(unreadable)  # an unreadable shard is one dead letter, not a row
     return {
-        "rows_read": read, "rows_written": written, "rows_dead_lettered": dead_rows,
-        "accounted": read == written + dead_rows, "unreadable_shards": unreadable,
+        "rows_read": read, "rows_written": written, "rows_dead_lettered": dead,
+        "accounted": read == written + dead, "unreadable_shards": unreadable,
         "shards": len(paths), "shards_skipped_existing": skipped,
         "generated_tokens": tokens, "wall_seconds": round(wall, 2),
         "tokens_per_second": round(tokens / wall, 2) if wall else None,
         "model": model, "options": vars(args),
     }
+
+
+def is_done(output: str, path: str) -> bool:
+    """Both output files of a shard exist: each is renamed into place only when complete."""
+    return FileSystems.exists(completions_path(output, path)) and FileSystems.exists(errors_path(output, path))
+
+
+def clear_tmp(output: str) -> None:
+    """Remove what killed runs left in DIR/.tmp/ (never read: each write uses a fresh temporary name)."""
+    leftovers = [m.path for r in FileSystems.match([FileSystems.join(output, ".tmp", "*")]) for m in r.metadata_list]
+    if leftovers:
+        FileSystems.delete(leftovers)
 
 
 def run(argv: list[str]) -> dict:
@@ -78,11 +84,14 @@ def run(argv: list[str]) -> dict:
     model = f"{manifest['name']}@{manifest['files']['model.pb'][:12]}"
     skipped = []
     if args.skip_existing:
-        skipped = [p for p in paths if FileSystems.exists(completions_path(args.output, p))]
+        skipped = [p for p in paths if is_done(args.output, p)]
         paths = [p for p in paths if p not in skipped]
     for sub in ("completions", "errors", ".tmp"):
         if not FileSystems.exists(FileSystems.join(args.output, sub)):
-            FileSystems.mkdirs(FileSystems.join(args.output, sub))
+            try:
+                FileSystems.mkdirs(FileSystems.join(args.output, sub))
+            except Exception as e:  # noqa: BLE001 - e.g. a file in the way, or no permission
+                raise UsageError(f"--output {args.output!r}: cannot create {sub}/: {e}") from None
     config = JobConfig(
         output_dir=args.output, model_dir=args.model_dir, model_label=model, n_ctx=manifest["config"]["n_ctx"],
         defaults=SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
@@ -93,6 +102,7 @@ def run(argv: list[str]) -> dict:
     if paths:
         with beam.Pipeline(options=options) as p:
             _ = p | "Inputs" >> beam.Create(paths) | "Generate" >> GenerateCompletions(config)
+    clear_tmp(args.output)
     report = build_report(paths, args.output, args, time.time() - start, model, skipped)
     with FileSystems.create(FileSystems.join(args.output, "run_report.json")) as f:
         f.write(json.dumps(report, indent=2).encode())
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if report["accounted"] else 1
+    return 0 if report["accounted"] and not report["unreadable_shards"] else 1
 
 
 if __name__ == "__main__":

@@ -168,17 +168,24 @@ def test_per_row_max_new_tokens_and_context_check(model):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_reduced_precision_export_stays_close_to_float32(tmp_path, hf_dir, model, dtype):
+def test_reduced_precision_export_stays_close_to_float32(tmp_path, hf_dir, hf_model, dtype):
     from pipeline.export import main
 
     assert main(["--checkpoint", str(hf_dir), "--output", str(tmp_path / dtype), "--dtype", dtype]) == 0
     low = GenerationModel(tmp_path / dtype)
-    ref = model.generate(PROMPTS, SamplingParams(max_new_tokens=1))
     got = low.generate(PROMPTS, SamplingParams(max_new_tokens=1))
-    # the first greedy token agrees, and its log-probability is within reduced-precision rounding
-    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
-    np.testing.assert_allclose([c.logprobs[0] for c in got], [c.logprobs[0] for c in ref], atol=0.15)
     low.close()
+    # Against float32 (HF): the token chosen is the float32 argmax or a near-tie with it (bfloat16 keeps 8 bits
+    # of mantissa, so near-ties can flip), and its log-probability is float32's within reduced-precision rounding.
+    agree = 0
+    for prompt, c in zip(PROMPTS, got):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0, -1], -1).numpy()
+        [token], [logprob] = c.token_ids, c.logprobs
+        agree += token == int(ref.argmax())
+        assert ref[token] >= ref.max() - 0.1, (dtype, ref.max() - ref[token])
+        assert abs(logprob - ref[token]) < 0.15, (dtype, logprob, ref[token])
+    assert agree >= len(PROMPTS) - 1
 
 
 def test_external_weights_match_frozen(tmp_path, hf_dir, model):

@@ -29,6 +29,9 @@ class Detokenize(beam.DoFn):
     def setup(self):
         self._tok = self.tokenizer.get()
 
+    def teardown(self):
+        self._tok = None  # the last reference going frees the shared tokenizer
+
     def process(self, result: Result):
         r = result.request
         text, ids, stopped = apply_stop(self._tok, result.token_ids, self.stops)

@@ -55,6 +55,9 @@ class GenerateBatches(beam.DoFn):
     def setup(self):
         self._model = self.model.get()
 
+    def teardown(self):
+        self._model = None  # the last reference going closes the model's Session (GenerationModel's finalizer)
+
     def process(self, batch: list[Request]):
         yield from self._generate(batch)
 

@@ -1,4 +1,5 @@
-"""The whole job as one composite transform: read -> validate -> tokenize -> batch -> generate -> detokenize -> write."""
+"""The whole job as one composite transform:
+read -> unique ids -> validate -> tokenize -> batch -> generate -> detokenize -> write."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ from transforms.detokenize import Detokenize
 from transforms.generate import GenerateBatches
 from transforms.read import ReadPrompts
 from transforms.records import ERRORS
+from transforms.unique_ids import UniqueIds
 from transforms.validate import Tokenize, ValidateRows
 from transforms.write import WriteResults
 
@@ -42,7 +44,8 @@ class GenerateCompletions(beam.PTransform):
     def expand(self, paths):
         c = self.c
         read = paths | "Read" >> ReadPrompts(c.prompt_column, c.id_column)
-        valid = read["rows"] | "Validate" >> beam.ParDo(ValidateRows(c.defaults, c.seed)).with_outputs(
+        unique = read["rows"] | "UniqueIds" >> UniqueIds()
+        valid = unique.rows | "Validate" >> beam.ParDo(ValidateRows(c.defaults, c.seed)).with_outputs(
             ERRORS, main="ok")
         tokens = valid.ok | "Tokenize" >> beam.ParDo(Tokenize(c.model_dir, c.n_ctx, c.truncate)).with_outputs(
             ERRORS, main="ok")
@@ -50,5 +53,6 @@ class GenerateCompletions(beam.PTransform):
         results = batches | "Generate" >> beam.ParDo(GenerateBatches(c.model_dir, c.intra_op_threads)).with_outputs(
             ERRORS, main="ok")
         rows = results.ok | "Detokenize" >> beam.ParDo(Detokenize(c.model_dir, c.model_label, list(c.stops)))
-        errors = (read[ERRORS], valid[ERRORS], tokens[ERRORS], results[ERRORS]) | "DeadLetters" >> beam.Flatten()
+        errors = ((read[ERRORS], unique[ERRORS], valid[ERRORS], tokens[ERRORS], results[ERRORS])
+                  | "DeadLetters" >> beam.Flatten())
         return (rows, errors, paths) | "Write" >> WriteResults(c.output_dir)

@@ -9,6 +9,7 @@ import logging
 import posixpath
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -24,8 +25,31 @@ def shard_name(path: str) -> str:
     return name[:-len(".parquet")] if name.endswith(".parquet") else name
 
 
+def unreadable_id(path: str) -> str:
+    """The id of the one dead letter that stands for a whole shard that could not be read."""
+    return f"{shard_name(path)}:*"
+
+
 def open_parquet(path: str) -> pq.ParquetFile:
-    return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"))
+    # Pages written with checksums are verified: a corrupt page is an error, not silently wrong prompts.
+    return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"), page_checksum_verification=True)
+
+
+def column_values(column: pa.Array) -> list:
+    """A column as Python values; a string that is not valid UTF-8 comes back as its raw bytes, so that only
+    its own row is rejected (by validation) rather than the whole batch."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+        return [_decode(b) for b in column.view(binary).to_pylist()]
+
+
+def _decode(raw: bytes | None) -> str | bytes | None:
+    try:
+        return raw if raw is None else raw.decode()
+    except UnicodeDecodeError:
+        return raw
 
 
 class ListRowGroups(beam.DoFn):
@@ -38,7 +62,8 @@ class ListRowGroups(beam.DoFn):
         try:
             pf = open_parquet(path)
             if self.prompt_column not in pf.schema_arrow.names:
-                raise ValueError(f"no column {self.prompt_column!r} (columns: {pf.schema_arrow.names})")
+                raise ValueError(f"no prompt column {self.prompt_column!r} (columns: {pf.schema_arrow.names}; "
+                                 f"see --prompt_column)")
             offset = 0
             for rg in range(pf.metadata.num_row_groups):
                 yield path, rg, offset
@@ -46,7 +71,7 @@ class ListRowGroups(beam.DoFn):
         except Exception as e:  # noqa: BLE001 - any unreadable shard is reported, the others go on
             logging.error("cannot read %s: %s", path, e)
             yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(
-                f"{shard_name(path)}:*", None, f"unreadable shard {path}: {e}", path))
+                unreadable_id(path), None, f"unreadable shard {path}: {e}", path))
 
 
 class ReadRowGroup(beam.DoFn):
@@ -63,17 +88,19 @@ class ReadRowGroup(beam.DoFn):
         row = offset
         try:
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[rg], columns=columns):
-                data = batch.to_pydict()
+                data = {name: column_values(col) for name, col in zip(batch.schema.names, batch.columns)}
                 for i, prompt in enumerate(data[self.prompt_column]):
                     rid = data[self.id_column][i] if has_id else None
                     rid = f"{shard_name(path)}:{row}" if rid is None else str(rid)
                     yield PromptRow(rid, prompt, {c: data[c][i] for c in overrides}, path, row)
                     row += 1
-        except Exception as e:  # noqa: BLE001 - a corrupt row group: its unread rows are reported
-            n = pf.metadata.row_group(rg).num_rows
-            yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(
-                f"{shard_name(path)}:{row}-{offset + n - 1}", None,
-                f"unreadable rows {row}..{offset + n - 1} of {path} (row group {rg}): {e}", path, row))
+        except Exception as e:  # noqa: BLE001 - a corrupt row group: each of its unread rows is a dead letter
+            end = offset + pf.metadata.row_group(rg).num_rows
+            logging.error("cannot read rows %d..%d of %s (row group %d): %s", row, end - 1, path, rg, e)
+            for r in range(row, end):  # one per row, so that rows read == written + dead-lettered still holds
+                yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(
+                    f"{shard_name(path)}:{r}", None,
+                    f"row {r} of {path}: unreadable (row group {rg}, rows {row}..{end - 1}): {e}", path, r))
 
 
 class ReadPrompts(beam.PTransform):

@@ -50,6 +50,8 @@ class ValidateRows(beam.DoFn):
         error = None
         if row.prompt is None:
             error = "prompt is null"
+        elif isinstance(row.prompt, bytes):  # a string column's value that is not UTF-8 (see read.column_values)
+            error = "prompt is not valid UTF-8 text"
         elif not isinstance(row.prompt, str):
             error = f"prompt is not a string but {type(row.prompt).__name__}"
         elif not row.prompt.strip():
@@ -77,6 +79,9 @@ class Tokenize(beam.DoFn):
 
     def setup(self):
         self._tok = self.tokenizer.get()
+
+    def teardown(self):
+        self._tok = None  # the last reference going frees the shared tokenizer
 
     def process(self, element):
         row, params = element

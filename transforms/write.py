@@ -3,6 +3,7 @@
 DIR/completions/<shard>.parquet and DIR/errors/<shard>.parquet, rows in input order. Each file is written under
 a temporary name in DIR/.tmp/ and renamed into place when complete, errors first: a completions file that exists
 is a shard that is done (what --skip_existing relies on), and a run killed midway leaves no partial final file.
+A shard that could not be read gets its errors file only: it is not done.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.read import shard_name
+from transforms.read import shard_name, unreadable_id
 
 COMPLETIONS_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
@@ -62,7 +63,13 @@ class WriteShard(beam.DoFn):
         errors = sorted(groups["errors"], key=order)
         completions = sorted(groups["completions"], key=order)
         write_table(errors, ERRORS_SCHEMA, errors_path(self.output_dir, source), tmp_dir)
-        write_table(completions, COMPLETIONS_SCHEMA, completions_path(self.output_dir, source), tmp_dir)
+        done = completions_path(self.output_dir, source)
+        if any(e["id"] == unreadable_id(source) for e in errors):
+            # Not done: no completions file, so that --skip_existing tries the shard again next run.
+            if FileSystems.exists(done):
+                FileSystems.delete([done])
+        else:
+            write_table(completions, COMPLETIONS_SCHEMA, done, tmp_dir)
         self.dead.inc(len(errors))
         self.written.inc(len(completions))
         yield source
