@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -21,6 +22,12 @@ from pipeline.options import UsageError, parse
 from transforms.job import GenerateCompletions, JobConfig
 from transforms.read import open_parquet, shard_name, unreadable_id
 from transforms.write import completions_path, errors_path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute: workers (a portable runner's worker pool, Flink task managers) run in
+    other directories than the one the job was launched from. Paths with a scheme (gs://) are unchanged."""
+    return os.path.abspath(path) if FileSystems.get_scheme(path) is None else path
 
 
 def match_inputs(pattern: str) -> list[str]:
@@ -77,6 +84,7 @@ def clear_tmp(output: str) -> None:
 
 def run(argv: list[str]) -> dict:
     args, options = parse(argv)
+    args.input, args.output, args.model_dir = map(absolute, (args.input, args.output, args.model_dir))
     start = time.time()
     paths = match_inputs(args.input)
     manifest = read_manifest(args.model_dir)
