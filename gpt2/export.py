@@ -28,7 +28,7 @@ from gpt2.config import GPT2Config
 from gpt2.tokenizer import find_vocab_files
 
 FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input ignore_eos
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
 EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dependency", "loop"]
@@ -42,6 +42,7 @@ INPUTS = {
     "top_k": (tf.int32, [None]),  # 0 = off
     "top_p": (tf.float32, [None]),  # 1 = off
     "seed": (tf.int64, [None]),
+    "ignore_eos": (tf.bool, [None]),  # go on past end-of-text (fixed-length benchmarks)
 }
 OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
 
@@ -79,7 +80,7 @@ def build_graph(cfg: GPT2Config, weights: Weights, dtype: str) -> tuple[tf.Graph
                 params[name] = var.read_value()
         outputs = model.generate(params, cfg, inputs["input_ids"], inputs["input_lengths"],
                                  inputs["max_new_tokens"], inputs["temperature"], inputs["top_k"],
-                                 inputs["top_p"], inputs["seed"])
+                                 inputs["top_p"], inputs["seed"], inputs["ignore_eos"])
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
         tf.group(*[v.initializer for v in tf.compat.v1.global_variables()], name="init")

@@ -45,6 +45,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
+    ignore_eos: bool = False  # go on past end-of-text to max_new_tokens (fixed-length benchmarks)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -58,6 +59,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.seed, (int, np.integer)) and -2**63 <= self.seed < 2**63):
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,9 @@ def read_manifest(model_dir: str | Path) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelError(f"{path}: format_version {version!r} is newer than this loader supports "
                          f"({FORMAT_VERSION}); upgrade the package that runs the pipeline")
+    if version < FORMAT_VERSION:
+        raise ModelError(f"{path}: format_version {version} was written by an older exporter; export the "
+                         f"checkpoint again with `python -m pipeline.export`")
     return manifest
 
 
@@ -194,7 +200,8 @@ class GenerationModel:
             np.array([p.temperature for p in params], np.float32),
             np.array([p.top_k for p in params], np.int32),
             np.array([p.top_p for p in params], np.float32),
-            np.array([p.seed for p in params], np.int64))
+            np.array([p.seed for p in params], np.int64),
+            np.array([p.ignore_eos for p in params], bool))
         return [Completion(tokens[r, :n].tolist(), logprobs[r, :n].tolist(), "stop" if finish[r] else "length")
                 for r, n in enumerate(n_new)]
 

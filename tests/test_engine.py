@@ -81,6 +81,11 @@ def test_stops_at_end_of_text_like_hf(tmp_path):
         assert c.finish_reason == ("stop" if stopped else "length")
         reasons.add(c.finish_reason)
     assert reasons == {"stop", "length"}, "the test model should produce both outcomes"
+    # ignore_eos (fixed-length runs, as in bench/): every row runs to max_new_tokens, like HF without an eos
+    full = m.generate(prompts[:4], SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert any(EOT_TOKEN in c.token_ids for c in full), "some row should go on past an end-of-text"
+    for p, c in zip(prompts[:4], full):
+        assert c.token_ids == hf_greedy(ref_model, p, 16) and c.finish_reason == "length"
     m.close()
 
 
