@@ -17,9 +17,10 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from gpt2.loader import ModelError, SamplingParams, read_manifest, verify_files
+from gpt2.loader import ModelError, SamplingParams
 from pipeline.options import UsageError, parse
 from transforms.job import GenerateCompletions, JobConfig
+from transforms.model_cache import check_model_dir
 from transforms.read import open_parquet, shard_name, unreadable_id
 from transforms.write import completions_path, errors_path
 
@@ -87,8 +88,7 @@ def run(argv: list[str]) -> dict:
     args.input, args.output, args.model_dir = map(absolute, (args.input, args.output, args.model_dir))
     start = time.time()
     paths = match_inputs(args.input)
-    manifest = read_manifest(args.model_dir)
-    verify_files(args.model_dir, manifest)
+    manifest = check_model_dir(args.model_dir)
     model = f"{manifest['name']}@{manifest['files']['model.pb'][:12]}"
     skipped = []
     if args.skip_existing:

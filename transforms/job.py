@@ -20,7 +20,7 @@ from transforms.write import WriteResults
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     output_dir: str
-    model_dir: str  # a local directory on the worker
+    model_dir: str  # local, or gs://: each worker machine copies it once to its cache (transforms/model_cache.py)
     model_label: str  # name@sha256 prefix, written in every row
     n_ctx: int
     defaults: SamplingParams = SamplingParams()

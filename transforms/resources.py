@@ -5,6 +5,7 @@ from apache_beam.utils.shared import Shared
 
 from gpt2.loader import GenerationModel
 from gpt2.tokenizer import Tokenizer
+from transforms.model_cache import local_model_dir
 
 
 class SharedResource:
@@ -18,8 +19,9 @@ class SharedResource:
 
 
 def shared_tokenizer(model_dir: str) -> SharedResource:
-    return SharedResource(lambda: Tokenizer(model_dir), f"tokenizer:{model_dir}")
+    return SharedResource(lambda: Tokenizer(local_model_dir(model_dir)), f"tokenizer:{model_dir}")
 
 
 def shared_model(model_dir: str, intra_threads: int | None = None) -> SharedResource:
-    return SharedResource(lambda: GenerationModel(model_dir, intra_threads=intra_threads), f"model:{model_dir}")
+    return SharedResource(lambda: GenerationModel(local_model_dir(model_dir), intra_threads=intra_threads),
+                          f"model:{model_dir}")
