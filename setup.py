@@ -13,7 +13,9 @@ setup(
     packages=find_packages(include=["gpt2", "gpt2.*", "pipeline", "pipeline.*", "transforms", "transforms.*"]),
     install_requires=requirements,
     extras_require={
-        # The reference implementation for parity tests, and real services for the tests; never at run time.
-        "test": ["pytest>=7", "torch==2.13.0", "transformers>=4.40", "tokenizers>=0.15", "gcp-storage-emulator"],
+        # The reference implementation for parity tests, real services and the sdist builder for the tests; never at
+        # run time.
+        "test": ["pytest>=7", "torch==2.13.0", "transformers>=4.40", "tokenizers>=0.15", "gcp-storage-emulator",
+                 "build"],
     },
 )
