@@ -122,13 +122,69 @@ def check_ops(graph_def, source: str) -> None:
         raise ModelError(f"{source}: graph holds ops outside the allowlist: {sorted(bad)}; refusing to load it")
 
 
-def session_config(intra_threads: int | None = None, inter_threads: int = 2):
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    device: str  # what the graph is imported under: "/GPU:0" or "/CPU:0"
+    gpu: int | None = None  # the one GPU this process keeps to (gpu_options.visible_device_list); None: TF's default
+
+
+def select_device(gpus: Sequence[str], slot: int | None = None) -> Placement:
+    """Where this process runs the graph, given the GPUs it sees and, on a machine with several, its slot: a GPU
+    of its own (which is then its /GPU:0), so that N worker processes on N GPUs hold one Session per GPU."""
+    if not gpus:
+        return Placement("/CPU:0")
+    return Placement("/GPU:0", None if slot is None else slot % len(gpus))
+
+
+_claimed = []  # lock files held open: a GPU stays claimed as long as this process lives
+
+
+def claim_gpu(n_gpus: int, lock_dir: str | Path | None = None) -> int:
+    """The first of n_gpus GPUs that no other process on this machine has claimed (a non-blocking flock); when
+    every one is taken (more processes than GPUs), one chosen by process id."""
+    import fcntl
+    import tempfile
+
+    lock_dir = Path(lock_dir or tempfile.gettempdir())
+    for i in range(n_gpus):
+        f = open(lock_dir / f"gpt2-beam-gpu{i}-uid{os.getuid()}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _claimed.append(f)
+        return i
+    return os.getpid() % n_gpus
+
+
+_placement: Placement | None = None
+_placement_lock = threading.Lock()
+
+
+def process_placement() -> Placement:
+    """This process's placement, chosen once: every Session of a process must see the same GPUs."""
+    global _placement
+    with _placement_lock:
+        if _placement is None:
+            import tensorflow as tf
+
+            gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+            _placement = select_device(gpus, claim_gpu(len(gpus)) if len(gpus) > 1 else None)
+        return _placement
+
+
+def session_config(intra_threads: int | None = None, inter_threads: int = 2, placement: Placement | None = None):
     import tensorflow as tf
 
+    placement = placement or process_placement()
     config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=intra_threads or os.cpu_count() or 1,
-        inter_op_parallelism_threads=inter_threads, allow_soft_placement=True)
+        inter_op_parallelism_threads=inter_threads,
+        allow_soft_placement=True)  # ops without a GPU kernel (if any) run on the CPU instead of failing
     config.gpu_options.allow_growth = True  # share the GPU with other processes instead of grabbing it all
+    if placement.gpu is not None:
+        config.gpu_options.visible_device_list = str(placement.gpu)
     return config
 
 
@@ -147,7 +203,7 @@ class GenerationModel:
         check_ops(graph_def, str(self.model_dir / "model.pb"))
 
         self.graph = tf.Graph()
-        with self.graph.as_default():
+        with self.graph.as_default(), tf.device(process_placement().device):
             tf.compat.v1.import_graph_def(graph_def, name="")
         self.session = tf.compat.v1.Session(graph=self.graph, config=session_config(intra_threads))
         # Close the Session when the model is garbage-collected (e.g. the last DoFn holding it torn down).

@@ -1,0 +1,51 @@
+"""Where the graph runs: the device choice (pure), GPU claims between processes, and the Session's config.
+This machine has no GPU: the GPU cases are checked through the choice and the config, not on a device."""
+from __future__ import annotations
+
+import os
+
+from gpt2.loader import Placement, claim_gpu, process_placement, select_device, session_config
+
+GPUS = [f"/physical_device:GPU:{i}" for i in range(4)]
+
+
+def test_no_gpu_runs_on_the_cpu():
+    assert select_device([]) == Placement("/CPU:0", None)
+    assert select_device([], slot=3) == Placement("/CPU:0", None)
+
+
+def test_one_gpu_is_used_by_every_process():
+    assert select_device(GPUS[:1]) == Placement("/GPU:0", None)
+
+
+def test_several_gpus_one_per_process():
+    # a process keeps to its own GPU through visible_device_list, so inside the process it is /GPU:0
+    assert [select_device(GPUS, slot) for slot in range(4)] == [Placement("/GPU:0", i) for i in range(4)]
+    assert select_device(GPUS, slot=6) == Placement("/GPU:0", 2)  # more processes than GPUs: they share
+
+
+def test_claims_are_exclusive_while_held(tmp_path):
+    # flock locks belong to the open file, so claims made here conflict as those of separate processes would
+    assert [claim_gpu(2, tmp_path), claim_gpu(2, tmp_path)] == [0, 1]
+    assert claim_gpu(2, tmp_path) == os.getpid() % 2  # all taken: chosen by process id
+    assert claim_gpu(3, tmp_path) == 2
+
+
+def test_session_config_for_a_gpu():
+    config = session_config(intra_threads=3, placement=Placement("/GPU:0", 2))
+    assert config.gpu_options.visible_device_list == "2" and config.gpu_options.allow_growth
+    assert config.allow_soft_placement and config.intra_op_parallelism_threads == 3
+
+
+def test_session_config_for_the_cpu():
+    config = session_config(placement=Placement("/CPU:0"))
+    assert config.gpu_options.visible_device_list == "" and config.allow_soft_placement
+    assert config.intra_op_parallelism_threads == os.cpu_count()
+
+
+def test_the_graph_is_imported_on_the_chosen_device(model):
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert process_placement().device == ("/GPU:0" if gpu else "/CPU:0")  # on this machine and CI: the CPU
+    assert {op.device for op in model.graph.get_operations()} == {"/device:GPU:0" if gpu else "/device:CPU:0"}
