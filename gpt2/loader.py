@@ -183,6 +183,13 @@ def session_config(intra_threads: int | None = None, inter_threads: int = 2, pla
         inter_op_parallelism_threads=inter_threads,
         allow_soft_placement=True)  # ops without a GPU kernel (if any) run on the CPU instead of failing
     config.gpu_options.allow_growth = True  # share the GPU with other processes instead of grabbing it all
+    # The exporter already ran Grappler's device-independent passes; running them again at the first
+    # Session.run on a graph holding the weights as constants doubled the load time of 124M (BENCHMARKS.md).
+    # The device-specific ones (remapper fusions, layout) still run here, on the worker's own device.
+    rewrite = config.graph_options.rewrite_options
+    for name in ("constant_folding", "arithmetic_optimization", "dependency_optimization", "loop_optimization",
+                 "function_optimization", "shape_optimization", "common_subgraph_elimination", "debug_stripper"):
+        setattr(rewrite, name, rewrite.OFF)
     if placement.gpu is not None:
         config.gpu_options.visible_device_list = str(placement.gpu)
     return config
