@@ -111,8 +111,8 @@ def fetch_model(model_dir: str, root: str | Path | None = None) -> tuple[str, bo
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if root.stat().st_uid != os.getuid():  # in a shared temp dir, another user's entries could be planted ones
         raise ModelError(f"model cache {root} belongs to another user; set ${CACHE_ENV} to a directory of yours")
-    with tempfile.TemporaryDirectory(dir=root, prefix=".manifest-") as tmp:
-        raw, manifest = _remote_manifest(model_dir, Path(tmp))
+    with tempfile.TemporaryDirectory() as manifest_dir:
+        raw, manifest = _remote_manifest(model_dir, Path(manifest_dir))
     key = hashlib.sha256(raw).hexdigest()
     final = root / key
     with _locks_guard:
@@ -123,13 +123,13 @@ def fetch_model(model_dir: str, root: str | Path | None = None) -> tuple[str, bo
             return str(final), False
         for stale in root.glob(f".{key}-*"):  # a download killed midway (we hold the lock: nobody else's)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+        partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))  # same filesystem: the rename is atomic
         try:
             started = time.monotonic()
-            _download(model_dir, raw, manifest, tmp)
-            os.rename(tmp, final)
+            _download(model_dir, raw, manifest, partial)
+            os.rename(partial, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
             raise
         logging.info("copied model %s to %s in %.1f s", model_dir, final, time.monotonic() - started)
         return str(final), True
