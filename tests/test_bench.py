@@ -36,3 +36,14 @@ def test_results_replace_only_the_marked_part(tmp_path):
     run.write_results("new table", doc)
     assert doc.read_text() == (f"# Benchmarks\nmethod\n{run.MARKERS[0]}\nnew table\n{run.MARKERS[1]}\n"
                                "## Attempts\nkept\n")
+
+
+def test_step_breakdown_runs_and_reports_each_batch(model_dir):
+    """bench.step on the tiny model: one table row per batch with both sides measured (a smoke run)."""
+    p = subprocess.run([sys.executable, "-m", "bench.step", "--model_dir", str(model_dir), "--batches", "1", "3",
+                        "--steps", "2", "--repeats", "1", "--prompt", "4"], text=True, capture_output=True,
+                       timeout=300, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [int(r[0]) for r in rows] == [1, 3]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # the kernel floor was timed

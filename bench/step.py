@@ -1,0 +1,80 @@
+"""Where a decode step's time goes: the engine's step against the same matmuls run alone in TensorFlow.
+
+    python -m bench.step --model_dir MODEL_DIR [--batches 1 8 64]
+
+The engine's step time is the difference of two runs that differ only in new tokens (so prefill cancels), over
+the steps between them. The kernel floor is one step's matrices (four per layer, then the LM head) multiplied in
+a bare TensorFlow graph by a (B, C) input: what TensorFlow's own kernels need for the step's weights, with no
+attention, norms, sampling or loop. The engine cannot beat that floor without faster kernels; the gap above it is
+everything else in a step. Both sides run alternately in this process, so the machine's noise hits both.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2.loader import GenerationModel, SamplingParams
+
+
+def kernel_floor(model: GenerationModel, B: int) -> tuple[callable, int]:
+    """A callable running one step's weight matmuls at batch B, and the bytes of weights it reads."""
+    cfg = model.config
+    C, V = cfg.n_embd, cfg.n_vocab
+    rng = np.random.default_rng(0)
+    layer = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]  # c_attn, attn c_proj, mlp c_fc, mlp c_proj
+    shapes = layer * cfg.n_layer + [(C, V)]  # then the LM head
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (B, C))
+        h = tf.compat.v1.placeholder(tf.float32, (B, 4 * C))
+        total = tf.add_n([tf.reduce_sum(tf.matmul(x if k == C else h,
+                                                  tf.constant(rng.standard_normal((k, n), np.float32))))
+                          for k, n in shapes])
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=os.cpu_count() or 1,
+                                      inter_op_parallelism_threads=2)
+    run = tf.compat.v1.Session(graph=graph, config=config).make_callable(total, [x, h])
+    xs, hs = np.ones((B, C), np.float32), np.ones((B, 4 * C), np.float32)
+    return (lambda: run(xs, hs)), 4 * sum(k * n for k, n in shapes)
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="an exported model (python -m pipeline.export ...)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    p.add_argument("--steps", type=int, default=48, help="decode steps between the two engine runs")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+
+    model = GenerationModel(args.model_dir)
+    rng = np.random.default_rng(0)
+    print("| batch | engine ms/step | kernel floor ms/step | floor GB/s | engine / floor |")
+    print("|---:|---:|---:|---:|---:|")
+    for B in args.batches:
+        prompts = rng.integers(0, 50000, (B, args.prompt)).tolist()
+        short, long = (SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (8, 8 + args.steps))
+        floor, nbytes = kernel_floor(model, B)
+        engine_steps, floors = [], []
+        for run in (lambda: model.generate(prompts, short), lambda: model.generate(prompts, long), floor):
+            run()  # warm-up
+        for _ in range(args.repeats):  # alternate the sides so noise hits both
+            engine_steps.append((seconds(lambda: model.generate(prompts, long))
+                                 - seconds(lambda: model.generate(prompts, short))) / args.steps)
+            floors.append(seconds(floor))
+        step, fl = np.median(engine_steps), np.median(floors)
+        print(f"| {B} | {step * 1e3:.1f} | {fl * 1e3:.1f} | {nbytes / fl / 1e9:.1f} | {step / fl:.2f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
