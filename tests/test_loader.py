@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -101,3 +102,16 @@ def test_random_export_is_labelled(tmp_path):
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert manifest["random_weights"] is True and manifest["name"] == "gpt2-tiny-random"
     assert set(manifest["files"]) == {"model.pb", "encoder.json", "vocab.bpe"}
+
+
+def test_cpu_allocator_pool_is_on_unless_the_user_says_otherwise():
+    """Importing gpt2 turns on TensorFlow's BFC pool for CPU memory (no page faults per run); a user's setting wins."""
+    import subprocess
+    import sys
+
+    code = "import os, gpt2; print(os.environ['TF_CPU_ALLOCATOR_USE_BFC'])"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    user = subprocess.run([sys.executable, "-c", code], env={**env, "TF_CPU_ALLOCATOR_USE_BFC": "false"},
+                          capture_output=True, text=True, check=True)
+    assert (default.stdout.strip(), user.stdout.strip()) == ("true", "false")
