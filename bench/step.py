@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -20,7 +21,7 @@ import tensorflow as tf
 from gpt2.loader import GenerationModel, SamplingParams
 
 
-def kernel_floor(model: GenerationModel, B: int) -> tuple[callable, int]:
+def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], int]:
     """A callable running one step's weight matmuls at batch B, and the bytes of weights it reads."""
     cfg = model.config
     C, V = cfg.n_embd, cfg.n_vocab

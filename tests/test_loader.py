@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -106,9 +108,6 @@ def test_random_export_is_labelled(tmp_path):
 
 def test_cpu_allocator_pool_is_on_unless_the_user_says_otherwise():
     """Importing gpt2 turns on TensorFlow's BFC pool for CPU memory (no page faults per run); a user's setting wins."""
-    import subprocess
-    import sys
-
     code = "import os, gpt2; print(os.environ['TF_CPU_ALLOCATOR_USE_BFC'])"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
     default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
