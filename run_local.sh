@@ -39,7 +39,7 @@ extra=()
 if [ -z "$model_dir" ]; then
   model_dir="models/gpt2-124M-random"
   # (re-)export when missing, or written by an older exporter than this checkout's loader reads
-  if ! "$PY" -c "import sys; from gpt2.loader import read_manifest; read_manifest(sys.argv[1])" "$model_dir" \
+  if ! "$PY" -c "import sys; from gpt2.manifest import read_manifest; read_manifest(sys.argv[1])" "$model_dir" \
       2>/dev/null; then
     echo "exporting the demo model (random weights, GPT-2 124M shape) to $model_dir" >&2
     echo "  for real weights: python -m pipeline.export --checkpoint DIR --output MODEL_DIR" >&2

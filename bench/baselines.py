@@ -43,7 +43,7 @@ class NaiveSession:
     """
 
     def __init__(self, cfg: GPT2Config, weights: Weights, threads: int):
-        from gpt2.loader import session_config
+        from gpt2.device import session_config
 
         self.graph = tf.Graph()
         with self.graph.as_default():

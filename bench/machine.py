@@ -6,7 +6,10 @@ the measured bandwidth (perfect overlap, no other cost): no engine can beat it o
 from __future__ import annotations
 
 import dataclasses
+import platform
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -66,3 +69,20 @@ def job_work(cfg: GPT2Config, B: int, T: int, N: int) -> tuple[float, float]:
 
 def measure() -> Machine:
     return Machine(gflops=matmul_gflops(), gbs=bandwidth_gbs())
+
+
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what fp32 / bf16 kernels can use
+
+
+def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, list[str]]:
+    """(CPU model name, the VECTOR_FLAGS it has, in that order), read from /proc/cpuinfo (the first CPU listed).
+
+    Without /proc/cpuinfo (not Linux): platform's processor name and no flags."""
+    path = Path(cpuinfo)
+    if not path.exists():
+        return platform.processor() or platform.machine(), []
+    info = path.read_text()
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    present = set(flags.group(1).split()) if flags else set()
+    return (name.group(1).strip() if name else platform.machine()), [f for f in VECTOR_FLAGS if f in present]

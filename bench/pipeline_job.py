@@ -10,16 +10,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gpt2.loader import GenerationModel, SamplingParams
+from gpt2.loader import GenerationModel
+from gpt2.sampling import SamplingParams
 from gpt2.tokenizer import Tokenizer
 from pipeline.sample_data import PROMPTS
-from transforms.batching import cut_batches, length_bucket
+from transforms.batching import plan_batches
 
 WORDS = " ".join(PROMPTS).split()
 
 
 @dataclasses.dataclass
-class _Row:  # what cut_batches reads of a Request
+class _Row:  # what plan_batches reads of a Request
     token_ids: list[int]
     params: SamplingParams
 
@@ -45,11 +46,22 @@ def padding_fraction(batches: list[list[_Row]]) -> float:
 
 
 def length_aware(rows: list[_Row], batch_size: int, max_batch_tokens: int) -> list[list[_Row]]:
-    """The pipeline's batching (transforms.batching): bucket by length, then cut each bucket."""
-    buckets: dict[int, list[_Row]] = {}
+    """The pipeline's batching (transforms.batching): sort each window by length, cut by the cost model."""
+    return list(plan_batches(rows, batch_size, max_batch_tokens))
+
+
+def arrival_order(rows: list[_Row], batch_size: int, max_batch_tokens: int) -> list[list[_Row]]:
+    """Batches in arrival order, as Beam's BatchElements makes them: bounded by rows and max_batch_tokens only."""
+    batches: list[list[_Row]] = []
+    batch, longest, max_new = [], 0, 0
     for r in rows:
-        buckets.setdefault(length_bucket(len(r.token_ids)), []).append(r)
-    return [b for k in sorted(buckets) for b in cut_batches(buckets[k], batch_size, max_batch_tokens)]
+        grown = max(longest, len(r.token_ids)), max(max_new, r.params.max_new_tokens)
+        if batch and (len(batch) >= batch_size or (len(batch) + 1) * sum(grown) > max_batch_tokens):
+            batches.append(batch)
+            batch, grown = [], (len(r.token_ids), r.params.max_new_tokens)
+        batch.append(r)
+        longest, max_new = grown
+    return batches + [batch] if batch else batches
 
 
 def run(model_dir: Path, workdir: Path, rows: int, max_words: int, new_tokens: int, batch_size: int,
@@ -61,7 +73,7 @@ def run(model_dir: Path, workdir: Path, rows: int, max_words: int, new_tokens: i
     tok = Tokenizer(model_dir)
     requests = [_Row(ids, params) for ids in tok.encode_batch(texts)]
     aware = length_aware(requests, batch_size, max_batch_tokens)
-    arrival = list(cut_batches(requests, batch_size, max_batch_tokens))
+    arrival = arrival_order(requests, batch_size, max_batch_tokens)
 
     # Both sides include loading the model (and the pipeline its tokenizing, reading and writing).
     start = time.perf_counter()

@@ -27,7 +27,8 @@ from bench import baselines, machine, pipeline_job  # noqa: E402
 from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
 from gpt2.config import SIZES, GPT2Config  # noqa: E402
 from gpt2.export import export  # noqa: E402
-from gpt2.loader import GenerationModel, SamplingParams  # noqa: E402
+from gpt2.loader import GenerationModel  # noqa: E402
+from gpt2.sampling import SamplingParams  # noqa: E402
 from gpt2.tokenizer import default_vocab_dir  # noqa: E402
 
 BENCHMARKS = Path(__file__).parents[1] / "BENCHMARKS.md"

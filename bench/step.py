@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from gpt2.loader import GenerationModel, SamplingParams
+from gpt2.loader import GenerationModel
+from gpt2.sampling import SamplingParams
 
 
 def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], int]:

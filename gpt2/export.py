@@ -1,11 +1,19 @@
-"""Export a GPT-2 checkpoint to a model directory: the generation graph, frozen and optimised, plus a manifest.
+"""Export a GPT-2 checkpoint to a model directory: generation graphs, one per precision, plus weights and manifest.
 
 MODEL_DIR/
-  model.pb            GraphDef of `gpt2.model.generate` with the weights as constants ("frozen"), or, when the
-                      weights do not fit protobuf's 2 GB cap, with read-only variables bound at load ("external")
-  weights.safetensors only for "external": the weights, read without pickle
+  model.pb, model-bfloat16.pb, model-float16.pb
+                      GraphDefs of `gpt2.model.generate` for float32, bfloat16 and float16 weight matrices. The
+                      whole generation loop is fixed in the graph; the weights are read-only variables with no
+                      gradient or optimizer, bound once at load from weights.safetensors ("external", the default)
+  weights.safetensors the weights, float32 (or --dtype), read without pickle and cast at load to the precision run
   encoder.json, vocab.bpe   the tokenizer
-  manifest.json       format version, hyperparameters, dtype, tensor names, sha256 of every file, source
+  manifest.json       format version, hyperparameters, graphs by precision, tensor names, sha256 of every file
+
+`--weights frozen` instead bakes the weights into one graph as constants (one precision, the export dtype). That
+is what "frozen" classically means, and it is expensive in TensorFlow: every copy of the GraphDef the runtime makes
+on the way to running it (import, the Session's graph, Grappler's working copy, the partitioned graph, the constant
+kernels' tensors) carries the weights, so 124M took 25 s to its first result and 8-10 GB of memory for 0.5 GB of
+weights (BENCHMARKS.md), against about 2 s and 1.5 GB bound at load.
 
 Grappler runs here with device-independent passes only (constant folding, arithmetic, dependency, loop and
 function optimisation); device-specific fusions (remapper, layout) run at load time on the worker's own device,
@@ -13,7 +21,6 @@ so one export serves CPU and GPU workers.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,34 +32,13 @@ import tensorflow as tf
 from gpt2 import model
 from gpt2.checkpoint import Weights
 from gpt2.config import GPT2Config
+from gpt2.manifest import FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, sha256_file
 from gpt2.tokenizer import find_vocab_files
 
-FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 2  # 2: input ignore_eos
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
+GRAPH_FILES = {"float32": "model.pb", "bfloat16": "model-bfloat16.pb", "float16": "model-float16.pb"}
 EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dependency", "loop"]
-
-# Graph inputs: name -> (dtype, shape). Per-row sampling parameters make one batch mix greedy and sampled rows.
-INPUTS = {
-    "input_ids": (tf.int32, [None, None]),  # (B, T) left padded
-    "input_lengths": (tf.int32, [None]),  # (B,) real tokens per row, >= 1
-    "max_new_tokens": (tf.int32, [None]),
-    "temperature": (tf.float32, [None]),  # 0 = greedy
-    "top_k": (tf.int32, [None]),  # 0 = off
-    "top_p": (tf.float32, [None]),  # 1 = off
-    "seed": (tf.int64, [None]),
-    "ignore_eos": (tf.bool, [None]),  # go on past end-of-text (fixed-length benchmarks)
-}
-OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_matrix(name: str) -> bool:
@@ -60,35 +46,36 @@ def is_matrix(name: str) -> bool:
     return name == "wte" or name.endswith("/w")
 
 
-def build_graph(cfg: GPT2Config, weights: Weights, dtype: str) -> tuple[tf.Graph, dict[str, np.ndarray]]:
-    """The generation graph with one resource variable per weight, initialised from placeholders by op `init`.
+def weight_dtype(name: str, precision: str) -> tf.DType:
+    return DTYPES[precision] if is_matrix(name) else tf.float32
 
-    Returns the graph and the init feed {placeholder name: array}.
+
+def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str) -> tuple[tf.Graph, dict]:
+    """The generation graph with one read-only resource variable per weight, each set at load by its own assign
+    op from a placeholder (one tensor at a time: loading never holds a second copy of all the weights).
+
+    Returns the graph and {weight name: {"feed": placeholder tensor, "assign": op name}}.
     """
     graph = tf.Graph()
-    feeds = {}
+    binding = {}
     with graph.as_default():
         inputs = {name: tf.compat.v1.placeholder(dt, shape, name=name) for name, (dt, shape) in INPUTS.items()}
         params = {}
         with tf.name_scope("weights"):
-            for name, w in weights.items():
-                dt = DTYPES[dtype] if is_matrix(name) else tf.float32
-                ph = tf.compat.v1.placeholder(dt, w.shape, name=f"{name}/init_value")
+            for name, shape in shapes.items():
+                ph = tf.compat.v1.placeholder(weight_dtype(name, precision), shape, name=f"{name}/init_value")
                 var = tf.compat.v1.get_variable(f"weights/{name}", initializer=ph, use_resource=True,
                                                 trainable=False)
-                feeds[ph.name] = w.astype(dt.as_numpy_dtype)
+                binding[name] = {"feed": ph.name, "assign": var.initializer.name}
                 params[name] = var.read_value()
-        outputs = model.generate(params, cfg, inputs["input_ids"], inputs["input_lengths"],
-                                 inputs["max_new_tokens"], inputs["temperature"], inputs["top_k"],
-                                 inputs["top_p"], inputs["seed"], inputs["ignore_eos"])
+        outputs = model.generate(params, cfg, *inputs.values())  # in INPUTS' order, as generate takes them
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
-        tf.group(*[v.initializer for v in tf.compat.v1.global_variables()], name="init")
-    return graph, feeds
+    return graph, binding
 
 
 def optimize(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.v1.GraphDef:
-    """Grappler's device-independent inference passes on a frozen graph."""
+    """Grappler's device-independent inference passes."""
     from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
     from tensorflow.python.grappler import tf_optimizer
 
@@ -101,48 +88,62 @@ def optimize(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.
     return tf_optimizer.OptimizeGraph(config, meta)
 
 
+def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str) -> tf.compat.v1.GraphDef:
+    """The same graph with the weights as constants."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_from_session_graph
+
+    graph, binding = build_graph(cfg, {n: w.shape for n, w in weights.items()}, precision)
+    with tf.compat.v1.Session(graph=graph) as sess:
+        for name, b in binding.items():
+            sess.run(b["assign"], {b["feed"]: weights[name].astype(weight_dtype(name, precision).as_numpy_dtype)})
+        return convert_variables_to_constants_from_session_graph(sess, graph.as_graph_def(), OUTPUTS)
+
+
 def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir: str | Path, *,
-           dtype: str = "float32", weights_mode: str = "auto", source: dict | None = None,
+           dtype: str = "float32", weights_mode: str = "external", source: dict | None = None,
            name: str = "gpt2") -> dict:
-    """Write a model directory; returns its manifest. weights_mode: auto | frozen | external."""
+    """Write a model directory; returns its manifest.
+
+    weights_mode "external" (default): graphs for every precision, weights stored in `dtype` and cast at load.
+    "frozen": one graph, the weights as constants in `dtype`.
+    """
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bytes_per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-    weight_bytes = sum(w.size * (bytes_per if is_matrix(n) else 4) for n, w in weights.items())
-    if weights_mode == "auto":
-        weights_mode = "frozen" if weight_bytes < PROTO_LIMIT else "external"
-    if weights_mode == "frozen" and weight_bytes >= PROTO_LIMIT:
-        raise ValueError(f"{weight_bytes / 1e9:.2f} GB of {dtype} weights cannot be frozen into one protobuf "
-                         "(2 GB cap): use --weights external, or --dtype float16")
-
-    graph, feeds = build_graph(cfg, weights, dtype)
-    with tf.compat.v1.Session(graph=graph) as sess:
-        if weights_mode == "frozen":
-            from tensorflow.python.framework.convert_to_constants import (
-                convert_variables_to_constants_from_session_graph)
-
-            sess.run("init", feed_dict=feeds)
-            graph_def = convert_variables_to_constants_from_session_graph(sess, graph.as_graph_def(), OUTPUTS)
-        else:
-            graph_def = graph.as_graph_def()
-    del feeds
-    graph_def = optimize(graph_def, OUTPUTS + (["init"] if weights_mode == "external" else []))
-    (out / "model.pb").write_bytes(graph_def.SerializeToString())
-
-    files = ["model.pb"]
-    weights_info: dict = {"mode": weights_mode}
-    if weights_mode == "external":
+    files, graphs = [], {}
+    if weights_mode == "frozen":
+        weight_bytes = sum(w.size * weight_dtype(n, dtype).size for n, w in weights.items())
+        if weight_bytes >= PROTO_LIMIT:
+            raise ValueError(f"{weight_bytes / 1e9:.2f} GB of {dtype} weights cannot be frozen into one protobuf "
+                             "(2 GB cap): use --weights external (the default)")
+        graph_def = optimize(frozen_graph(cfg, weights, dtype), OUTPUTS)
+        (out / GRAPH_FILES["float32"]).write_bytes(graph_def.SerializeToString())
+        files.append(GRAPH_FILES["float32"])
+        graphs[dtype] = GRAPH_FILES["float32"]
+        weights_info: dict = {"mode": "frozen"}
+    elif weights_mode == "external":
+        shapes = {n: w.shape for n, w in weights.items()}
+        for precision in PRECISIONS:
+            graph, binding = build_graph(cfg, shapes, precision)  # the same op names in every precision
+            keep = OUTPUTS + sorted({b["assign"] for b in binding.values()})
+            graph_def = optimize(graph.as_graph_def(), keep)
+            (out / GRAPH_FILES[precision]).write_bytes(graph_def.SerializeToString())
+            files.append(GRAPH_FILES[precision])
+            graphs[precision] = GRAPH_FILES[precision]
         from safetensors.numpy import save_file
 
-        # bfloat16 has no numpy dtype in safetensors.numpy: store its raw bits as uint16.
-        tensors = {n: (w.astype(DTYPES[dtype].as_numpy_dtype).view(np.uint16) if dtype == "bfloat16" else
-                       w.astype(np.float16 if dtype == "float16" else np.float32))
-                   if is_matrix(n) else w.astype(np.float32) for n, w in weights.items()}
+        # bfloat16 has no numpy dtype in safetensors.numpy: its raw bits are stored as uint16.
+        tensors = {}
+        for n, w in weights.items():
+            a = w.astype(weight_dtype(n, dtype).as_numpy_dtype)
+            tensors[n] = a.view(np.uint16) if a.dtype == DTYPES["bfloat16"].as_numpy_dtype else a
         save_file(tensors, str(out / "weights.safetensors"))
+        del tensors
         files.append("weights.safetensors")
-        weights_info.update(file="weights.safetensors", init_op="init",
-                            init_feeds={n: f"weights/{n}/init_value:0" for n in weights})
+        weights_info = {"mode": "external", "file": "weights.safetensors",
+                        "dtypes": {n: weight_dtype(n, dtype).name for n in weights}, "bind": binding}
+    else:
+        raise ValueError(f"weights_mode must be external or frozen, got {weights_mode!r}")
     for f in find_vocab_files(vocab_dir):
         if f.resolve() != (out / f.name).resolve():
             shutil.copyfile(f, out / f.name)
@@ -155,6 +156,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
         "random_weights": bool((source or {}).get("random", False)),
         "config": cfg.to_dict(),
         "dtype": dtype,
+        "graphs": graphs,
         "weights": weights_info,
         "inputs": {n: f"{n}:0" for n in INPUTS},
         "outputs": {n: f"{n}:0" for n in OUTPUTS},

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch_size", type=int, default=32, help="rows per generation batch at most")
     b.add_argument("--max_batch_tokens", type=int, default=16384,
                    help="rows x (longest prompt + max_new_tokens) per batch at most")
+    b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
+                        "on Ampere GPUs, float16 on older GPUs, else float32); each row records the one used")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="TensorFlow threads per worker process (default: all cores)")
     return p

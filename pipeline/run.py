@@ -17,7 +17,8 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from gpt2.loader import ModelError, SamplingParams
+from gpt2.manifest import ModelError, model_label
+from gpt2.sampling import SamplingParams
 from pipeline.options import UsageError, parse
 from transforms.job import GenerateCompletions, JobConfig
 from transforms.model_cache import check_model_dir
@@ -49,7 +50,7 @@ def build_report(paths: list[str], output: str, args, wall: float, model: str, s
     """Rows read come from the input files' metadata, rows written and dead-lettered from the files written:
     the accounting checks the pipeline rather than echoing it."""
     read = written = dead = tokens = 0
-    unreadable = []
+    unreadable, precisions = [], set()
     for p in paths:
         ids = pq.read_table(FileSystems.open(errors_path(output, p)), columns=["id"]).column(0).to_pylist()
         if unreadable_id(p) in ids:  # one dead letter for a shard that could not be read: no rows to count
@@ -58,16 +59,17 @@ def build_report(paths: list[str], output: str, args, wall: float, model: str, s
             continue
         read += open_parquet(p).metadata.num_rows
         dead += len(ids)
-        table = pq.read_table(FileSystems.open(completions_path(output, p)), columns=["completion_tokens"])
+        table = pq.read_table(FileSystems.open(completions_path(output, p)), columns=["completion_tokens", "precision"])
         written += table.num_rows
         tokens += sum(table.column(0).to_pylist())
+        precisions.update(table.column(1).unique().to_pylist())
     return {
         "rows_read": read, "rows_written": written, "rows_dead_lettered": dead,
         "accounted": read == written + dead, "unreadable_shards": unreadable,
         "shards": len(paths), "shards_skipped_existing": skipped,
         "generated_tokens": tokens, "wall_seconds": round(wall, 2),
         "tokens_per_second": round(tokens / wall, 2) if wall else None,
-        "model": model, "options": vars(args),
+        "model": model, "precision": sorted(precisions), "options": vars(args),
     }
 
 
@@ -89,7 +91,7 @@ def run(argv: list[str]) -> dict:
     start = time.time()
     paths = match_inputs(args.input)
     manifest = check_model_dir(args.model_dir)
-    model = f"{manifest['name']}@{manifest['files']['model.pb'][:12]}"
+    model = model_label(manifest)
     skipped = []
     if args.skip_existing:
         skipped = [p for p in paths if is_done(args.output, p)]
@@ -105,7 +107,7 @@ def run(argv: list[str]) -> dict:
         defaults=SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
         seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
         id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-        intra_op_threads=args.intra_op_threads)
+        precision=args.precision, intra_op_threads=args.intra_op_threads)
     logging.info("%d shard(s) to do, %d skipped as done; model %s", len(paths), len(skipped), model)
     if paths:
         with beam.Pipeline(options=options) as p:
@@ -114,9 +116,10 @@ def run(argv: list[str]) -> dict:
     report = build_report(paths, args.output, args, time.time() - start, model, skipped)
     with FileSystems.create(FileSystems.join(args.output, "run_report.json")) as f:
         f.write(json.dumps(report, indent=2).encode())
-    logging.info("done: %d rows read, %d written, %d dead-lettered, %d tokens in %.1f s (%.1f tokens/s)",
+    logging.info("done: %d rows read, %d written, %d dead-lettered, %d tokens in %.1f s (%.1f tokens/s), precision %s",
                  report["rows_read"], report["rows_written"], report["rows_dead_lettered"],
-                 report["generated_tokens"], report["wall_seconds"], report["tokens_per_second"] or 0)
+                 report["generated_tokens"], report["wall_seconds"], report["tokens_per_second"] or 0,
+                 "/".join(report["precision"]) or "-")
     return report
 
 

@@ -48,11 +48,28 @@ def model_dir(tmp_path_factory, hf_dir):
 
 @pytest.fixture(scope="session")
 def model(model_dir):
+    """float32: the precision compared with transformers' float32 exactly."""
     from gpt2.loader import GenerationModel
 
-    m = GenerationModel(model_dir, intra_threads=2)
+    m = GenerationModel(model_dir, precision="float32", intra_threads=2)
     yield m
     m.close()
+
+
+@pytest.fixture(scope="session")
+def bf16_model(model_dir):
+    """bfloat16: what "auto" picks on CPUs with AMX or AVX512-BF16 (and, run here, tested on any CPU)."""
+    from gpt2.loader import GenerationModel
+
+    m = GenerationModel(model_dir, precision="bfloat16", intra_threads=2)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def engines(model, bf16_model):
+    """The engine in each precision the pipeline may pick by default, to compare its rows (`precision` column)."""
+    return {"float32": model, "bfloat16": bf16_model}
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2.loader import SamplingParams
+from gpt2.sampling import SamplingParams
 from gpt2.tokenizer import Tokenizer
 from pipeline.run import main
 from transforms.records import PromptRow
@@ -123,7 +123,7 @@ def test_bad_rows_are_dead_letters_naming_file_row_and_reason(bad_run, shards):
     assert dead["null"]["prompt"] is None and dead["one-mb"]["prompt"] == ONE_MB  # the original value is kept
 
 
-def test_good_rows_beside_them_are_generated(bad_run, model, model_dir):
+def test_good_rows_beside_them_are_generated(bad_run, engines, model_dir):
     _, _, _, read = bad_run
     rows = {r["id"]: r for r in read("completions", "rows")}
     good = [i for i, (_, _, reason) in ROWS.items() if reason is None]
@@ -133,7 +133,7 @@ def test_good_rows_beside_them_are_generated(bad_run, model, model_dir):
     for rid in good + ["dup"]:
         r = rows[rid]
         assert r["prompt"] == (ROWS[rid][0] if rid != "dup" else DUP_PROMPTS[0])  # Unicode round-trips exactly
-        expected = model.generate([tok.encode(r["prompt"])], SamplingParams(MAX_NEW, seed=row_seed(0, rid)))[0]
+        expected = engines[r["precision"]].generate([tok.encode(r["prompt"])], SamplingParams(MAX_NEW, seed=row_seed(0, rid)))[0]
         assert r["completion_token_ids"] == expected.token_ids and r["prompt_tokens"] == len(tok.encode(r["prompt"]))
 
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import pipeline_job, run
-from gpt2.loader import SamplingParams
+from bench import pipeline_job, run, whole_job
+from gpt2.sampling import SamplingParams
 
 
 def test_quick_benchmark_runs_every_side(tmp_path):
@@ -26,6 +26,8 @@ def test_padding_fraction_and_length_aware_batches():
     rows = [pipeline_job._Row([1] * n, p) for n in (2, 30, 3, 31, 2, 29)]
     arrival = [rows[:2], rows[2:4], rows[4:]]
     assert abs(pipeline_job.padding_fraction(arrival) - (1 - 97 / 180)) < 1e-9
+    assert pipeline_job.arrival_order(rows, batch_size=2, max_batch_tokens=1000) == arrival
+    assert pipeline_job.arrival_order(rows, batch_size=3, max_batch_tokens=64) == arrival  # 3 x (31 + 1) > 64
     aware = pipeline_job.length_aware(rows, batch_size=3, max_batch_tokens=1000)
     assert sorted(len(b) for b in aware) == [3, 3] and pipeline_job.padding_fraction(aware) < 0.05
 
@@ -47,3 +49,31 @@ def test_step_breakdown_runs_and_reports_each_batch(model_dir):
     rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| ") and "x |" in line]
     assert [int(r[0]) for r in rows] == [1, 3]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # the kernel floor was timed
+
+
+def test_quick_whole_job_runs_both_sides(tmp_path):
+    """bench.whole_job --quick: ours and the transformers script (float32, bfloat16) each run once, as processes;
+    the table counts every token asked of HF (it never stops early) and at most that for ours (end-of-text)."""
+    p = subprocess.run([sys.executable, "-m", "bench.whole_job", "--quick", "--workdir", str(tmp_path)], text=True,
+                       capture_output=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stderr[-3000:]
+    cells = ([c.strip() for c in line.strip().strip("|").split("|")] for line in p.stdout.splitlines())
+    rows = {r[0]: r for r in cells if r[0].startswith(("ours", "transformers"))}
+    ours = rows.pop("ours: pipeline.run")
+    assert sorted(rows) == ["transformers script, batch 32, bfloat16", "transformers script, batch 32, float32"]
+    asked = 24 * 4  # --quick: 24 prompts, 4 new tokens
+    assert 0 < int(ours[3]) <= asked and float(ours[4]) > 0
+    for hf in rows.values():
+        assert int(hf[3]) == asked and float(hf[4]) > 0 and hf[5].endswith("x")
+    assert "Machine: " in p.stdout and "vector units" in p.stdout
+
+
+def test_whole_job_results_go_between_their_markers(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\nkept\n")
+    whole_job.write_results("first", doc)  # markers missing: appended at the end
+    assert doc.read_text() == f"# Benchmarks\nkept\n\n{whole_job.MARKERS[0]}\nfirst\n{whole_job.MARKERS[1]}\n"
+    doc.write_text(doc.read_text() + "## After\n")
+    whole_job.write_results("second", doc)
+    assert doc.read_text() == (f"# Benchmarks\nkept\n\n{whole_job.MARKERS[0]}\nsecond\n{whole_job.MARKERS[1]}\n"
+                               "## After\n")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from gpt2.loader import Placement, claim_gpu, process_placement, select_device, session_config
+import pytest
+
+from gpt2.device import (Placement, choose_precision, claim_gpu, cpu_flags, cpu_name, process_placement,
+                         resolve_precision, select_device, session_config)
 
 GPUS = [f"/physical_device:GPU:{i}" for i in range(4)]
 
@@ -49,3 +52,37 @@ def test_the_graph_is_imported_on_the_chosen_device(model):
     gpu = bool(tf.config.list_physical_devices("GPU"))
     assert process_placement().device == ("/GPU:0" if gpu else "/CPU:0")  # on this machine and CI: the CPU
     assert {op.device for op in model.graph.get_operations()} == {"/device:GPU:0" if gpu else "/device:CPU:0"}
+
+
+AVX2 = {"fma", "avx2"}
+ZEN4 = AVX2 | {"avx512f", "avx512_bf16"}
+SPR = ZEN4 | {"amx_bf16", "amx_tile"}
+ALL = ["float32", "bfloat16", "float16"]
+CPU = Placement("/CPU:0")
+
+
+def test_precision_follows_the_cpus_bf16_units():
+    assert choose_precision(ALL, CPU, AVX2)[0] == "float32"  # bf16 runs 2x slower than fp32 there
+    assert choose_precision(ALL, CPU, ZEN4)[0] == "bfloat16"
+    assert choose_precision(ALL, CPU, SPR) == ("bfloat16", "CPU has amx_bf16 and avx512_bf16")
+    assert choose_precision(["float32"], CPU, SPR)[0] == "float32"  # a frozen float32 model has nothing else
+
+
+def test_precision_on_gpus_follows_the_compute_capability():
+    assert choose_precision(ALL, Placement("/GPU:0", None, (7, 0)), set())[0] == "float16"  # V100, T4
+    assert choose_precision(ALL, Placement("/GPU:0", None, (8, 0)), set())[0] == "bfloat16"  # A100, L4
+    assert choose_precision(ALL, Placement("/GPU:0"), set())[0] == "float16"  # capability unknown
+
+
+def test_requested_precision_wins_and_is_checked():
+    assert resolve_precision("float32", ALL, CPU, SPR) == ("float32", "requested")
+    assert resolve_precision("auto", ALL, CPU, AVX2)[0] == "float32"
+    with pytest.raises(ValueError, match="float32 graphs only, not bfloat16"):
+        resolve_precision("bfloat16", ["float32"], CPU, SPR)
+    with pytest.raises(ValueError, match="precision must be auto or one of"):
+        resolve_precision("int8", ALL, CPU, SPR)
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    info = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 amx_bf16\n"
+    assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16"} and cpu_name(info) == "Some CPU"

@@ -9,7 +9,8 @@ import torch
 from gpt2 import model as gmodel
 from gpt2.checkpoint import load_checkpoint, random_weights, save_openai
 from gpt2.config import EOT_TOKEN
-from gpt2.loader import GenerationModel, SamplingParams
+from gpt2.loader import GenerationModel
+from gpt2.sampling import SamplingParams
 from gpt2.tokenizer import default_vocab_dir
 
 from tests.conftest import TINY, TINY_STD, write_hf_checkpoint
@@ -69,7 +70,7 @@ def test_stops_at_end_of_text_like_hf(tmp_path):
     hf.mkdir()
     write_hf_checkpoint(hf, TINY, weights)
     assert main(["--checkpoint", str(hf), "--output", str(tmp_path / "m")]) == 0
-    m = GenerationModel(tmp_path / "m")
+    m = GenerationModel(tmp_path / "m", precision="float32")
     ref_model = GPT2LMHeadModel.from_pretrained(str(hf)).eval()
     prompts = [[i, i + 7, i * 3 + 1] for i in range(100, 4100, 250)]
     ours = m.generate(prompts, SamplingParams(max_new_tokens=16))
@@ -101,7 +102,7 @@ def test_openai_checkpoint_gives_same_outputs_as_hf(tmp_path, tiny_weights, mode
     assert fmt == "openai" and cfg == TINY
     assert weights["h0/attn/c_attn/w"].shape == (TINY.n_embd, 3 * TINY.n_embd)  # Conv1D's leading 1 squeezed
     assert main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "m")]) == 0
-    m = GenerationModel(tmp_path / "m")
+    m = GenerationModel(tmp_path / "m", precision="float32")
     params = [SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.9, seed=5)] * 2
     prompts = PROMPTS[:4]
     for a, b in zip(m.generate(prompts, params), model.generate(prompts, params)):
@@ -114,8 +115,12 @@ SAMPLED = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=123
 TOPK = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, seed=99)
 
 
+@pytest.mark.parametrize("precision", ["model", "bf16_model"], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=10), SAMPLED, TOPK], ids=["greedy", "top_p", "top_k"])
-def test_row_output_does_not_depend_on_its_batch(model, params):
+def test_row_output_does_not_depend_on_its_batch(request, precision, params):
+    """At every precision the loader may pick by default: a row's tokens are the same alone, in any batch, at any
+    padding."""
+    model = request.getfixturevalue(precision)
     prompt = [818, 257, 1295]
     alone = model.generate([prompt], params)[0]
     others = [SamplingParams(max_new_tokens=n, temperature=t, top_k=k, seed=s)
@@ -172,12 +177,11 @@ def test_per_row_max_new_tokens_and_context_check(model):
         model.generate([[1]], SamplingParams(top_p=1.5))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_reduced_precision_export_stays_close_to_float32(tmp_path, hf_dir, hf_model, dtype):
-    from pipeline.export import main
-
-    assert main(["--checkpoint", str(hf_dir), "--output", str(tmp_path / dtype), "--dtype", dtype]) == 0
-    low = GenerationModel(tmp_path / dtype)
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_stays_close_to_float32(model_dir, hf_model, precision):
+    """One model directory runs in every precision; each stays close to transformers in float32."""
+    low = GenerationModel(model_dir, precision=precision)
+    assert low.precision == precision
     got = low.generate(PROMPTS, SamplingParams(max_new_tokens=1))
     low.close()
     # Against float32 (HF): the token chosen is the float32 argmax or a near-tie with it (bfloat16 keeps 8 bits
@@ -188,18 +192,21 @@ def test_reduced_precision_export_stays_close_to_float32(tmp_path, hf_dir, hf_mo
             ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0, -1], -1).numpy()
         [token], [logprob] = c.token_ids, c.logprobs
         agree += token == int(ref.argmax())
-        assert ref[token] >= ref.max() - 0.1, (dtype, ref.max() - ref[token])
-        assert abs(logprob - ref[token]) < 0.15, (dtype, logprob, ref[token])
+        assert ref[token] >= ref.max() - 0.1, (precision, ref.max() - ref[token])
+        assert abs(logprob - ref[token]) < 0.15, (precision, logprob, ref[token])
     assert agree >= len(PROMPTS) - 1
 
 
-def test_external_weights_match_frozen(tmp_path, hf_dir, model):
+def test_frozen_weights_match_external(tmp_path, hf_dir, model):
+    """--weights frozen bakes the weights into one float32 graph: the same outputs as weights bound at load."""
     from pipeline.export import main
 
-    assert main(["--checkpoint", str(hf_dir), "--output", str(tmp_path / "ext"), "--weights", "external"]) == 0
-    assert (tmp_path / "ext" / "weights.safetensors").is_file()
-    ext = GenerationModel(tmp_path / "ext")
+    assert main(["--checkpoint", str(hf_dir), "--output", str(tmp_path / "frozen"), "--weights", "frozen"]) == 0
+    assert not (tmp_path / "frozen" / "weights.safetensors").exists()
+    frozen = GenerationModel(tmp_path / "frozen")
+    assert frozen.precision == "float32"  # the only graph it has, whatever the CPU
     params = [SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=9, temperature=0.8, seed=2)]
-    for a, b in zip(ext.generate(PROMPTS[:2], params), model.generate(PROMPTS[:2], params)):
+    for a, b in zip(frozen.generate(PROMPTS[:2], params), model.generate(PROMPTS[:2], params)):
         assert a.token_ids == b.token_ids
-    ext.close()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    frozen.close()

@@ -23,7 +23,8 @@ import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.utils.shared import Shared
 
-from gpt2.loader import GenerationModel, SamplingParams
+from gpt2.loader import GenerationModel
+from gpt2.sampling import SamplingParams
 from gpt2.tokenizer import Tokenizer
 from pipeline.run import run
 from transforms.generate import GenerateBatches
@@ -53,6 +54,7 @@ class FaultyModel:
 
     def __init__(self, model: GenerationModel, poison: list[int]):
         self.model, self.poison = model, poison
+        self.precision = model.precision
 
     def generate(self, prompts, params):
         CALLS.append(len(prompts))
@@ -67,7 +69,7 @@ class FaultyGenerate(GenerateBatches):
     """GenerateBatches as it is, its model (loaded by its own setup) wrapped in FaultyModel."""
 
     def __init__(self, model_dir: str, poison: list[int]):
-        super().__init__(model_dir, intra_threads=2)
+        super().__init__(model_dir, precision="float32", intra_threads=2)  # compared with the float32 `model`
         self.poison = poison
 
     def setup(self):

@@ -11,8 +11,13 @@ import pytest
 import tensorflow as tf
 
 from gpt2.checkpoint import CheckpointError, detect_format
-from gpt2.export import sha256_file
-from gpt2.loader import GenerationModel, ModelError, SamplingParams
+from gpt2.manifest import sha256_file
+from gpt2.loader import GenerationModel
+from gpt2.manifest import ModelError
+from gpt2.sampling import SamplingParams
+
+
+GRAPHS = {"model.pb", "model-bfloat16.pb", "model-float16.pb"}
 
 
 @pytest.fixture
@@ -34,15 +39,26 @@ def test_valid_model_loads_and_names_itself(model_dir):
     assert m.name.startswith("tiny@") and len(m.generate([[1, 2]], SamplingParams(max_new_tokens=3))[0].token_ids) == 3
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["random_weights"] is False and manifest["source"]["format"] == "hf"
-    assert set(manifest["files"]) == {"model.pb", "vocab.json", "merges.txt"}
+    assert set(manifest["files"]) == GRAPHS | {"weights.safetensors", "vocab.json", "merges.txt"}
     m.close()
 
 
-def test_flipped_byte_is_refused(copy_dir):
-    data = bytearray((copy_dir / "model.pb").read_bytes())
+@pytest.mark.parametrize("name", ["model.pb", "model-bfloat16.pb", "weights.safetensors"])
+def test_flipped_byte_is_refused(copy_dir, name):
+    data = bytearray((copy_dir / name).read_bytes())
     data[len(data) // 2] ^= 0x01
-    (copy_dir / "model.pb").write_bytes(bytes(data))
-    with pytest.raises(ModelError, match="model.pb does not match its sha256"):
+    (copy_dir / name).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=f"{name} does not match its sha256"):
+        GenerationModel(copy_dir, precision="float32")  # every file is checked, not only the one loaded
+
+
+def test_precision_the_model_lacks_is_refused(copy_dir):
+    m = json.loads((copy_dir / "manifest.json").read_text())
+    rewrite_manifest(copy_dir, graphs={"float32": "model.pb"})
+    with pytest.raises(ModelError, match="exported with float32 graphs only, not bfloat16"):
+        GenerationModel(copy_dir, precision="bfloat16")
+    rewrite_manifest(copy_dir, graphs={"int4": "model.pb"}, files=m["files"])
+    with pytest.raises(ModelError, match="'int4' -> 'model.pb' is not a known precision"):
         GenerationModel(copy_dir)
 
 
@@ -60,7 +76,7 @@ def test_graph_with_io_ops_is_refused(copy_dir, op):
     m = json.loads((copy_dir / "manifest.json").read_text())
     rewrite_manifest(copy_dir, files={**m["files"], "model.pb": sha256_file(copy_dir / "model.pb")})
     with pytest.raises(ModelError, match=f"ops outside the allowlist: \\['{op}'\\]"):
-        GenerationModel(copy_dir)
+        GenerationModel(copy_dir, precision="float32")  # the graph of model.pb
 
 
 def test_newer_format_version_is_refused(copy_dir):
@@ -103,7 +119,7 @@ def test_random_export_is_labelled(tmp_path):
     assert main(["--random", "tiny", "--output", str(tmp_path / "r")]) == 0
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert manifest["random_weights"] is True and manifest["name"] == "gpt2-tiny-random"
-    assert set(manifest["files"]) == {"model.pb", "encoder.json", "vocab.bpe"}
+    assert set(manifest["files"]) == GRAPHS | {"weights.safetensors", "encoder.json", "vocab.bpe"}
 
 
 def test_cpu_allocator_pool_is_on_unless_the_user_says_otherwise():

@@ -8,7 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2.loader import SamplingParams
+from gpt2.device import process_placement, resolve_precision
+from gpt2.manifest import PRECISIONS
+from gpt2.sampling import SamplingParams
 from gpt2.tokenizer import Tokenizer
 from pipeline.run import main, run
 from transforms.validate import row_seed
@@ -70,8 +72,12 @@ def test_every_row_exactly_once(greedy_run, shards):
     assert errors[0]["source"].endswith(".parquet")
 
 
-def test_completions_equal_the_engine(greedy_run, model, model_dir):
+def test_completions_equal_the_engine(greedy_run, engines, model_dir):
     _, completions, _ = greedy_run
+    [precision] = {r["precision"] for r in completions}  # what --precision auto picked on this CPU, for every row
+    assert precision == resolve_precision("auto", PRECISIONS, process_placement())[0]
+    assert greedy_run[0]["precision"] == [precision]  # recorded in the run report
+    model = engines[precision]
     tok = Tokenizer(model_dir)
     rows = [r for r in completions if r["id"].startswith("a")]
     params = [SamplingParams(max_new_tokens=6, seed=row_seed(0, r["id"])) for r in rows]
@@ -84,9 +90,10 @@ def test_completions_equal_the_engine(greedy_run, model, model_dir):
     assert [r["id"] for r in rows] == [f"a{i}" for i in range(20)]  # input order within the shard
 
 
-def test_per_row_overrides(greedy_run, model, model_dir):
+def test_per_row_overrides(greedy_run, engines, model_dir):
     _, completions, _ = greedy_run
     rows = {r["id"]: r for r in completions}
+    model = engines[rows["part-1:1"]["precision"]]
     assert [rows[f"part-1:{i}"]["completion_tokens"] for i in (0, 2, 3, 5)] == [2, 5, 1, 3]
     tok = Tokenizer(model_dir)
     r = rows["part-1:1"]  # temperature 0.9 with its own seed 7

@@ -39,5 +39,6 @@ class Detokenize(beam.DoFn):
             "id": r.id, "prompt": r.prompt, "completion": text, "completion_token_ids": ids,
             "prompt_tokens": len(r.token_ids), "completion_tokens": len(ids),
             "finish_reason": "stop" if stopped else result.finish_reason, "model": self.model_label,
+            "precision": result.precision,
             "source": r.source, "row_index": r.row_index,
         }

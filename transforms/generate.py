@@ -43,8 +43,8 @@ class _Progress:
 class GenerateBatches(beam.DoFn):
     """list[Request] -> Result per row; rows that fail alone go to ERRORS."""
 
-    def __init__(self, model_dir: str, intra_threads: int | None = None):
-        self.model = shared_model(model_dir, intra_threads)
+    def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None):
+        self.model = shared_model(model_dir, precision, intra_threads)
         self.prompts = Metrics.counter("gpt2", "prompts")
         self.generated = Metrics.counter("gpt2", "generated_tokens")
         self.padding = Metrics.counter("gpt2", "padding_tokens")
@@ -87,4 +87,4 @@ class GenerateBatches(beam.DoFn):
         self.generated.inc(tokens)
         _Progress.add(len(batch), tokens)
         for r, c in zip(batch, completions):
-            yield Result(r, c.token_ids, c.finish_reason)
+            yield Result(r, c.token_ids, c.finish_reason, self._model.precision)

@@ -6,7 +6,7 @@ import dataclasses
 
 import apache_beam as beam
 
-from gpt2.loader import SamplingParams
+from gpt2.sampling import SamplingParams
 from transforms.batching import BatchByLength
 from transforms.detokenize import Detokenize
 from transforms.generate import GenerateBatches
@@ -31,6 +31,7 @@ class JobConfig:
     id_column: str = "id"
     batch_size: int = 32
     max_batch_tokens: int = 16384
+    precision: str = "auto"
     intra_op_threads: int | None = None
 
 
@@ -50,7 +51,7 @@ class GenerateCompletions(beam.PTransform):
         tokens = valid.ok | "Tokenize" >> beam.ParDo(Tokenize(c.model_dir, c.n_ctx, c.truncate)).with_outputs(
             ERRORS, main="ok")
         batches = tokens.ok | "Batch" >> BatchByLength(c.batch_size, c.max_batch_tokens)
-        results = batches | "Generate" >> beam.ParDo(GenerateBatches(c.model_dir, c.intra_op_threads)).with_outputs(
+        results = batches | "Generate" >> beam.ParDo(GenerateBatches(c.model_dir, c.precision, c.intra_op_threads)).with_outputs(
             ERRORS, main="ok")
         rows = results.ok | "Detokenize" >> beam.ParDo(Detokenize(c.model_dir, c.model_label, list(c.stops)))
         errors = ((read[ERRORS], unique[ERRORS], valid[ERRORS], tokens[ERRORS], results[ERRORS])

@@ -20,15 +20,14 @@ import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from gpt2.loader import ModelError, read_manifest, verify_files
+from gpt2.manifest import MANIFEST, ModelError, read_manifest, verify_files
 
 CACHE_ENV = "GPT2_BEAM_MODEL_CACHE"
-MANIFEST = "manifest.json"
 CHUNK = 8 << 20
 
 _locks: dict[str, threading.Lock] = {}
@@ -47,21 +46,14 @@ def _open(path: str):
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def listed_files(model_dir: str, manifest: dict) -> list[str]:
-    """The manifest's file names, refused if any could lead outside the model directory (checked before anything
-    is written under that name)."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or "model.pb" not in files:
-        raise ModelError(f"{model_dir}: manifest lists no files (model.pb missing)")
-    for name in files:
-        parts = PurePosixPath(name).parts
-        if not name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in parts or name == MANIFEST:
-            raise ModelError(f"{model_dir}: manifest file {name!r} points outside the model directory")
-    return list(files)
+def listed_files(manifest: dict) -> list[str]:
+    """The manifest's file names (gpt2.manifest.read_manifest has refused any that could lead outside the
+    model directory, before anything is written under that name)."""
+    return list(manifest["files"])
 
 
 def _remote_manifest(model_dir: str, into: Path) -> tuple[bytes, dict]:
-    """Read model_dir's manifest through FileSystems into `into`, validated as gpt2.loader.read_manifest does."""
+    """Read model_dir's manifest through FileSystems into `into`, validated as gpt2.manifest.read_manifest does."""
     path = FileSystems.join(model_dir, MANIFEST)
     if not FileSystems.exists(path):
         raise ModelError(f"{model_dir}: no manifest.json (is this a directory written by `python -m pipeline.export`?)")
@@ -84,7 +76,7 @@ def check_model_dir(model_dir: str) -> dict:
         return manifest
     with tempfile.TemporaryDirectory() as tmp:
         _, manifest = _remote_manifest(model_dir, Path(tmp))
-    missing = [n for n in listed_files(model_dir, manifest) if not FileSystems.exists(FileSystems.join(model_dir, n))]
+    missing = [n for n in listed_files(manifest) if not FileSystems.exists(FileSystems.join(model_dir, n))]
     if missing:
         raise ModelError(f"{model_dir}: {', '.join(missing)} listed in the manifest but missing")
     return manifest
@@ -92,7 +84,7 @@ def check_model_dir(model_dir: str) -> dict:
 
 def _download(model_dir: str, raw_manifest: bytes, manifest: dict, tmp: Path) -> None:
     (tmp / MANIFEST).write_bytes(raw_manifest)  # the manifest read once: the cache key is its sha256
-    for name in listed_files(model_dir, manifest):
+    for name in listed_files(manifest):
         dest = tmp / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _open(FileSystems.join(model_dir, name)) as src, open(dest, "wb") as out:

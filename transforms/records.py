@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gpt2.loader import SamplingParams
+from gpt2.sampling import SamplingParams
 
 ERRORS = "errors"  # tag of every DoFn's dead-letter output
 
@@ -35,6 +35,7 @@ class Result:
     request: Request
     token_ids: list[int]
     finish_reason: str
+    precision: str  # what the model ran in on the worker that generated it
 
 
 def dead_letter(id: str, prompt: Any, error: str, source: str, row_index: int = -1) -> dict:

@@ -22,6 +22,7 @@ def shared_tokenizer(model_dir: str) -> SharedResource:
     return SharedResource(lambda: Tokenizer(local_model_dir(model_dir)), f"tokenizer:{model_dir}")
 
 
-def shared_model(model_dir: str, intra_threads: int | None = None) -> SharedResource:
-    return SharedResource(lambda: GenerationModel(local_model_dir(model_dir), intra_threads=intra_threads),
-                          f"model:{model_dir}")
+def shared_model(model_dir: str, precision: str = "auto", intra_threads: int | None = None) -> SharedResource:
+    return SharedResource(lambda: GenerationModel(local_model_dir(model_dir), precision=precision,
+                                                  intra_threads=intra_threads),
+                          f"model:{model_dir}:{precision}")

@@ -7,7 +7,7 @@ import math
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from gpt2.loader import SamplingParams
+from gpt2.sampling import SamplingParams
 from transforms.records import ERRORS, PromptRow, Request, dead_letter
 from transforms.resources import shared_tokenizer
 

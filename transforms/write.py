@@ -23,6 +23,7 @@ COMPLETIONS_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
     ("completion_token_ids", pa.list_(pa.int32())), ("prompt_tokens", pa.int32()),
     ("completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("model", pa.string()),
+    ("precision", pa.string()),
 ])
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("error", pa.string()),
                            ("source", pa.string())])

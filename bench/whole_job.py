@@ -1,0 +1,312 @@
+"""Our whole job against the transformers script a user would otherwise write, model load included.
+
+  python -m bench.whole_job            # GPT-2 124M shape, 256 prompts, 64 new tokens, 2 repeats (~15 min, 2 cores)
+  python -m bench.whole_job --quick    # tiny model, 24 prompts, 4 new tokens, 1 repeat: a smoke run (the tests run it)
+  python -m bench.whole_job --write    # also write the table into BENCHMARKS.md between its whole_job markers
+  python -m bench.whole_job --ours_args "--precision bfloat16"   # extra options for our side
+
+What is measured: the product promise, a whole job (start to exit: imports, model load, reading Parquet,
+tokenizing, generating, decoding, writing Parquet) against the plain transformers script a competent user would
+write for the same job, on the same CPU, weights, prompts and thread count. Each side is its own process, timed
+from start to exit, so nothing is warmed up for either side; a user pays that load on every run too.
+
+  - ours: `python -m pipeline.run ... --runner FnApiRunner`, at its defaults otherwise (the model exported by
+    `python -m pipeline.export` at its defaults, i.e. float32).
+  - transformers: GPT2LMHeadModel + GPT2TokenizerFast (left padding, pad = end-of-text), greedy `generate` in
+    batches of 32 in file order under `torch.inference_mode()`, float32, and again in bfloat16.
+
+Workload: random GPT-2 weights (real vocabulary), N prompts of real words whose token lengths spread evenly over
+1..66, in shuffled order (real data comes in no particular order), greedy, 64 new tokens per row. The HF side
+never stops early (`min_new_tokens`); ours may stop at end-of-text, so tokens/s (generated tokens counted from
+each side's output files / wall seconds) is what is compared. Sides run alternately (ours, fp32, bf16, then in
+reverse) so the shared machine's noise hits all of them alike; each side's median over the repeats is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # bench.machine imports TensorFlow
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from bench.machine import cpu_features  # noqa: E402
+from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
+from gpt2.config import SIZES  # noqa: E402
+from gpt2.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
+from pipeline.sample_data import PROMPTS  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+MARKERS = ("<!-- whole_job: written by python -m bench.whole_job -->", "<!-- /whole_job -->")
+MAX_PROMPT_TOKENS = 66
+SHARDS = 4
+WORDS = " ".join(PROMPTS).split()
+
+# The script a user would write, run as its own process:
+#   python hf_generate.py HF_DIR GLOB OUT BATCH NEW_TOKENS THREADS DTYPE
+HF_SCRIPT = '''\
+"""Batch generation with transformers, as a user would write it (written by bench.whole_job)."""
+import glob
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+hf_dir, inputs, output, batch_size, new_tokens, threads, dtype = sys.argv[1:]
+batch_size, new_tokens = int(batch_size), int(new_tokens)
+torch.set_num_threads(int(threads))
+model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir, padding_side="left")
+tokenizer.pad_token = tokenizer.eos_token
+
+table = pa.concat_tables(pq.read_table(path, columns=["id", "prompt"]) for path in sorted(glob.glob(inputs)))
+prompts = table.column("prompt").to_pylist()
+completions, counts = [], []
+with torch.inference_mode():
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        completions += tokenizer.batch_decode(new, skip_special_tokens=True)
+        counts += [new.shape[1]] * len(new)
+pq.write_table(table.append_column("completion", pa.array(completions))
+               .append_column("completion_tokens", pa.array(counts, pa.int32())), output)
+'''
+
+
+@dataclasses.dataclass
+class Run:
+    side: str
+    seconds: float  # process start to exit
+    peak_rss_mb: float
+    tokens: int  # generated, counted from the output files
+    completions: dict[str, str]  # id -> completion text, to check that the sides did the same work
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    hf_dir: Path
+    model_dir: Path
+    prompts_glob: str
+    rows: int
+    prompt_tokens: int
+
+
+def prompt_texts(n: int, tokenizer: Tokenizer, seed: int = 0) -> list[str]:
+    """n prompts of real words whose token lengths spread evenly over 1..MAX_PROMPT_TOKENS, shuffled."""
+    lengths = np.linspace(1, MAX_PROMPT_TOKENS, n).round().astype(int)
+    texts = []
+    for i, length in enumerate(lengths):
+        text, w = "", i * 7  # each prompt starts at a different word
+        while len(tokenizer.encode(text)) < length:
+            candidate = f"{text} {WORDS[w % len(WORDS)]}" if text else WORDS[w % len(WORDS)]
+            if len(tokenizer.encode(candidate)) <= length:  # a word too long here is skipped; "a" always fits
+                text = candidate
+            w += 1
+        texts.append(text)
+    assert [len(t) for t in tokenizer.encode_batch(texts)] == lengths.tolist()
+    return [texts[i] for i in np.random.default_rng(seed).permutation(n)]
+
+
+def setup(size: str, rows: int, workdir: Path) -> Setup:
+    """Not timed: the same random weights as a Hugging Face checkpoint and as our model dir, and the prompts."""
+    cfg = SIZES[size]
+    hf_dir, model_dir = workdir / "hf", workdir / "model"
+    save_hf(hf_dir, cfg, random_weights(cfg, seed=0))
+    vocab = default_vocab_dir()  # HF's names for the same files (as tests/conftest.py write_hf_checkpoint)
+    shutil.copyfile(vocab / "encoder.json", hf_dir / "vocab.json")
+    shutil.copyfile(vocab / "vocab.bpe", hf_dir / "merges.txt")
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    export = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(hf_dir), "--output",
+                             str(model_dir)], cwd=ROOT, capture_output=True, text=True)
+    if export.returncode != 0:
+        raise RuntimeError(f"pipeline.export exited {export.returncode}:\n{export.stderr[-3000:]}")
+
+    tokenizer = Tokenizer(vocab)
+    texts = prompt_texts(rows, tokenizer)
+    prompts = workdir / "prompts"
+    shutil.rmtree(prompts, ignore_errors=True)
+    prompts.mkdir(parents=True)
+    shards = min(SHARDS, rows)
+    for s in range(shards):
+        part = texts[s::shards]
+        pq.write_table(pa.table({"id": [f"{s}-{i}" for i in range(len(part))], "prompt": part}),
+                       prompts / f"prompts-{s:03d}.parquet")
+    return Setup(hf_dir, model_dir, str(prompts / "*.parquet"), rows,
+                 sum(len(t) for t in tokenizer.encode_batch(texts)))
+
+
+def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run cmd to exit: (wall seconds from just before the fork to its reaping, peak RSS in MB).
+
+    The peak is the child's ru_maxrss from os.wait4 (the kernel's high-water mark of the process, kept after it
+    exits): per child and exact, unlike RUSAGE_CHILDREN (a max over all children so far), and with no sampling
+    gap, unlike polling /proc/PID/status (VmHWM vanishes when the process exits). It covers the child's own
+    reaped children too, as a max not a sum; both sides here do their work in one process (FnApiRunner runs the
+    Beam worker in process).
+    """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def run_ours(side: str, s: Setup, out: Path, new_tokens: int, threads: int, extra: list[str]) -> Run:
+    seconds, rss = run_child(
+        [sys.executable, "-m", "pipeline.run", "--input", s.prompts_glob, "--output", str(out), "--model_dir",
+         str(s.model_dir), "--max_new_tokens", str(new_tokens), "--runner", "FnApiRunner",
+         "--intra_op_threads", str(threads), *extra], out.with_suffix(".log"))
+    columns = ["id", "completion", "completion_tokens"]
+    table = pa.concat_tables(pq.read_table(p, columns=columns) for p in sorted((out / "completions").glob("*")))
+    assert table.num_rows == s.rows, f"{side} wrote {table.num_rows} of {s.rows} rows"
+    return Run(side, seconds, rss, sum(table.column("completion_tokens").to_pylist()), completions(table))
+
+
+def run_hf(side: str, dtype: str, s: Setup, out: Path, new_tokens: int, batch_size: int, threads: int) -> Run:
+    script = out.parent / "hf_generate.py"
+    script.write_text(HF_SCRIPT)
+    output = out.with_suffix(".parquet")
+    seconds, rss = run_child([sys.executable, str(script), str(s.hf_dir), s.prompts_glob, str(output),
+                              str(batch_size), str(new_tokens), str(threads), dtype], out.with_suffix(".log"))
+    table = pq.read_table(output, columns=["id", "completion", "completion_tokens"])
+    assert table.num_rows == s.rows, f"{side} wrote {table.num_rows} of {s.rows} rows"
+    return Run(side, seconds, rss, sum(table.column("completion_tokens").to_pylist()), completions(table))
+
+
+def completions(table: pa.Table) -> dict[str, str]:
+    return dict(zip(table.column("id").to_pylist(), table.column("completion").to_pylist()))
+
+
+def median(runs: list[Run], attr: str) -> float:
+    return statistics.median(getattr(r, attr) for r in runs)
+
+
+def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]) -> str:
+    cpu, vector = cpu_features()
+    cfg = SIZES[args.size]
+    by_side = {side: [r for r in runs if r.side == side] for side in sides}
+    ours = median(by_side[sides[0]], "tokens_per_s")
+    extra = f" plus `{shlex.join(args.ours_args)}`" if args.ours_args else ""
+    lines = [
+        f"Machine: {cpu}, {os.cpu_count()} logical CPUs, vector units: {' '.join(vector) or 'none of AVX2+'}; "
+        f"{args.threads} threads for every side.",
+        f"Model: GPT-2 {args.size} shape ({cfg.n_layer} layers, {cfg.n_embd} wide), random weights. {s.rows} prompts "
+        f"of 1-{MAX_PROMPT_TOKENS} tokens ({s.prompt_tokens} in all, shuffled, {min(SHARDS, s.rows)} Parquet shards), "
+        f"greedy, {args.new_tokens} new tokens per row.",
+        "Each side is one process timed from start to exit (imports, model load, read, generate, write); "
+        f"{args.repeats} alternated run(s) each. Ours: `pipeline.run --runner FnApiRunner`{extra}; transformers: "
+        f"`generate` in batches of {args.batch_size} in file order.",
+        "",
+        "| side | wall s | peak RSS MB | new tokens | tok/s | ours / side (tok/s) | completions same as ours |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    reference = by_side[sides[0]][0].completions
+    for side, rs in by_side.items():
+        tps = median(rs, "tokens_per_s")
+        ratio, same = "", ""
+        if side != sides[0]:
+            ratio = f"{ours / tps:.2f}x"
+            same = f"{sum(rs[0].completions.get(k) == v for k, v in reference.items())}/{len(reference)}"
+        lines.append(f"| {side} | {median(rs, 'seconds'):.1f} | {max(r.peak_rss_mb for r in rs):.0f} "
+                     f"| {rs[0].tokens} | {tps:.1f} | {ratio} | {same} |")
+    lines += ["", "Wall s and tok/s: medians over the runs; peak RSS: the largest. Same weights, greedy: a float32 "
+              "side should match ours row for row (float rounding can flip a near tie); bfloat16 rounds differently."]
+    return "\n".join(lines)
+
+
+def write_results(text: str, path: Path = BENCHMARKS) -> None:
+    """Replace what is between the whole_job markers in path; append the markers at the end if missing."""
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    if MARKERS[0] not in doc:
+        doc = f"{doc.rstrip()}\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
+    head, rest = doc.split(MARKERS[0], 1)
+    _, tail = rest.split(MARKERS[1], 1)
+    path.write_text(f"{head}{MARKERS[0]}\n{text}\n{MARKERS[1]}{tail}")
+
+
+def run(args: argparse.Namespace, workdir: Path) -> str:
+    print(f"setup: GPT-2 {args.size}, {args.prompts} prompts in {workdir}", flush=True)
+    s = setup(args.size, args.prompts, workdir)
+    hf = f"transformers script, batch {args.batch_size}"
+    dtypes = {f"{hf}, {dtype}": dtype for dtype in ("float32", "bfloat16")}
+    sides = ["ours: pipeline.run", *dtypes]
+    runs_dir = workdir / "runs"
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    runs_dir.mkdir()
+    runs = []
+    for r in range(args.repeats):
+        for i, side in enumerate(sides if r % 2 == 0 else sides[::-1]):
+            out = runs_dir / f"{r}-{i}"
+            if side == sides[0]:
+                result = run_ours(side, s, out, args.new_tokens, args.threads, args.ours_args)
+            else:
+                result = run_hf(side, dtypes[side], s, out, args.new_tokens, args.batch_size, args.threads)
+            runs.append(result)
+            print(f"run {r + 1}/{args.repeats} {side}: {result.seconds:.1f} s, {result.tokens} tokens, "
+                  f"{result.tokens_per_s:.1f} tok/s, peak RSS {result.peak_rss_mb:.0f} MB", flush=True)
+    return render(args, s, sides, runs)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.whole_job", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="124M", choices=sorted(SIZES))
+    p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=32, help="the transformers script's batch size")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="for every side")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of all sides, alternating the order")
+    p.add_argument("--workdir", help="where models, prompts and outputs go (default: a temporary directory)")
+    p.add_argument("--ours_args", default="", help='extra options for pipeline.run, e.g. "--precision bfloat16"')
+    p.add_argument("--quick", action="store_true", help="tiny model, 24 prompts, 4 new tokens, 1 repeat")
+    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.prompts, args.new_tokens, args.repeats = "tiny", 24, 4, 1
+    args.ours_args = shlex.split(args.ours_args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        text = run(args, Path(args.workdir))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = run(args, Path(tmp))
+    print("\n" + text)
+    if args.write:
+        write_results(text)
+        print(f"\nwritten to {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Where and in what precision a worker process runs the graph: its device, its GPU (one per process on machines
+with several), the Session's config, and the fastest precision the device has. The choices are pure functions
+of what the process sees, so they are tested without the hardware.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from gpt2.manifest import PRECISIONS
+
+# CPU flags (as /proc/cpuinfo names them) whose presence makes bfloat16 matmuls faster than float32: AMX tiles
+# (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). On AVX2-only CPUs TensorFlow's bfloat16
+# matmuls run about 2x slower than float32 (BENCHMARKS.md), so those stay float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    device: str  # what the graph is imported under: "/GPU:0" or "/CPU:0"
+    gpu: int | None = None  # the one GPU this process keeps to (gpu_options.visible_device_list); None: TF's default
+    compute_capability: tuple[int, int] | None = None  # of that GPU, when known
+
+
+def select_device(gpus: Sequence[str], slot: int | None = None,
+                  compute_capability: tuple[int, int] | None = None) -> Placement:
+    """Where this process runs the graph, given the GPUs it sees and, on a machine with several, its slot: a GPU
+    of its own (which is then its /GPU:0), so that N worker processes on N GPUs hold one Session per GPU."""
+    if not gpus:
+        return Placement("/CPU:0")
+    return Placement("/GPU:0", None if slot is None else slot % len(gpus), compute_capability)
+
+
+_claimed = []  # lock files held open: a GPU stays claimed as long as this process lives
+
+
+def claim_gpu(n_gpus: int, lock_dir: str | Path | None = None) -> int:
+    """The first of n_gpus GPUs that no other process on this machine has claimed (a non-blocking flock); when
+    every one is taken (more processes than GPUs), one chosen by process id."""
+    import fcntl
+    import tempfile
+
+    lock_dir = Path(lock_dir or tempfile.gettempdir())
+    for i in range(n_gpus):
+        f = open(lock_dir / f"gpt2-beam-gpu{i}-uid{os.getuid()}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _claimed.append(f)
+        return i
+    return os.getpid() % n_gpus
+
+
+_placement: Placement | None = None
+_placement_lock = threading.Lock()
+
+
+def process_placement() -> Placement:
+    """This process's placement, chosen once: every Session of a process must see the same GPUs."""
+    global _placement
+    with _placement_lock:
+        if _placement is None:
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            slot = claim_gpu(len(gpus)) if len(gpus) > 1 else None
+            cc = None
+            if gpus:
+                details = tf.config.experimental.get_device_details(gpus[slot or 0])
+                cc = details.get("compute_capability")
+            _placement = select_device([d.name for d in gpus], slot, cc)
+        return _placement
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    m = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    m = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    return m.group(1).strip() if m else "unknown CPU"
+
+
+def choose_precision(available: Sequence[str], placement: Placement, flags: set[str]) -> tuple[str, str]:
+    """(precision, why): the fastest of the model's graphs on this device.
+
+    GPUs: bfloat16 from compute capability 8.0 (Ampere) on, float16 before (tensor cores since Volta; float16 has
+    the smaller range, bfloat16 the safer choice where both run fast). CPUs: bfloat16 where the CPU has AMX or
+    AVX512-BF16, else float32.
+    """
+    def pick(order: Sequence[str], why: str) -> tuple[str, str]:
+        for p in order:
+            if p in available:
+                return p, why
+        return available[0], f"{why}; this model has only {', '.join(available)}"
+
+    if placement.device.startswith("/GPU"):
+        cc = placement.compute_capability
+        if cc is not None and tuple(cc) >= (8, 0):
+            return pick(("bfloat16", "float16", "float32"), f"GPU with compute capability {cc[0]}.{cc[1]}")
+        return pick(("float16", "float32"), "GPU before compute capability 8.0")
+    units = [f for f in BF16_CPU_FLAGS if f in flags]
+    if units:
+        return pick(("bfloat16", "float32"), f"CPU has {' and '.join(units)}")
+    return pick(("float32",), "CPU without bfloat16 units (no amx_bf16 or avx512_bf16)")
+
+
+def resolve_precision(requested: str, available: Sequence[str], placement: Placement,
+                      flags: set[str] | None = None) -> tuple[str, str]:
+    """The precision to run: `requested` if the model has it, or the device's best for "auto"."""
+    if requested == "auto":
+        return choose_precision(available, placement, cpu_flags() if flags is None else flags)
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested not in available:
+        raise ValueError(f"this model was exported with {', '.join(available)} graphs only, not {requested}; "
+                         f"export it again with external weights (the default) for every precision")
+    return requested, "requested"
+
+
+def session_config(intra_threads: int | None = None, inter_threads: int = 2, placement: Placement | None = None):
+    import tensorflow as tf
+
+    placement = placement or process_placement()
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=intra_threads or os.cpu_count() or 1,
+        inter_op_parallelism_threads=inter_threads,
+        allow_soft_placement=True)  # ops without a GPU kernel (if any) run on the CPU instead of failing
+    config.gpu_options.allow_growth = True  # share the GPU with other processes instead of grabbing it all
+    # The exporter already ran Grappler's device-independent passes. On a CPU the load-time ones (remapper
+    # fusions, layout, memory) bought no speed and cost 0.6 s of the first Session.run of 124M (BENCHMARKS.md),
+    # so Grappler is off; on a GPU the device-specific passes (fusions, host pinning) run as TensorFlow means.
+    rewrite = config.graph_options.rewrite_options
+    if placement.device.startswith("/CPU"):
+        rewrite.disable_meta_optimizer = True
+    else:
+        for name in ("constant_folding", "arithmetic_optimization", "dependency_optimization", "loop_optimization",
+                     "function_optimization", "shape_optimization", "common_subgraph_elimination"):
+            setattr(rewrite, name, rewrite.OFF)
+    if placement.gpu is not None:
+        config.gpu_options.visible_device_list = str(placement.gpu)
+    return config

@@ -1,0 +1,122 @@
+"""A model directory's manifest and integrity: format, files and their sha256, the op allowlist. No TensorFlow.
+
+A model directory is untrusted input: before anything is imported, every file listed in the manifest must sit
+inside the directory (no `..`, no symlink leading out), match its sha256, and a graph (and every function in its
+library) may hold only allowlisted ops: pure math, shapes, control flow and read-only weights; no file, network,
+Python or other I/O ops. Weights are read from safetensors, never unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+
+FORMAT = "gpt2-tf-generation-graph"
+FORMAT_VERSION = 3  # 3: one graph per precision, weights bound at load by default
+MANIFEST = "manifest.json"
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+# Graph inputs: name -> (dtype, shape). Per-row sampling parameters make one batch mix greedy and sampled rows.
+INPUTS = {
+    "input_ids": ("int32", [None, None]),  # (B, T) left padded
+    "input_lengths": ("int32", [None]),  # (B,) real tokens per row, >= 1
+    "max_new_tokens": ("int32", [None]),
+    "temperature": ("float32", [None]),  # 0 = greedy
+    "top_k": ("int32", [None]),  # 0 = off
+    "top_p": ("float32", [None]),  # 1 = off
+    "seed": ("int64", [None]),
+    "ignore_eos": ("bool", [None]),  # go on past end-of-text (fixed-length benchmarks)
+}
+OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
+
+# Every op our exporter emits, and nothing that touches the outside world.
+ALLOWED_OPS = frozenset("""
+    Abs AddN AddV2 All Any ArgMax AssignVariableOp BatchMatMulV2 BiasAdd Bitcast BitwiseAnd BitwiseOr BitwiseXor
+    BroadcastTo Cast ConcatV2 Const Cumsum Enter Equal Exit Exp ExpandDims Fill GatherV2 Greater GreaterEqual
+    Identity IdentityN InplaceUpdate LeftShift Less LessEqual Log LogSoftmax LogicalAnd LogicalNot LogicalOr LoopCond
+    MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2 Placeholder Pow Prod Range
+    ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Slice Snapshot Softmax Sqrt Square
+    SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListFromTensor TensorListGather
+    TensorListGetItem TensorListLength TensorListReserve TensorListSetItem TensorListStack TopKV2 Transpose Unpack
+    VarHandleOp Where ZerosLike
+""".split())
+
+
+class ModelError(ValueError):
+    """A model directory that must not or cannot be loaded, with the reason."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_manifest(manifest, source: str) -> dict:
+    """The parsed manifest if its format and version are ones this loader reads, and its file names are safe."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelError(f"{source}: not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelError(f"{source}: format_version {version!r} is newer than this loader supports "
+                         f"({FORMAT_VERSION}); upgrade the package that runs the pipeline")
+    if version < FORMAT_VERSION:
+        raise ModelError(f"{source}: format_version {version} was written by an older exporter; export the "
+                         f"checkpoint again with `python -m pipeline.export`")
+    files = manifest.get("files")
+    graphs = manifest.get("graphs")
+    if not isinstance(files, dict) or not isinstance(graphs, dict) or not graphs:
+        raise ModelError(f"{source}: manifest lists no files or no graphs")
+    for name in files:
+        parts = PurePosixPath(name).parts
+        if not name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in parts or name == MANIFEST:
+            raise ModelError(f"{source}: manifest file {name!r} points outside the model directory")
+    for precision, name in graphs.items():
+        if precision not in PRECISIONS or name not in files:
+            raise ModelError(f"{source}: graph {precision!r} -> {name!r} is not a known precision with a listed file")
+    return manifest
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: no manifest.json (is this a directory written by `python -m pipeline.export`?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    return check_manifest(manifest, str(path))
+
+
+def verify_files(model_dir: str | Path, manifest: dict) -> None:
+    """Every listed file is a regular file inside model_dir and matches its sha256."""
+    root = Path(model_dir).resolve()
+    for name, digest in manifest["files"].items():
+        path = root / name
+        if not path.resolve().is_relative_to(root):
+            raise ModelError(f"{model_dir}: {name} is a symlink leading outside the model directory")
+        if not path.is_file():
+            raise ModelError(f"{model_dir}: {name} is listed in the manifest but missing")
+        if sha256_file(path) != digest:
+            raise ModelError(f"{model_dir}: {name} does not match its sha256 in the manifest (corrupt or tampered)")
+
+
+def model_label(manifest: dict) -> str:
+    """name@12 hex digits that change with any file of the model (graphs, weights, vocabulary)."""
+    digest = hashlib.sha256(json.dumps(sorted(manifest["files"].items())).encode()).hexdigest()
+    return f"{manifest['name']}@{digest[:12]}"
+
+
+def graph_ops(graph_def) -> set[str]:
+    ops = {n.op for n in graph_def.node}
+    for fn in graph_def.library.function:
+        ops |= {n.op for n in fn.node_def}
+    return ops
+
+
+def check_ops(graph_def, source: str) -> None:
+    bad = graph_ops(graph_def) - ALLOWED_OPS
+    if bad:
+        raise ModelError(f"{source}: graph holds ops outside the allowlist: {sorted(bad)}; refusing to load it")
