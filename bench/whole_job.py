@@ -10,8 +10,8 @@ tokenizing, generating, decoding, writing Parquet) against the plain transformer
 write for the same job, on the same CPU, weights, prompts and thread count. Each side is its own process, timed
 from start to exit, so nothing is warmed up for either side; a user pays that load on every run too.
 
-  - ours: `python -m pipeline.run ... --runner FnApiRunner`, at its defaults otherwise (the model exported by
-    `python -m pipeline.export` at its defaults, i.e. float32).
+  - ours: `python -m pipeline.run ... --runner FnApiRunner`, at its defaults otherwise (precision included), on
+    the model `python -m pipeline.export` writes at its defaults from the same checkpoint.
   - transformers: GPT2LMHeadModel + GPT2TokenizerFast (left padding, pad = end-of-text), greedy `generate` in
     batches of 32 in file order under `torch.inference_mode()`, float32, and again in bfloat16.
 
@@ -235,8 +235,8 @@ def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]
             same = f"{sum(rs[0].completions.get(k) == v for k, v in reference.items())}/{len(reference)}"
         lines.append(f"| {side} | {median(rs, 'seconds'):.1f} | {max(r.peak_rss_mb for r in rs):.0f} "
                      f"| {rs[0].tokens} | {tps:.1f} | {ratio} | {same} |")
-    lines += ["", "Wall s and tok/s: medians over the runs; peak RSS: the largest. Same weights, greedy: a float32 "
-              "side should match ours row for row (float rounding can flip a near tie); bfloat16 rounds differently."]
+    lines += ["", "Wall s and tok/s: medians over the runs; peak RSS: the largest. Same weights, greedy: the side "
+              "in ours' precision should match it row for row (rounding can flip a near tie), the other drifts."]
     return "\n".join(lines)
 
 

@@ -50,9 +50,11 @@ def weight_dtype(name: str, precision: str) -> tf.DType:
     return DTYPES[precision] if is_matrix(name) else tf.float32
 
 
-def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str) -> tuple[tf.Graph, dict]:
+def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str,
+                stored: str = "float32") -> tuple[tf.Graph, dict]:
     """The generation graph with one read-only resource variable per weight, each set at load by its own assign
-    op from a placeholder (one tensor at a time: loading never holds a second copy of all the weights).
+    op from a placeholder of the dtype the weights are stored in; the cast to `precision` is in the graph
+    (TensorFlow's Cast runs on every core, numpy's astype to bfloat16 on one: 0.34 s of a 124M load).
 
     Returns the graph and {weight name: {"feed": placeholder tensor, "assign": op name}}.
     """
@@ -63,8 +65,9 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
         params = {}
         with tf.name_scope("weights"):
             for name, shape in shapes.items():
-                ph = tf.compat.v1.placeholder(weight_dtype(name, precision), shape, name=f"{name}/init_value")
-                var = tf.compat.v1.get_variable(f"weights/{name}", initializer=ph, use_resource=True,
+                ph = tf.compat.v1.placeholder(weight_dtype(name, stored), shape, name=f"{name}/init_value")
+                value = tf.cast(ph, weight_dtype(name, precision))
+                var = tf.compat.v1.get_variable(f"weights/{name}", initializer=value, use_resource=True,
                                                 trainable=False)
                 binding[name] = {"feed": ph.name, "assign": var.initializer.name}
                 params[name] = var.read_value()
@@ -92,7 +95,7 @@ def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str) -> tf.compat
     """The same graph with the weights as constants."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_from_session_graph
 
-    graph, binding = build_graph(cfg, {n: w.shape for n, w in weights.items()}, precision)
+    graph, binding = build_graph(cfg, {n: w.shape for n, w in weights.items()}, precision, precision)
     with tf.compat.v1.Session(graph=graph) as sess:
         for name, b in binding.items():
             sess.run(b["assign"], {b["feed"]: weights[name].astype(weight_dtype(name, precision).as_numpy_dtype)})
@@ -124,7 +127,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
     elif weights_mode == "external":
         shapes = {n: w.shape for n, w in weights.items()}
         for precision in PRECISIONS:
-            graph, binding = build_graph(cfg, shapes, precision)  # the same op names in every precision
+            graph, binding = build_graph(cfg, shapes, precision, dtype)  # the same op names in every precision
             keep = OUTPUTS + sorted({b["assign"] for b in binding.values()})
             graph_def = optimize(graph.as_graph_def(), keep)
             (out / GRAPH_FILES[precision]).write_bytes(graph_def.SerializeToString())

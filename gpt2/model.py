@@ -3,7 +3,9 @@
 Shapes: B batch, T prompt slots (prompts are left padded), N new-token slots, L = T + N cache slots,
 C n_embd, nh heads, hs head size, V vocabulary.
 
-The KV cache is one tensor, `past` (n_layer, 2, B, nh, L, hs): keys [:, 0] and values [:, 1] of every layer.
+The KV cache is one tensor, `past` (n_layer, 2, B, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
+the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
+bfloat16 cache halves the bytes attention reads each step).
 The prompt fills slots [0, T); decode step i writes slot T + i. It is allocated once per run and written in
 place through `InplaceUpdate` on a row view (rows of hs floats), so a step costs the same whatever L is;
 `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
@@ -48,10 +50,11 @@ def mlp(x: tf.Tensor, p: Callable[[str], tf.Tensor]) -> tf.Tensor:
 
 
 def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-    """Scaled dot-product attention. q (B, nh, Tq, hs), k/v (B, nh, Tk, hs), bias (B, 1, Tq, Tk) additive mask."""
-    q = q * (1.0 / math.sqrt(q.shape[-1]))
-    w = tf.matmul(q, k, transpose_b=True) + bias  # (B, nh, Tq, Tk)
-    return tf.matmul(tf.nn.softmax(w, axis=-1), v)  # (B, nh, Tq, hs)
+    """Scaled dot-product attention. q (B, nh, Tq, hs) float32, k/v (B, nh, Tk, hs) in the cache's dtype,
+    bias (B, 1, Tq, Tk) additive mask. The matmuls run in the cache's dtype, the softmax in float32."""
+    q = tf.cast(q * (1.0 / math.sqrt(q.shape[-1])), k.dtype)
+    w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) + bias  # (B, nh, Tq, Tk)
+    return tf.cast(tf.matmul(tf.cast(tf.nn.softmax(w, axis=-1), v.dtype), v), tf.float32)  # (B, nh, Tq, hs)
 
 
 def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
@@ -83,6 +86,7 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor)
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    cache_dtype = params["h0/attn/c_attn/w"].dtype
     t = tf.range(T)
     pad = T - lengths  # (B,) padding slots on the left
     valid = t[None, :] >= pad[:, None]  # (B, T)
@@ -96,11 +100,12 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor)
         p = layer_params(params, i)
         qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B*T, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, T, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, T, hs)
-        a = attend(qkv[0], qkv[1], qkv[2], bias)  # (B, nh, T, hs)
+        kv_i = tf.cast(qkv[1:], cache_dtype)  # (2, B, nh, T, hs) exact: the matmul made them in this dtype
+        a = attend(qkv[0], kv_i[0], kv_i[1], bias)  # (B, nh, T, hs)
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * T, C])  # (B*T, C)
         x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
         x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
-        kv.append(tf.reshape(qkv[1:], [2 * B * nh, T * hs]))  # (2*B*nh, T*hs) keys then values, 2-D
+        kv.append(tf.reshape(kv_i, [2 * B * nh, T * hs]))  # (2*B*nh, T*hs) keys then values, 2-D
     last = tf.reshape(x, [B, T, C])[:, -1]  # (B, C) left padding puts every row's last token at T-1
     # A 2-D concat is a few large memcpys; a 6-D tf.stack (and later tf.pad) of the same data ran 5-10x slower.
     kv = tf.reshape(tf.concat(kv, 0), [cfg.n_layer, 2, B, nh, T, hs])  # (n_layer, 2, B, nh, T, hs)
@@ -122,7 +127,7 @@ def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tenso
         p = layer_params(params, i)
         qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, 3, nh, hs]), [1, 0, 2, 3])  # (3, B, nh, hs)
-        new_kv = tf.reshape(qkv[1:], [2 * B * nh, hs])
+        new_kv = tf.cast(tf.reshape(qkv[1:], [2 * B * nh, hs]), past.dtype)
         rows = tf.raw_ops.InplaceUpdate(x=rows, i=slot_rows + i * 2 * B * nh * L, v=new_kv)  # write in place
         layer_kv = tf.reshape(rows, [n_layer, 2, B, nh, L, hs])[i]  # (2, B, nh, L, hs) a view, no copy
         a = attend(qkv[0][:, :, None], layer_kv[0], layer_kv[1], key_bias)  # (B, nh, 1, hs)
@@ -190,7 +195,10 @@ def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
         tf.reduce_any(temperature > 0),
         lambda: tf.where(temperature > 0, sample_tokens(logits, temperature, top_k, top_p, seed, step), greedy),
         lambda: greedy)  # skip the sort when the whole batch is greedy
-    logprob = tf.gather(tf.nn.log_softmax(logits), token, batch_dims=1)
+    # log p(token) = logit - logsumexp(logits): two parallel reductions, not a (B, V) LogSoftmax written out
+    top = tf.reduce_max(logits, axis=-1)  # (B,)
+    lse = top + tf.math.log(tf.reduce_sum(tf.exp(logits - top[:, None]), axis=-1))  # (B,)
+    logprob = tf.gather(logits, token, batch_dims=1) - lse
     return token, logprob
 
 
