@@ -7,10 +7,10 @@ The KV cache is one tensor, `past` (n_layer, 2, B, nh, L, hs): keys [:, 0] and v
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
 bfloat16 cache halves the bytes attention reads each step).
 The prompt fills slots [0, T); decode step i writes slot T + i. It is allocated once per run and written in
-place through `InplaceUpdate` on a row view (rows of hs floats), so a step costs the same whatever L is;
+place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same whatever L is;
 `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
-allocates its own `past` (a `Pad` of the prompt's K/V), nothing else holds that buffer, and every read of a slot
-depends on the write before it.
+allocates its own `past` (a `Fill` whose shape depends on the batch, so never a shared constant), nothing else
+holds that buffer, and every read of a slot depends on the write before it.
 
 Sampling is per row and batch-invariant: a row's choice depends only on its own logits, parameters, seed and
 step, never on its neighbours (see `choose_tokens`).
@@ -79,15 +79,20 @@ def layer_params(params: Params, i: int) -> Callable[[str], tf.Tensor]:
     return lambda name: params[f"h{i}/{name}"]
 
 
-def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
+            new_slots: tf.Tensor | int = 0) -> tuple[tf.Tensor, tf.Tensor]:
     """Run the left-padded prompts ids (B, T) with real lengths (B,).
 
-    Returns the logits of each prompt's last token (B, V) and the prompt's keys/values (n_layer, 2, B, nh, T, hs).
+    Returns the logits of each prompt's last token (B, V) and the cache `past` (n_layer, 2, B, nh, T + new_slots,
+    hs) with the prompt's keys/values in slots [0, T), allocated once and filled layer by layer in place (no list
+    of per-layer K/V to concatenate and pad: that held the cache three times over at its peak).
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
-    cache_dtype = params["h0/attn/c_attn/w"].dtype
+    L = T + new_slots
     t = tf.range(T)
+    rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], params["h0/attn/c_attn/w"].dtype)  # the cache, by rows
+    prompt_rows = tf.reshape(tf.range(2 * B * nh)[:, None] * L + t[None, :], [-1])  # (2*B*nh*T,) layer 0's slots
     pad = T - lengths  # (B,) padding slots on the left
     valid = t[None, :] >= pad[:, None]  # (B, T)
     pos = tf.maximum(t[None, :] - pad[:, None], 0)  # (B, T) position ids start at 0 on each row's first real token
@@ -95,21 +100,19 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor)
     bias = tf.where(allowed, 0.0, NEG_INF)[:, None]  # (B, 1, T, T)
 
     x = tf.reshape(embed(params, ids, pos), [B * T, C])  # (B*T, C)
-    kv = []
     for i in range(cfg.n_layer):
         p = layer_params(params, i)
         qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B*T, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, T, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, T, hs)
-        kv_i = tf.cast(qkv[1:], cache_dtype)  # (2, B, nh, T, hs) exact: the matmul made them in this dtype
+        kv_i = tf.cast(qkv[1:], rows.dtype)  # (2, B, nh, T, hs) exact: the matmul made them in this dtype
+        rows = tf.raw_ops.InplaceUpdate(x=rows, i=prompt_rows + i * 2 * B * nh * L,
+                                        v=tf.reshape(kv_i, [-1, hs]))  # write in place
         a = attend(qkv[0], kv_i[0], kv_i[1], bias)  # (B, nh, T, hs)
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * T, C])  # (B*T, C)
         x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
         x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
-        kv.append(tf.reshape(kv_i, [2 * B * nh, T * hs]))  # (2*B*nh, T*hs) keys then values, 2-D
     last = tf.reshape(x, [B, T, C])[:, -1]  # (B, C) left padding puts every row's last token at T-1
-    # A 2-D concat is a few large memcpys; a 6-D tf.stack (and later tf.pad) of the same data ran 5-10x slower.
-    kv = tf.reshape(tf.concat(kv, 0), [cfg.n_layer, 2, B, nh, T, hs])  # (n_layer, 2, B, nh, T, hs)
-    return lm_head(params, last), kv
+    return lm_head(params, last), tf.reshape(rows, [cfg.n_layer, 2, B, nh, L, hs])
 
 
 def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, slot: tf.Tensor,
@@ -219,10 +222,7 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     if ignore_eos is None:
         ignore_eos = tf.zeros([B], tf.bool)
     params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, V) once per run, outside the loop
-    logits, prompt_kv = prefill(params, cfg, ids, lengths)
-    rows = cfg.n_layer * 2 * B * cfg.n_head
-    past = tf.pad(tf.reshape(prompt_kv, [rows, -1]), [[0, 0], [0, N * cfg.head_size]])  # (rows, L*hs) 2-D pad
-    past = tf.reshape(past, [cfg.n_layer, 2, B, cfg.n_head, T + N, cfg.head_size])  # (n_layer, 2, B, nh, L, hs)
+    logits, past = prefill(params, cfg, ids, lengths, N)  # past (n_layer, 2, B, nh, L, hs)
     prompt_valid = tf.range(T)[None, :] >= (T - lengths)[:, None]  # (B, T)
 
     def record(i, logits, done, n_new, stopped, tokens_ta, logprobs_ta):

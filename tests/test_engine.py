@@ -34,13 +34,20 @@ def test_next_token_logits_match_hf(hf_dir, hf_model):
     for r, p in enumerate(PROMPTS):
         ids[r, T - len(p):] = p
     params = {k: tf.constant(v) for k, v in weights.items()}
-    logits, past = gmodel.prefill(params, cfg, tf.constant(ids), tf.constant([len(p) for p in PROMPTS]))
-    assert past.shape == (cfg.n_layer, 2, len(PROMPTS), cfg.n_head, T, cfg.head_size)
+    logits, past = gmodel.prefill(params, cfg, tf.constant(ids), tf.constant([len(p) for p in PROMPTS]), 3)
+    assert past.shape == (cfg.n_layer, 2, len(PROMPTS), cfg.n_head, T + 3, cfg.head_size)
+    assert not np.any(past[..., T:, :].numpy())  # the slots for new tokens are empty
     for r, p in enumerate(PROMPTS):
         with torch.no_grad():
-            ref = hf_model(torch.tensor([p])).logits[0, -1].numpy()
+            out = hf_model(torch.tensor([p]), use_cache=True)
+        ref = out.logits[0, -1].numpy()
         rel = np.abs(logits[r].numpy() - ref).max() / np.abs(ref).max()
         assert rel < 1e-4, f"row {r}: relative error {rel:.2e}"
+        for layer in (0, cfg.n_layer - 1):  # the cache holds HF's keys and values in the prompt's slots
+            cache = out.past_key_values.layers[layer]
+            for kv, ref_kv in ((0, cache.keys), (1, cache.values)):
+                np.testing.assert_allclose(past[layer, kv, r, :, T - len(p):T].numpy(), ref_kv[0].numpy(),
+                                           atol=1e-4)
 
 
 def test_greedy_batch_matches_hf_alone(model, hf_model):
