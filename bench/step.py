@@ -1,11 +1,12 @@
 """Where a decode step's time goes: the engine's step against the same matmuls run alone in TensorFlow.
 
-    python -m bench.step --model_dir MODEL_DIR [--batches 1 8 64]
+    python -m bench.step --model_dir MODEL_DIR [--batches 1 8 64] [--precision auto|float32|bfloat16]
 
 The engine's step time is the difference of two runs that differ only in new tokens (so prefill cancels), over
 the steps between them. The kernel floor is one step's matrices (four per layer, then the LM head) multiplied in
-a bare TensorFlow graph by a (B, C) input: what TensorFlow's own kernels need for the step's weights, with no
-attention, norms, sampling or loop. The engine cannot beat that floor without faster kernels; the gap above it is
+a bare TensorFlow graph by a (B, C) input, in the model's precision, with the weights in read-only variables as
+in the engine (constants would let oneDNN cache a reordered copy, which the engine cannot have): what
+TensorFlow's own kernels need for the step's weights, with no attention, norms, sampling or loop. The engine cannot beat that floor without faster kernels; the gap above it is
 everything else in a step. Both sides run alternately in this process, so the machine's noise hits both.
 """
 from __future__ import annotations
@@ -29,18 +30,24 @@ def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], 
     rng = np.random.default_rng(0)
     layer = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]  # c_attn, attn c_proj, mlp c_fc, mlp c_proj
     shapes = layer * cfg.n_layer + [(C, V)]  # then the LM head
+    dtype = tf.as_dtype(model.precision)
     graph = tf.Graph()
     with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, (B, C))
-        h = tf.compat.v1.placeholder(tf.float32, (B, 4 * C))
-        total = tf.add_n([tf.reduce_sum(tf.matmul(x if k == C else h,
-                                                  tf.constant(rng.standard_normal((k, n), np.float32))))
-                          for k, n in shapes])
+        x = tf.compat.v1.placeholder(dtype, (B, C))
+        h = tf.compat.v1.placeholder(dtype, (B, 4 * C))
+        weights = [tf.compat.v1.get_variable(f"w{i}", initializer=rng.standard_normal(s).astype(dtype.as_numpy_dtype),
+                                             use_resource=True, trainable=False) for i, s in enumerate(shapes)]
+        total = tf.add_n([tf.reduce_sum(tf.cast(tf.matmul(x if w.shape[0] == C else h, w), tf.float32))
+                          for w in weights])
+        init = tf.compat.v1.global_variables_initializer()
     config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=os.cpu_count() or 1,
                                       inter_op_parallelism_threads=2)
-    run = tf.compat.v1.Session(graph=graph, config=config).make_callable(total, [x, h])
-    xs, hs = np.ones((B, C), np.float32), np.ones((B, 4 * C), np.float32)
-    return (lambda: run(xs, hs)), 4 * sum(k * n for k, n in shapes)
+    config.graph_options.rewrite_options.disable_meta_optimizer = True  # no merging of the repeated shapes
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    session.run(init)
+    run = session.make_callable(total, [x, h])
+    xs, hs = (np.ones(s, dtype.as_numpy_dtype) for s in ((B, C), (B, 4 * C)))
+    return (lambda: run(xs, hs)), dtype.size * sum(k * n for k, n in shapes)
 
 
 def seconds(fn) -> float:
@@ -56,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--steps", type=int, default=48, help="decode steps between the two engine runs")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--precision", default="auto")
     args = p.parse_args(argv)
 
-    model = GenerationModel(args.model_dir)
+    model = GenerationModel(args.model_dir, precision=args.precision)
+    print(f"precision {model.precision}")
     rng = np.random.default_rng(0)
     print("| batch | engine ms/step | kernel floor ms/step | floor GB/s | engine / floor |")
     print("|---:|---:|---:|---:|---:|")

@@ -151,14 +151,9 @@ class GenerationModel:
         batch = np.full((len(prompts), lengths.max()), EOT_TOKEN, np.int32)
         for row, ids in enumerate(prompts):
             batch[row, batch.shape[1] - len(ids):] = ids  # left padding
-        tokens, n_new, finish, logprobs = self._run(
-            batch, lengths,
-            np.array([p.max_new_tokens for p in params], np.int32),
-            np.array([p.temperature for p in params], np.float32),
-            np.array([p.top_k for p in params], np.int32),
-            np.array([p.top_p for p in params], np.float32),
-            np.array([p.seed for p in params], np.int64),
-            np.array([p.ignore_eos for p in params], bool))
+        # The per-row inputs after input_ids and input_lengths are the SamplingParams fields, in INPUTS's order.
+        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in list(INPUTS)[2:]]
+        tokens, n_new, finish, logprobs = self._run(batch, lengths, *per_row)
         return [Completion(tokens[r, :n].tolist(), logprobs[r, :n].tolist(), "stop" if finish[r] else "length")
                 for r, n in enumerate(n_new)]
 

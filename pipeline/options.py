@@ -5,9 +5,13 @@ import argparse
 import contextlib
 import io
 import logging
-import math
 
 from apache_beam.options.pipeline_options import PipelineOptions
+
+from gpt2.sampling import FIELDS, HELP, TYPES, SamplingParams
+
+# A sampling field's help, where the run's option means more than the field (the run seed).
+OPTION_HELP = {"seed": "run seed; a row's seed derives from it and the row id"}
 
 
 class UsageError(ValueError):
@@ -34,11 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--skip_existing", action="store_true",
                     help="skip input shards whose completions file already exists (incremental and re-runs)")
     s = p.add_argument_group("sampling (per-row columns of the same names override these)")
-    s.add_argument("--max_new_tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top_k", type=int, default=0, help="0 = off")
-    s.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-    s.add_argument("--seed", type=int, default=0, help="run seed; a row's seed derives from it and the row id")
+    for name in FIELDS:  # gpt2.sampling.SamplingParams: one option per field, its default and type
+        help = OPTION_HELP.get(name, HELP[name])
+        if TYPES[name] is bool:
+            s.add_argument(f"--{name}", action="store_true", help=help)
+        else:
+            s.add_argument(f"--{name}", type=TYPES[name], default=getattr(SamplingParams, name), help=help)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable), applied after decoding")
     s.add_argument("--truncate", choices=["none", "left"], default="none",
                    help="left: keep the end of prompts that do not fit the context instead of rejecting them")
@@ -54,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sampling(args: argparse.Namespace) -> SamplingParams:
+    """The run's sampling defaults from the options (seed: the run seed)."""
+    return SamplingParams(**{name: getattr(args, name) for name in FIELDS})
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
     args, beam_args = build_parser().parse_known_args(argv)
     for name in ("max_new_tokens", "batch_size", "max_batch_tokens"):
@@ -61,11 +71,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.intra_op_threads is not None and args.intra_op_threads < 1:
         raise UsageError(f"--intra_op_threads must be >= 1, got {args.intra_op_threads}")
-    rules = {"temperature": (math.isfinite(args.temperature) and args.temperature >= 0, "a finite number >= 0"),
-             "top_p": (0 < args.top_p <= 1, "in (0, 1]"), "top_k": (args.top_k >= 0, ">= 0")}
-    for name, (ok, rule) in rules.items():
-        if not ok:
-            raise UsageError(f"--{name} must be {rule}, got {getattr(args, name)}")
+    try:
+        sampling(args).validate()
+    except ValueError as e:  # "top_p must be in (0, 1], got 1.5"
+        raise UsageError(f"--{e}") from None
     options = PipelineOptions(beam_args)
     stderr, beam_log = io.StringIO(), logging.getLogger("apache_beam.options.pipeline_options")
     level = beam_log.level

@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from gpt2.manifest import ModelError, model_label
-from gpt2.sampling import SamplingParams
-from pipeline.options import UsageError, parse
+from pipeline.options import UsageError, parse, sampling
 from transforms.job import GenerateCompletions, JobConfig
 from transforms.model_cache import check_model_dir
 from transforms.read import open_parquet, shard_name, unreadable_id
@@ -104,7 +103,7 @@ def run(argv: list[str]) -> dict:
                 raise UsageError(f"--output {args.output!r}: cannot create {sub}/: {e}") from None
     config = JobConfig(
         output_dir=args.output, model_dir=args.model_dir, model_label=model, n_ctx=manifest["config"]["n_ctx"],
-        defaults=SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
+        defaults=sampling(args),
         seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
         id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         precision=args.precision, intra_op_threads=args.intra_op_threads)

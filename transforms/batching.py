@@ -16,11 +16,19 @@ request almost always joins and batches come out full; a cut happens only at a l
 run the extra steps). A window's last, open batch is carried into the next window and sorted with it, so
 only the job's last batch may be short, besides such cuts. The Reshuffle after it spreads the batches over
 all workers; cutting is a sort of a few thousand requests, nothing next to generating them.
+
+That GroupByKey fires when its input ends: right for files, never for a stream (in the global window, a stream
+does not end). Unbounded input goes through `BatchByWait` instead: `GroupIntoBatches` on one key per worker process
+(as Beam's own BatchElements does with a maximum wait) emits a batch when it holds `batch_size` requests or its
+first request has waited `max_wait_secs`; each such batch is then sorted and cut by the same rule as above, so
+`max_batch_tokens` holds and long and short prompts are not padded together.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Iterator
+import time
+import uuid
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 
@@ -99,3 +107,35 @@ class BatchByLength(beam.PTransform):
                 | "GroupAll" >> beam.GroupByKey()
                 | "CutBatches" >> beam.FlatMap(_plan_group, self.batch_size, self.max_batch_tokens, self.window)
                 | "SpreadBatches" >> beam.Reshuffle())
+
+
+_PROCESS_KEY = uuid.uuid4().hex  # drawn where this module is imported: a different key in each worker process
+
+
+class _KeyByProcess(beam.DoFn):
+    def process(self, request: Request):
+        yield _PROCESS_KEY, request
+
+
+def _cut_group(kv, batch_size: int, max_batch_tokens: int) -> Iterator[list[Request]]:
+    return cut_batches(sorted(kv[1], key=sort_key), batch_size, max_batch_tokens)
+
+
+class BatchByWait(beam.PTransform):
+    """Request -> list[Request] for unbounded input: a batch is cut when it is full or when its first request has
+    waited max_wait_secs, never at the end of the input. `clock` (seconds, as time.time) is for tests, as
+    GroupIntoBatches's."""
+
+    def __init__(self, batch_size: int, max_batch_tokens: int, max_wait_secs: float,
+                 clock: Callable[[], float] = time.time):
+        super().__init__()
+        if not max_wait_secs > 0:  # GroupIntoBatches reads 0 as "no limit": a stream's batch would wait forever
+            raise ValueError(f"max_wait_secs must be > 0, got {max_wait_secs!r}")
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.max_wait_secs, self.clock = max_wait_secs, clock
+
+    def expand(self, requests):
+        return (requests
+                | "KeyByProcess" >> beam.ParDo(_KeyByProcess())
+                | "GroupIntoBatches" >> beam.GroupIntoBatches(self.batch_size, self.max_wait_secs, self.clock)
+                | "CutBatches" >> beam.FlatMap(_cut_group, self.batch_size, self.max_batch_tokens))

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from transforms.records import Result
-from transforms.resources import shared_tokenizer
+from transforms.records import Result, origin, with_keys
+from transforms.resources import SharedResource, shared_tokenizer
+
+# The fields of a completion row, in the order of the Parquet job's completions schema.
+COMPLETION_FIELDS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
+                     "finish_reason", "model", "precision")
 
 
 def apply_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, list[int], bool]:
@@ -21,9 +25,23 @@ def apply_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, 
     return text, token_ids[:n], True
 
 
+def completion_row(tokenizer, id, prompt: str, prompt_tokens: int, token_ids: list[int], finish_reason: str,
+                   stops: list[str], model_label: str, precision: str) -> dict:
+    """The output row of one completion (COMPLETION_FIELDS)."""
+    text, ids, stopped = apply_stop(tokenizer, token_ids, stops)
+    return {
+        "id": id, "prompt": prompt, "completion": text, "completion_token_ids": ids,
+        "prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+        "finish_reason": "stop" if stopped else finish_reason, "model": model_label, "precision": precision,
+    }
+
+
 class Detokenize(beam.DoFn):
-    def __init__(self, model_dir: str, model_label: str, stops: list[str] | None = None):
-        self.tokenizer = shared_tokenizer(model_dir)
+    """Result -> completion row, with the input row's passthrough keys (and a file row's source and row_index)."""
+
+    def __init__(self, model_dir: str, model_label: str, stops: list[str] | None = None,
+                 tokenizer: SharedResource | None = None):
+        self.tokenizer = tokenizer or shared_tokenizer(model_dir)  # one handle shared with Tokenize: one load
         self.model_label, self.stops = model_label, list(stops or [])
 
     def setup(self):
@@ -34,11 +52,6 @@ class Detokenize(beam.DoFn):
 
     def process(self, result: Result):
         r = result.request
-        text, ids, stopped = apply_stop(self._tok, result.token_ids, self.stops)
-        yield {
-            "id": r.id, "prompt": r.prompt, "completion": text, "completion_token_ids": ids,
-            "prompt_tokens": len(r.token_ids), "completion_tokens": len(ids),
-            "finish_reason": "stop" if stopped else result.finish_reason, "model": self.model_label,
-            "precision": result.precision,
-            "source": r.source, "row_index": r.row_index,
-        }
+        row = completion_row(self._tok, r.id, r.prompt, len(r.token_ids), result.token_ids, result.finish_reason,
+                             self.stops, self.model_label, result.precision)
+        yield with_keys(row, origin(r))

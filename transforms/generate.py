@@ -1,10 +1,11 @@
 """Generate completions for batches of requests with the frozen GPT-2 graph.
 
-A DoFn rather than RunInference's ModelHandler: RunInference batches with BatchElements (arrival order, and
-Beam 2.77's ModelHandler rejects max_batch_weight), while we batch by length upstream, and a failing batch
-must be split and retried down to single rows so that one bad row costs only itself (dead letter) and never
-the batch. The model interface is the same idea as RunInference's: load once (`GenerationModel(model_dir)`,
-through `Shared`, one per worker process whatever its threads), then `generate(batch)`.
+A DoFn rather than RunInference over our own ModelHandler: we batch by length upstream, and a failing batch must
+be split and retried down to single rows so that one bad row costs only itself (a dead letter with its reason) and
+never the batch, where RunInference dead-letters a failing batch whole. The model interface is the same idea as
+RunInference's: load once (`GenerationModel(model_dir)`, through `Shared`, one per worker process whatever its
+threads), then `generate(batch)`. `GPT2ModelHandler` (transforms/handler.py) is the same engine behind Beam's
+`RunInference`, with the same split-and-retry inside a batch.
 """
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import logging
 import os
 import threading
 import time
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.records import ERRORS, Request, Result, dead_letter
+from transforms.records import ERRORS, Request, Result, row_dead_letter
 from transforms.resources import shared_model
 
 PROGRESS_SECONDS = 10.0
+T = TypeVar("T")
 
 
 class _Progress:
@@ -38,6 +41,25 @@ class _Progress:
                 cls.last = now
                 logging.info("worker %d: %d rows, %d tokens, %.1f tokens/s", os.getpid(), cls.rows, cls.tokens,
                              cls.tokens / max(now - cls.start, 1e-9))
+
+
+def split_and_retry(generate: Callable[[Sequence[T]], list], batch: Sequence[T]) -> Iterator[tuple]:
+    """Run `generate` on the batch; if it raises (e.g. out of memory), on each half, down to single rows.
+    Yields (rows, completions, seconds) for each part that worked and (rows, exception, None) for each row that
+    failed alone, in the batch's order."""
+    start = time.perf_counter()
+    try:
+        completions = generate(batch)
+    except Exception as e:  # noqa: BLE001 - any failure: halve the batch and try again
+        if len(batch) > 1:
+            logging.warning("batch of %d failed (%s); retrying in halves", len(batch), e)
+            half = len(batch) // 2
+            yield from split_and_retry(generate, batch[:half])
+            yield from split_and_retry(generate, batch[half:])
+        else:
+            yield batch, e, None
+        return
+    yield batch, completions, time.perf_counter() - start
 
 
 class GenerateBatches(beam.DoFn):
@@ -59,32 +81,20 @@ class GenerateBatches(beam.DoFn):
         self._model = None  # the last reference going closes the model's Session (GenerationModel's finalizer)
 
     def process(self, batch: list[Request]):
-        yield from self._generate(batch)
-
-    def _generate(self, batch: list[Request]):
-        start = time.perf_counter()
-        try:
-            completions = self._model.generate([r.token_ids for r in batch], [r.params for r in batch])
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: halve the batch and try again
-            if len(batch) > 1:
-                logging.warning("batch of %d failed (%s); retrying in halves", len(batch), e)
-                half = len(batch) // 2
-                yield from self._generate(batch[:half])
-                yield from self._generate(batch[half:])
-                return
-            r = batch[0]
-            self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(
-                r.id, r.prompt, f"row {r.row_index} of {r.source}: generation failed: {type(e).__name__}: {e}",
-                r.source, r.row_index))
-            return
-        self.latency.update(int((time.perf_counter() - start) * 1000))
-        self.batch_size.update(len(batch))
-        self.prompts.inc(len(batch))
-        longest = max(len(r.token_ids) for r in batch)
-        self.padding.inc(sum(longest - len(r.token_ids) for r in batch))
-        tokens = sum(len(c.token_ids) for c in completions)
-        self.generated.inc(tokens)
-        _Progress.add(len(batch), tokens)
-        for r, c in zip(batch, completions):
-            yield Result(r, c.token_ids, c.finish_reason, self._model.precision)
+        generate = lambda rows: self._model.generate([r.token_ids for r in rows], [r.params for r in rows])  # noqa
+        for rows, outcome, seconds in split_and_retry(generate, batch):
+            if isinstance(outcome, Exception):
+                self.rejected.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, row_dead_letter(
+                    rows[0], f"generation failed: {type(outcome).__name__}: {outcome}"))
+                continue
+            self.latency.update(int(seconds * 1000))
+            self.batch_size.update(len(rows))
+            self.prompts.inc(len(rows))
+            longest = max(len(r.token_ids) for r in rows)
+            self.padding.inc(sum(longest - len(r.token_ids) for r in rows))
+            tokens = sum(len(c.token_ids) for c in outcome)
+            self.generated.inc(tokens)
+            _Progress.add(len(rows), tokens)
+            for r, c in zip(rows, outcome):
+                yield Result(r, c.token_ids, c.finish_reason, self._model.precision)

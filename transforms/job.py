@@ -1,5 +1,4 @@
-"""The whole job as one composite transform:
-read -> unique ids -> validate -> tokenize -> batch -> generate -> detokenize -> write."""
+"""The Parquet job as one composite transform: read -> unique ids -> GenerateText -> write."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +6,10 @@ import dataclasses
 import apache_beam as beam
 
 from gpt2.sampling import SamplingParams
-from transforms.batching import BatchByLength
-from transforms.detokenize import Detokenize
-from transforms.generate import GenerateBatches
+from transforms.generate_text import GenerateText
 from transforms.read import ReadPrompts
 from transforms.records import ERRORS
 from transforms.unique_ids import UniqueIds
-from transforms.validate import Tokenize, ValidateRows
 from transforms.write import WriteResults
 
 
@@ -21,8 +17,8 @@ from transforms.write import WriteResults
 class JobConfig:
     output_dir: str
     model_dir: str  # local, or gs://: each worker machine copies it once to its cache (transforms/model_cache.py)
-    model_label: str  # name@sha256 prefix, written in every row
-    n_ctx: int
+    model_label: str | None = None  # name@sha256 prefix, written in every row; None: from the model's manifest
+    n_ctx: int | None = None  # None: from the model's manifest
     defaults: SamplingParams = SamplingParams()
     seed: int = 0
     stops: tuple[str, ...] = ()
@@ -36,7 +32,11 @@ class JobConfig:
 
 
 class GenerateCompletions(beam.PTransform):
-    """PCollection of input Parquet paths -> PCollection of the paths whose outputs were written."""
+    """PCollection of input Parquet paths -> PCollection of the paths whose outputs were written.
+
+    The rows read carry their file and row number (transforms.records.PromptRow): GenerateText names them in its
+    error messages and passes them to its output rows, by which the writer puts each row in its shard's files.
+    """
 
     def __init__(self, config: JobConfig):
         super().__init__()
@@ -46,14 +46,10 @@ class GenerateCompletions(beam.PTransform):
         c = self.c
         read = paths | "Read" >> ReadPrompts(c.prompt_column, c.id_column)
         unique = read["rows"] | "UniqueIds" >> UniqueIds()
-        valid = unique.rows | "Validate" >> beam.ParDo(ValidateRows(c.defaults, c.seed)).with_outputs(
-            ERRORS, main="ok")
-        tokens = valid.ok | "Tokenize" >> beam.ParDo(Tokenize(c.model_dir, c.n_ctx, c.truncate)).with_outputs(
-            ERRORS, main="ok")
-        batches = tokens.ok | "Batch" >> BatchByLength(c.batch_size, c.max_batch_tokens)
-        results = batches | "Generate" >> beam.ParDo(GenerateBatches(c.model_dir, c.precision, c.intra_op_threads)).with_outputs(
-            ERRORS, main="ok")
-        rows = results.ok | "Detokenize" >> beam.ParDo(Detokenize(c.model_dir, c.model_label, list(c.stops)))
-        errors = ((read[ERRORS], unique[ERRORS], valid[ERRORS], tokens[ERRORS], results[ERRORS])
-                  | "DeadLetters" >> beam.Flatten())
-        return (rows, errors, paths) | "Write" >> WriteResults(c.output_dir)
+        sampling = {f.name: getattr(c.defaults, f.name) for f in dataclasses.fields(c.defaults) if f.name != "seed"}
+        generated = unique.rows | "GenerateText" >> GenerateText(
+            c.model_dir, stop=c.stops, truncate=c.truncate, seed=c.seed, batch_size=c.batch_size,
+            max_batch_tokens=c.max_batch_tokens, streaming=False, precision=c.precision,
+            intra_op_threads=c.intra_op_threads, model_label=c.model_label, n_ctx=c.n_ctx, **sampling)
+        errors = (read[ERRORS], unique[ERRORS], generated.errors) | "DeadLetters" >> beam.Flatten()
+        return (generated.completions, errors, paths) | "Write" >> WriteResults(c.output_dir)

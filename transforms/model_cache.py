@@ -130,3 +130,9 @@ def fetch_model(model_dir: str, root: str | Path | None = None) -> tuple[str, bo
 def local_model_dir(model_dir: str) -> str:
     """model_dir itself when local, else its verified copy in this machine's cache."""
     return fetch_model(model_dir)[0]
+
+
+def model_manifest(model_dir: str) -> dict:
+    """The manifest of a model directory, for the launcher (a model's name and context size come from it): a local
+    one read and checked (its files' sha256 are verified where it is loaded), a remote one as check_model_dir."""
+    return read_manifest(model_dir) if is_local(model_dir) else check_model_dir(model_dir)

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from gpt2.sampling import FIELDS
 from transforms.records import ERRORS, PromptRow, dead_letter
 
-OVERRIDE_COLUMNS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+OVERRIDE_COLUMNS = FIELDS  # per-row columns named after a sampling field override the run's value where not null
 READ_BATCH_ROWS = 1024  # rows decoded at once within a row group
 
 

@@ -1,4 +1,10 @@
-"""The records that flow between the transforms, and the dead-letter record every stage can emit."""
+"""The records that flow between the transforms, and the dead-letter record every stage can emit.
+
+A row read from a Parquet file knows where it came from (`source`, `row_index`): its error messages name the file
+and row, and its output rows carry both so that the writer puts them in that file's outputs. A row given to
+`GenerateText` as a dict has no source; its keys other than id, prompt and the sampling overrides are `extra`,
+passed through to its output row untouched.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,22 +18,24 @@ ERRORS = "errors"  # tag of every DoFn's dead-letter output
 @dataclasses.dataclass
 class PromptRow:
     """One input row as read: the prompt value is not checked yet."""
-    id: str
+    id: Any
     prompt: Any
-    overrides: dict  # override column -> value (None = use the run's default)
-    source: str  # input file
-    row_index: int  # row number within the source file
+    overrides: dict  # sampling field -> value (None = use the run's default)
+    source: str | None = None  # input file (None: not read from a file)
+    row_index: int = -1  # row number within the source file
+    extra: dict = dataclasses.field(default_factory=dict)  # passthrough keys
 
 
 @dataclasses.dataclass
 class Request:
     """A valid prompt, tokenized, with its resolved sampling parameters."""
-    id: str
+    id: Any
     prompt: str
     token_ids: list[int]
     params: SamplingParams
-    source: str
-    row_index: int
+    source: str | None = None
+    row_index: int = -1
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -38,8 +46,35 @@ class Result:
     precision: str  # what the model ran in on the worker that generated it
 
 
-def dead_letter(id: str, prompt: Any, error: str, source: str, row_index: int = -1) -> dict:
+def located(row: PromptRow | Request, message: str) -> str:
+    """A message about a row, naming its file and row number when it was read from a file."""
+    return message if row.source is None else f"row {row.row_index} of {row.source}: {message}"
+
+
+def origin(row: PromptRow | Request) -> dict:
+    """The keys an output row carries besides its own fields: the passthrough keys, and a file row's origin."""
+    if row.source is None:
+        return dict(row.extra)
+    return {**row.extra, "source": row.source, "row_index": row.row_index}
+
+
+def dead_letter(id: Any, prompt: Any, error: str, source: str | None, row_index: int = -1,
+                extra: dict | None = None) -> dict:
     """A row that cannot be generated, and why. `prompt` keeps the original value as text (None stays None)."""
     if prompt is not None and not isinstance(prompt, str):
         prompt = repr(prompt)
-    return {"id": id, "prompt": prompt, "error": error, "source": source, "row_index": row_index}
+    row = {"id": id, "prompt": prompt, "error": error}
+    if source is not None:
+        row.update(source=source, row_index=row_index)
+    return with_keys(row, extra or {})
+
+
+def with_keys(row: dict, extra: dict) -> dict:
+    """`row` followed by the keys of `extra` it does not have: an output field wins over a passthrough key."""
+    row.update((k, v) for k, v in extra.items() if k not in row)
+    return row
+
+
+def row_dead_letter(row: PromptRow | Request, error: str) -> dict:
+    """The dead letter of a row: `error` located, the row's passthrough keys and origin kept."""
+    return dead_letter(row.id, row.prompt, located(row, error), row.source, row.row_index, row.extra)

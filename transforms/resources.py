@@ -1,11 +1,12 @@
-"""Per-worker-process resources, loaded once and shared by all threads through Beam's `Shared`."""
+"""Per-worker-process resources, loaded once and shared by all threads through Beam's `Shared`.
+
+Beam's `Shared` identifies an object by the handle it was created with (a key pickled with it) and a tag: DoFns that
+must share one object in a worker process must hold copies of the same handle. `GenerateText` makes one tokenizer
+handle and gives it to both Tokenize and Detokenize: one tokenizer per process, one look-up of a gs:// model.
+"""
 from __future__ import annotations
 
 from apache_beam.utils.shared import Shared
-
-from gpt2.loader import GenerationModel
-from gpt2.tokenizer import Tokenizer
-from transforms.model_cache import local_model_dir
 
 
 class SharedResource:
@@ -18,11 +19,23 @@ class SharedResource:
         return self._shared.acquire(self._load, tag=self._key)
 
 
+def load_tokenizer(model_dir: str):
+    from gpt2.tokenizer import Tokenizer
+    from transforms.model_cache import local_model_dir
+
+    return Tokenizer(local_model_dir(model_dir))
+
+
+def load_model(model_dir: str, precision: str = "auto", intra_threads: int | None = None):
+    from gpt2.loader import GenerationModel
+    from transforms.model_cache import local_model_dir
+
+    return GenerationModel(local_model_dir(model_dir), precision=precision, intra_threads=intra_threads)
+
+
 def shared_tokenizer(model_dir: str) -> SharedResource:
-    return SharedResource(lambda: Tokenizer(local_model_dir(model_dir)), f"tokenizer:{model_dir}")
+    return SharedResource(lambda: load_tokenizer(model_dir), f"tokenizer:{model_dir}")
 
 
 def shared_model(model_dir: str, precision: str = "auto", intra_threads: int | None = None) -> SharedResource:
-    return SharedResource(lambda: GenerationModel(local_model_dir(model_dir), precision=precision,
-                                                  intra_threads=intra_threads),
-                          f"model:{model_dir}:{precision}")
+    return SharedResource(lambda: load_model(model_dir, precision, intra_threads), f"model:{model_dir}:{precision}")

@@ -1,0 +1,110 @@
+"""GenerateText: GPT-2 completions for a PCollection of dict rows, from any source to any sink.
+
+    result = rows | GenerateText("models/gpt2", max_new_tokens=32, stop=["\\n\\n"])
+    result.completions  # dicts: id, prompt, completion, completion_token_ids, prompt_tokens, completion_tokens,
+                        #        finish_reason, model, precision + the input row's other keys
+    result.errors       # dicts: id, prompt, error + the input row's other keys
+
+An input row is a dict with `id` (any value; a row's seed derives from the run seed and str(id)), `prompt` (text),
+optionally a value per sampling field (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos: None = the
+default) and anything else, passed through to its output row untouched (where a key is named like an output field,
+the output field wins). Every input row comes out exactly once, as a completion or as an error with its reason.
+
+The model directory supplies the model's name (`model`), its context size and its tokenizer: they are read from its
+manifest when the transform is built. Ids need not be unique: deduplication is the Parquet job's (transforms/job.py,
+UniqueIds), not this transform's, because on a stream it would hold every id ever seen; rows with the same id and
+prompt get the same completion (`beam.Deduplicate` drops repeats when you want that).
+
+Bounded input is batched by transforms/batching.py's cost model over the whole input; unbounded input (a streaming
+pipeline, or streaming=True) by size or by a maximum wait, never waiting for the input to end.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+import apache_beam as beam
+
+from gpt2.manifest import model_label as manifest_label
+from gpt2.sampling import sampling_params
+from transforms.batching import BatchByLength, BatchByWait
+from transforms.detokenize import Detokenize
+from transforms.generate import GenerateBatches
+from transforms.model_cache import model_manifest
+from transforms.records import ERRORS
+from transforms.resources import shared_tokenizer
+from transforms.validate import Tokenize, ValidateRows
+
+TRUNCATE = ("none", "left")
+
+
+class GenerateTextResult(NamedTuple):
+    completions: beam.PCollection
+    errors: beam.PCollection
+
+
+class GenerateText(beam.PTransform):
+    """PCollection of dict rows -> GenerateTextResult(completions, errors).
+
+    model_dir: a directory written by `python -m pipeline.export`, local or gs:// (each worker machine copies it
+      once). Keyword arguments named after a sampling field (max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+      ignore_eos=False) are the defaults of rows that do not set them.
+    seed: the run seed; a row's seed is derived from it and the row's id (unless the row has its own `seed`), so its
+      completion never depends on batching, workers or runner.
+    stop: stop strings; a completion is cut before the first one found (finish_reason "stop").
+    truncate: "none" (a prompt too long for the context is an error) or "left" (keep its end).
+    batch_size, max_batch_tokens: a batch holds at most this many rows / rows x (longest prompt + max_new_tokens).
+    streaming: None = decide by the input (unbounded: batch by size or max_wait_secs); True or False to force.
+    max_wait_secs: on unbounded input, how long a row may wait for its batch to fill.
+    precision, intra_op_threads: what the workers run the graph in (auto = the device's fastest) and with how many
+      TensorFlow threads (default: all cores).
+    model_label, n_ctx: the model's label and context size when the caller has them already (the Parquet job reads
+      the manifest once before it starts); by default read from model_dir's manifest.
+    clock: for tests (seconds, as time.time): the clock of the maximum wait.
+    """
+
+    def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
+                 seed: int = 0, batch_size: int = 32, max_batch_tokens: int = 16384, streaming: bool | None = None,
+                 max_wait_secs: float = 1.0, precision: str = "auto", intra_op_threads: int | None = None,
+                 model_label: str | None = None, n_ctx: int | None = None,
+                 clock: Callable[[], float] = time.time, **sampling):
+        super().__init__()
+        self.defaults = sampling_params(**sampling)  # TypeError for an unknown name, ValueError for a bad value
+        if truncate not in TRUNCATE:
+            raise ValueError(f"truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not max_wait_secs > 0:
+            raise ValueError(f"max_wait_secs must be > 0, got {max_wait_secs!r}")
+        if model_label is None or n_ctx is None:
+            manifest = model_manifest(model_dir)  # gpt2.manifest.ModelError if it is not a model directory
+            model_label = model_label or manifest_label(manifest)
+            n_ctx = n_ctx or manifest["config"]["n_ctx"]
+        self.model_dir, self.model_label, self.n_ctx = model_dir, model_label, n_ctx
+        self.seed, self.stops, self.truncate = seed, list(stop), truncate
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.streaming, self.max_wait_secs, self.clock = streaming, max_wait_secs, clock
+        self.precision, self.intra_op_threads = precision, intra_op_threads
+
+    def expand(self, rows) -> GenerateTextResult:
+        tokenizer = shared_tokenizer(self.model_dir)  # one handle for Tokenize and Detokenize: one load per process
+        valid = rows | "Validate" >> beam.ParDo(ValidateRows(self.defaults, self.seed)).with_outputs(
+            ERRORS, main="ok")
+        tokens = valid.ok | "Tokenize" >> beam.ParDo(
+            Tokenize(self.model_dir, self.n_ctx, self.truncate, tokenizer)).with_outputs(ERRORS, main="ok")
+        streaming = (not rows.is_bounded) if self.streaming is None else self.streaming
+        if streaming:
+            batch = BatchByWait(self.batch_size, self.max_batch_tokens, self.max_wait_secs, self.clock)
+        else:
+            batch = BatchByLength(self.batch_size, self.max_batch_tokens)
+        results = (tokens.ok
+                   | "Batch" >> batch
+                   | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads))
+                   .with_outputs(ERRORS, main="ok"))
+        completions = results.ok | "Detokenize" >> beam.ParDo(
+            Detokenize(self.model_dir, self.model_label, self.stops, tokenizer))
+        errors = (valid[ERRORS], tokens[ERRORS], results[ERRORS]) | "Errors" >> beam.Flatten()
+        return GenerateTextResult(completions, errors)

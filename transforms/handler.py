@@ -1,0 +1,156 @@
+"""GPT2ModelHandler: the engine as a Beam ModelHandler, for `RunInference`.
+
+    results = prompts | RunInference(GPT2ModelHandler("models/gpt2", max_new_tokens=32))
+    # each a PredictionResult(example=<the prompt>, inference=<completion row dict>, model_id=<model label>)
+
+    keyed = pairs | RunInference(KeyedModelHandler(GPT2ModelHandler("models/gpt2")))  # (key, prompt) in and out
+
+An example is a prompt string, or a dict like GenerateText's rows (`prompt`, optional `id`, optional per-row
+sampling values). A string's seed derives from the run seed and the prompt itself (a dict's from its id when it has
+one), so a completion never depends on the batch it was in; the same prompt sampled twice gives the same text (give
+the rows ids to sample them apart). `inference` holds the completion row's fields (id, prompt, completion,
+completion_token_ids, prompt_tokens, completion_tokens, finish_reason, model, precision; id None for a string).
+
+As Beam's ModelHandler: `load_model` loads the engine and tokenizer once per worker process (RunInference shares
+them across its threads), `run_inference` completes one batch. Batching is RunInference's (BatchElements: the
+keyword arguments min_batch_size, max_batch_size (default 32 here), max_batch_duration_secs, ... of
+ModelHandler). Within a batch, what is better here than a plain model call is kept: the batch is sorted by length
+and cut by the cost model (transforms/batching.py, with max_batch_tokens), and a part that fails is split and
+retried down to single rows. A batch with a bad example (not a string, empty, too long for the context, bad
+sampling value) or a row that fails alone raises, naming the example and why: with
+`RunInference(...).with_exception_handling()`, Beam routes that batch to `failed_inferences`, as it documents (use
+`max_batch_size=1` to have single examples routed, or GenerateText for a per-row dead-letter output).
+`inference_args` may set sampling values (and `seed`, the run seed) for one RunInference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any, Iterable, Sequence
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from gpt2.sampling import FIELDS, SamplingParams, sampling_params
+from transforms.batching import cut_batches, sort_key
+from transforms.detokenize import completion_row
+from transforms.generate import split_and_retry
+from transforms.generate_text import TRUNCATE
+from transforms.model_cache import local_model_dir
+from transforms.records import Request
+from transforms.resources import load_model, load_tokenizer
+from transforms.validate import fit_context, prompt_error, resolve_params
+
+# ModelHandler's own keyword arguments (batching, model sharing), passed through to it.
+BEAM_ARGS = frozenset(inspect.signature(ModelHandler.__init__).parameters) - {"self", "kwargs"} | {"env_vars"}
+
+
+class GPT2Engine:
+    """What load_model returns: the engine and the tokenizer of one model, loaded once per worker process. Used
+    through methods only, so that it also works as the proxy Beam hands out for a model shared across processes
+    (large_model=True or model_copies)."""
+
+    def __init__(self, model_dir: str, precision: str, intra_threads: int | None):
+        local = local_model_dir(model_dir)  # a gs:// model: copied (or found in the machine's cache) once
+        self._model = load_model(local, precision, intra_threads)
+        self._tokenizer = load_tokenizer(local)
+
+    def info(self) -> tuple[str, str, int]:
+        """(model label, precision, context size)."""
+        return self._model.name, self._model.precision, self._model.config.n_ctx
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids)
+
+    def generate(self, prompts, params):
+        return self._model.generate(prompts, params)
+
+
+class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
+    """A ModelHandler of GPT-2 text generation: prompt (or dict row) -> completion row dict.
+
+    model_dir: written by `python -m pipeline.export`, local or gs://. Keyword arguments named after a sampling
+    field (max_new_tokens, temperature, top_k, top_p, ignore_eos) are the defaults; seed is the run seed; stop,
+    truncate, max_batch_tokens, precision and intra_op_threads as GenerateText's. Any other keyword argument is
+    ModelHandler's (min_batch_size, max_batch_size, max_batch_duration_secs, large_model, model_copies, ...).
+    """
+
+    def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
+                 seed: int = 0, max_batch_tokens: int = 16384, precision: str = "auto",
+                 intra_op_threads: int | None = None, **kwargs):
+        sampling = {k: kwargs.pop(k) for k in FIELDS if k in kwargs}
+        unknown = sorted(set(kwargs) - BEAM_ARGS)
+        if unknown:
+            raise TypeError(f"GPT2ModelHandler got unknown keyword argument(s) {', '.join(unknown)}")
+        kwargs.setdefault("max_batch_size", 32)
+        super().__init__(**kwargs)
+        self.defaults = sampling_params(**sampling)
+        if truncate not in TRUNCATE:
+            raise ValueError(f"truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
+        self.model_dir, self.seed, self.truncate = model_dir, seed, truncate
+        self.stops = [stop] if isinstance(stop, str) else list(stop)
+        self.max_batch_tokens, self.precision, self.intra_op_threads = max_batch_tokens, precision, intra_op_threads
+
+    def load_model(self) -> GPT2Engine:
+        return GPT2Engine(self.model_dir, self.precision, self.intra_op_threads)
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None):
+        if inference_args:
+            unknown = sorted(set(inference_args) - set(FIELDS))
+            if unknown:
+                raise ValueError(f"inference_args may hold sampling values ({', '.join(FIELDS)}), not "
+                                 f"{', '.join(unknown)}")
+            args = {k: v for k, v in inference_args.items() if k != "seed"}
+            sampling_params(**{**dataclasses.asdict(self.defaults), **args})
+
+    def _request(self, i: int, example, engine: GPT2Engine, n_ctx: int, defaults: SamplingParams,
+                 seed: int) -> Request:
+        """The example as a Request; ValueError naming it and what is wrong."""
+        if isinstance(example, Mapping):
+            row_id, prompt = example.get("id"), example.get("prompt")
+            overrides = {k: example[k] for k in FIELDS if k in example}
+        else:
+            row_id, prompt, overrides = None, example, {}
+        error = prompt_error(prompt)
+        try:
+            if error is None:
+                params = resolve_params(overrides, defaults, seed, prompt if row_id is None else row_id)
+                ids, error = fit_context(engine.encode(prompt), params.max_new_tokens, n_ctx, self.truncate)
+        except ValueError as e:
+            error = str(e)
+        if error is not None:
+            raise ValueError(f"example {i} ({_show(example)}): {error}")
+        return Request(row_id, prompt, ids, params)
+
+    def run_inference(self, batch: Sequence[Any], model: GPT2Engine,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        args = dict(inference_args or {})
+        seed = args.pop("seed", self.seed)
+        defaults = dataclasses.replace(self.defaults, **args)
+        label, precision, n_ctx = model.info()
+        requests = [self._request(i, example, model, n_ctx, defaults, seed) for i, example in enumerate(batch)]
+        index = {id(r): i for i, r in enumerate(requests)}
+        rows: list[dict | None] = [None] * len(batch)
+        generate = lambda part: model.generate([r.token_ids for r in part], [r.params for r in part])  # noqa
+        # Length-aware: sorted by length and cut by the cost model, as GenerateText's batches are.
+        for part in cut_batches(sorted(requests, key=sort_key), len(requests), self.max_batch_tokens):
+            for done, outcome, _ in split_and_retry(generate, part):
+                if isinstance(outcome, Exception):
+                    i = index[id(done[0])]
+                    raise RuntimeError(f"example {i} ({_show(batch[i])}): generation failed: "
+                                       f"{type(outcome).__name__}: {outcome}") from outcome
+                for r, c in zip(done, outcome):
+                    rows[index[id(r)]] = completion_row(model, r.id, r.prompt, len(r.token_ids), c.token_ids,
+                                                        c.finish_reason, self.stops, label, precision)
+        return [PredictionResult(example, row, label) for example, row in zip(batch, rows)]
+
+    def __repr__(self) -> str:
+        return f"GPT2ModelHandler({self.model_dir!r})"
+
+
+def _show(example, limit: int = 60) -> str:
+    text = repr(example)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
