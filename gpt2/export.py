@@ -41,6 +41,12 @@ GRAPH_FILES = {"float32": "model.pb", "bfloat16": "model-bfloat16.pb", "float16"
 EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dependency", "loop"]
 
 
+def stored_transposed(name: str, precision: str) -> bool:
+    """Whether the graph of `precision` keeps this weight (out, in) (see gpt2.model.Transposed). wte is (V, C)
+    already, which is the LM head's (out, in)."""
+    return precision != "float32" and name.endswith("/w")
+
+
 def is_matrix(name: str) -> bool:
     """Matrices take the export dtype; vectors (norms, biases) and wpe stay float32, they are tiny."""
     return name == "wte" or name.endswith("/w")
@@ -67,10 +73,13 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
             for name, shape in shapes.items():
                 ph = tf.compat.v1.placeholder(weight_dtype(name, stored), shape, name=f"{name}/init_value")
                 value = tf.cast(ph, weight_dtype(name, precision))
+                if stored_transposed(name, precision):
+                    value = tf.transpose(value)
                 var = tf.compat.v1.get_variable(f"weights/{name}", initializer=value, use_resource=True,
                                                 trainable=False)
                 binding[name] = {"feed": ph.name, "assign": var.initializer.name}
-                params[name] = var.read_value()
+                read = var.read_value()
+                params[name] = model.Transposed(read) if stored_transposed(name, precision) else read
         outputs = model.generate(params, cfg, *inputs.values())  # in INPUTS' order, as generate takes them
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)

@@ -18,14 +18,22 @@ step, never on its neighbours (see `choose_tokens`).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
 from gpt2.config import EOT_TOKEN, GPT2Config
 
-Params = dict[str, tf.Tensor]  # canonical weight name -> tensor (constant after freezing, or a variable read)
 NEG_INF = -1e9  # additive mask; finite so a fully masked (padding) query row stays finite
+
+
+class Transposed(NamedTuple):
+    """A weight matrix stored (out, in) and multiplied with transpose_b. oneDNN's bfloat16 matmuls read weights
+    in that layout about 15% faster on AMX CPUs (BENCHMARKS.md); float32 matmuls are faster with (in, out)."""
+    t: tf.Tensor
+
+
+Params = dict[str, "tf.Tensor | Transposed"]  # canonical weight name -> tensor (a variable read, or a constant)
 
 
 def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
@@ -33,28 +41,34 @@ def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tens
     return (x - mean) * tf.math.rsqrt(var + eps) * g + b
 
 
-def linear(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """x (M, in) float32 @ w (in, out) + b; the matmul runs in w's dtype (float32, float16 or bfloat16)."""
-    y = tf.matmul(tf.cast(x, w.dtype), w)
-    return tf.nn.bias_add(tf.cast(y, tf.float32), tf.cast(b, tf.float32))
+def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool = False) -> tf.Tensor:
+    """x (M, in) @ w + b (then GPT-2's tanh GELU), all in w's dtype (float32, float16 or bfloat16).
 
-
-def gelu(x: tf.Tensor) -> tf.Tensor:
-    """GPT-2's tanh GELU. x * x * x, not tf.nn.gelu's pow(x, 3): TF's Pow kernel was 10% of a decode step."""
-    return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+    MatMul and BiasAdd in one dtype are the pattern TensorFlow's remapper fuses into one oneDNN kernel on CPUs at
+    load (the bias added to the float32 accumulator). GELU stays float32 elementwise ops: tf.nn.gelu would fuse
+    too, but its pattern does not match inside the while loop, where its Pow then cost 17% of a decode step.
+    """
+    wt = w.t if isinstance(w, Transposed) else w
+    y = tf.matmul(tf.cast(x, wt.dtype), wt, transpose_b=isinstance(w, Transposed))
+    y = tf.nn.bias_add(y, tf.cast(b, wt.dtype))
+    if not gelu:
+        return y
+    y = tf.cast(y, tf.float32)  # GELU in float32: the fused form (tf.nn.gelu) is not matched inside the loop
+    y = 0.5 * y * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * (y * y * y))))  # x*x*x: no Pow op
+    return tf.cast(y, wt.dtype)
 
 
 def mlp(x: tf.Tensor, p: Callable[[str], tf.Tensor]) -> tf.Tensor:
-    h = gelu(linear(x, p("mlp/c_fc/w"), p("mlp/c_fc/b")))  # (M, 4C)
-    return linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b"))  # (M, C)
+    h = linear(x, p("mlp/c_fc/w"), p("mlp/c_fc/b"), gelu=True)  # (M, 4C) in the weights' dtype
+    return tf.cast(linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b")), tf.float32)  # (M, C)
 
 
 def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-    """Scaled dot-product attention. q (B, nh, Tq, hs) float32, k/v (B, nh, Tk, hs) in the cache's dtype,
-    bias (B, 1, Tq, Tk) additive mask. The matmuls run in the cache's dtype, the softmax in float32."""
-    q = tf.cast(q * (1.0 / math.sqrt(q.shape[-1])), k.dtype)
+    """Scaled dot-product attention. q (B, nh, Tq, hs), k/v (B, nh, Tk, hs) in the weights' dtype, bias
+    (B, 1, Tq, Tk) additive mask. The matmuls run in the weights' dtype, the softmax in float32."""
+    q = q * tf.constant(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) + bias  # (B, nh, Tq, Tk)
-    return tf.cast(tf.matmul(tf.cast(tf.nn.softmax(w, axis=-1), v.dtype), v), tf.float32)  # (B, nh, Tq, hs)
+    return tf.matmul(tf.cast(tf.nn.softmax(w, axis=-1), v.dtype), v)  # (B, nh, Tq, hs)
 
 
 def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
@@ -62,10 +76,11 @@ def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
 
 
 def lm_head(params: Params, x: tf.Tensor) -> tf.Tensor:
-    """x (B, C) -> logits (B, V), with the output projection tied to wte.
+    """x (B, C) -> logits (B, V), with the output projection tied to wte (V, C).
 
-    Uses params["wte_t"] (C, V) when given: a matmul with a transposed operand runs 1.3-2x slower on CPU than
-    one with a contiguous (C, V) matrix (bench/), and `generate` transposes wte once per run, not per step.
+    Uses params["wte_t"] (C, V) when given: a float32 matmul with a transposed operand runs 1.3-2x slower on CPU
+    than one with a contiguous (C, V) matrix (bench/), so `generate` transposes wte once per run for float32;
+    bfloat16 reads wte's own (V, C) layout faster (see Transposed).
     """
     x = norm(x, params["ln_f/g"], params["ln_f/b"])
     if "wte_t" in params:
@@ -75,8 +90,12 @@ def lm_head(params: Params, x: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.matmul(tf.cast(x, w.dtype), w, transpose_b=True), tf.float32)
 
 
-def layer_params(params: Params, i: int) -> Callable[[str], tf.Tensor]:
+def layer_params(params: Params, i: int) -> Callable[[str], "tf.Tensor | Transposed"]:
     return lambda name: params[f"h{i}/{name}"]
+
+
+def transposed_layout(params: Params) -> bool:
+    return isinstance(params["h0/attn/c_attn/w"], Transposed)
 
 
 def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
@@ -91,7 +110,7 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
     nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
     L = T + new_slots
     t = tf.range(T)
-    rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], params["h0/attn/c_attn/w"].dtype)  # the cache, by rows
+    rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], params["wte"].dtype)  # the cache, by rows
     prompt_rows = tf.reshape(tf.range(2 * B * nh)[:, None] * L + t[None, :], [-1])  # (2*B*nh*T,) layer 0's slots
     pad = T - lengths  # (B,) padding slots on the left
     valid = t[None, :] >= pad[:, None]  # (B, T)
@@ -104,12 +123,11 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
         p = layer_params(params, i)
         qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B*T, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, T, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, T, hs)
-        kv_i = tf.cast(qkv[1:], rows.dtype)  # (2, B, nh, T, hs) exact: the matmul made them in this dtype
         rows = tf.raw_ops.InplaceUpdate(x=rows, i=prompt_rows + i * 2 * B * nh * L,
-                                        v=tf.reshape(kv_i, [-1, hs]))  # write in place
-        a = attend(qkv[0], kv_i[0], kv_i[1], bias)  # (B, nh, T, hs)
+                                        v=tf.reshape(qkv[1:], [-1, hs]))  # keys and values, written in place
+        a = attend(qkv[0], qkv[1], qkv[2], bias)  # (B, nh, T, hs)
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * T, C])  # (B*T, C)
-        x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
+        x = x + tf.cast(linear(a, p("attn/c_proj/w"), p("attn/c_proj/b")), tf.float32)
         x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
     last = tf.reshape(x, [B, T, C])[:, -1]  # (B, C) left padding puts every row's last token at T-1
     return lm_head(params, last), tf.reshape(rows, [cfg.n_layer, 2, B, nh, L, hs])
@@ -130,11 +148,11 @@ def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tenso
         p = layer_params(params, i)
         qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, 3, nh, hs]), [1, 0, 2, 3])  # (3, B, nh, hs)
-        new_kv = tf.cast(tf.reshape(qkv[1:], [2 * B * nh, hs]), past.dtype)
+        new_kv = tf.reshape(qkv[1:], [2 * B * nh, hs])
         rows = tf.raw_ops.InplaceUpdate(x=rows, i=slot_rows + i * 2 * B * nh * L, v=new_kv)  # write in place
         layer_kv = tf.reshape(rows, [n_layer, 2, B, nh, L, hs])[i]  # (2, B, nh, L, hs) a view, no copy
         a = attend(qkv[0][:, :, None], layer_kv[0], layer_kv[1], key_bias)  # (B, nh, 1, hs)
-        x = x + linear(tf.reshape(a, [B, C]), p("attn/c_proj/w"), p("attn/c_proj/b"))
+        x = x + tf.cast(linear(tf.reshape(a, [B, C]), p("attn/c_proj/w"), p("attn/c_proj/b")), tf.float32)
         x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
     return lm_head(params, x), tf.reshape(rows, tf.shape(past))
 
@@ -221,7 +239,8 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
     if ignore_eos is None:
         ignore_eos = tf.zeros([B], tf.bool)
-    params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, V) once per run, outside the loop
+    if not transposed_layout(params):
+        params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, V) once per run, outside the loop
     logits, past = prefill(params, cfg, ids, lengths, N)  # past (n_layer, 2, B, nh, L, hs)
     prompt_valid = tf.range(T)[None, :] >= (T - lengths)[:, None]  # (B, T)
 
