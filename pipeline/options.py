@@ -9,6 +9,7 @@ import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from gpt2.sampling import FIELDS, HELP, TYPES, SamplingParams
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 
 # A sampling field's help, where the run's option means more than the field (the run seed).
 OPTION_HELP = {"seed": "run seed; a row's seed derives from it and the row id"}
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--truncate", choices=["none", "left"], default="none",
                    help="left: keep the end of prompts that do not fit the context instead of rejecting them")
     b = p.add_argument_group("batching and workers")
-    b.add_argument("--batch_size", type=int, default=32, help="rows per generation batch at most")
-    b.add_argument("--max_batch_tokens", type=int, default=16384,
+    b.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per generation batch at most")
+    b.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="rows x (longest prompt + max_new_tokens) per batch at most")
     b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "

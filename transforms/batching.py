@@ -35,6 +35,12 @@ import apache_beam as beam
 from transforms.records import Request
 
 WINDOW = 4096  # requests sorted and cut at a time: the memory bound of the cutting step
+# Defaults from the measured throughput curve within the memory goal (a worker under 2 GB for 124M), GPT-2 124M
+# bfloat16 on Sapphire Rapids (BENCHMARKS.md): 64 new tokens after 32-token prompts make ~400 tok/s at batch 32,
+# ~550 at 64, ~665 at 128, ~740 at 256; peak RSS with 66 + 64 tokens per row 1.6 GB at 64 rows, 1.9 GB at 96,
+# 2.15 GB at 128. So a batch may hold 128 rows, and at most 12288 rows x (longest prompt + new tokens).
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_MAX_BATCH_TOKENS = 12288
 # Costs in row-steps, the compute of one row through one decode step.
 STEP_FIXED_COST = 16.0  # GPT-2 124M, Sapphire Rapids: a step is 32 ms at batch 1, 64 at 8, 150 at 64 (fits 6-34 rows)
 PREFILL_TOKEN_COST = 0.4  # a prompt token in prefill costs a third to a half of a row-step (large matmuls run better)

@@ -27,7 +27,7 @@ import apache_beam as beam
 
 from gpt2.manifest import model_label as manifest_label
 from gpt2.sampling import sampling_params
-from transforms.batching import BatchByLength, BatchByWait
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, BatchByLength, BatchByWait
 from transforms.detokenize import Detokenize
 from transforms.generate import GenerateBatches
 from transforms.model_cache import model_manifest
@@ -64,7 +64,8 @@ class GenerateText(beam.PTransform):
     """
 
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
-                 seed: int = 0, batch_size: int = 32, max_batch_tokens: int = 16384, streaming: bool | None = None,
+                 seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, streaming: bool | None = None,
                  max_wait_secs: float = 1.0, precision: str = "auto", intra_op_threads: int | None = None,
                  model_label: str | None = None, n_ctx: int | None = None,
                  clock: Callable[[], float] = time.time, **sampling):

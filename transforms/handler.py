@@ -13,7 +13,7 @@ completion_token_ids, prompt_tokens, completion_tokens, finish_reason, model, pr
 
 As Beam's ModelHandler: `load_model` loads the engine and tokenizer once per worker process (RunInference shares
 them across its threads), `run_inference` completes one batch. Batching is RunInference's (BatchElements: the
-keyword arguments min_batch_size, max_batch_size (default 32 here), max_batch_duration_secs, ... of
+keyword arguments min_batch_size, max_batch_size (default 128 here), max_batch_duration_secs, ... of
 ModelHandler). Within a batch, what is better here than a plain model call is kept: the batch is sorted by length
 and cut by the cost model (transforms/batching.py, with max_batch_tokens), and a part that fails is split and
 retried down to single rows. A batch with a bad example (not a string, empty, too long for the context, bad
@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from gpt2.sampling import FIELDS, SamplingParams, sampling_params
-from transforms.batching import cut_batches, sort_key
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, cut_batches, sort_key
 from transforms.detokenize import completion_row
 from transforms.generate import split_and_retry
 from transforms.generate_text import TRUNCATE
@@ -79,13 +79,13 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
     """
 
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
-                 seed: int = 0, max_batch_tokens: int = 16384, precision: str = "auto",
+                 seed: int = 0, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, precision: str = "auto",
                  intra_op_threads: int | None = None, **kwargs):
         sampling = {k: kwargs.pop(k) for k in FIELDS if k in kwargs}
         unknown = sorted(set(kwargs) - BEAM_ARGS)
         if unknown:
             raise TypeError(f"GPT2ModelHandler got unknown keyword argument(s) {', '.join(unknown)}")
-        kwargs.setdefault("max_batch_size", 32)
+        kwargs.setdefault("max_batch_size", DEFAULT_BATCH_SIZE)
         super().__init__(**kwargs)
         self.defaults = sampling_params(**sampling)
         if truncate not in TRUNCATE:

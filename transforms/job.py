@@ -6,6 +6,7 @@ import dataclasses
 import apache_beam as beam
 
 from gpt2.sampling import SamplingParams
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 from transforms.generate_text import GenerateText
 from transforms.read import ReadPrompts
 from transforms.records import ERRORS
@@ -25,8 +26,8 @@ class JobConfig:
     truncate: str = "none"
     prompt_column: str = "prompt"
     id_column: str = "id"
-    batch_size: int = 32
-    max_batch_tokens: int = 16384
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     precision: str = "auto"
     intra_op_threads: int | None = None
 
