@@ -69,9 +69,13 @@ import pyarrow.parquet as pq
 out = sys.argv[1]
 report = json.load(open(f"{out}/run_report.json"))
 print(f"rows read {report['rows_read']}, written {report['rows_written']}, dead-lettered "
-      f"{report['rows_dead_lettered']}; {report['generated_tokens']} tokens, {report['tokens_per_second']} tokens/s")
-files = sorted(glob.glob(f"{out}/completions/*.parquet"))
-rows = pq.read_table(files[0]).to_pylist()[:3] if files else []
+      f"{report['rows_dead_lettered']}, skipped as done {report['rows_skipped_existing']}; "
+      f"{report['generated_tokens']} tokens, {report['tokens_per_second']} tokens/s")
+files = sorted(glob.glob(f"{out}/completions/*.parquet") + glob.glob(f"{out}/completions/*.jsonl"))
+if files and files[0].endswith(".jsonl"):
+    rows = [json.loads(line) for line in open(files[0], encoding="utf-8")][:3]
+else:
+    rows = pq.read_table(files[0]).to_pylist()[:3] if files else []
 for r in rows:
     print(f"\n[{r['id']}] {r['prompt']!r}\n  -> {r['completion']!r} ({r['finish_reason']})")
 PYEOF

@@ -13,15 +13,16 @@ from gpt2.config import EOT_TOKEN, GPT2Config
 
 
 class HuggingFace:
-    """transformers' GPT2LMHeadModel.generate (PyTorch CPU, KV cache on), greedy, fixed length."""
+    """transformers' GPT2LMHeadModel.generate (PyTorch CPU, KV cache on), greedy, fixed length, in float32 or
+    bfloat16 (the whole model cast, as `from_pretrained(..., dtype=torch.bfloat16)` gives)."""
 
-    def __init__(self, hf_dir: str | Path, threads: int):
+    def __init__(self, hf_dir: str | Path, threads: int, precision: str = "float32"):
         import torch
         import transformers
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = transformers.GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
+        self.model = transformers.GPT2LMHeadModel.from_pretrained(str(hf_dir)).to(getattr(torch, precision)).eval()
 
     def seconds(self, prompts: np.ndarray, n: int) -> float:
         """Wall time to generate n tokens for each row of prompts (B, T), all of length T."""

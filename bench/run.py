@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 from bench import baselines, machine, pipeline_job  # noqa: E402
 from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
 from gpt2.config import SIZES, GPT2Config  # noqa: E402
+from gpt2.device import Placement, choose_precision, cpu_flags  # noqa: E402
 from gpt2.export import export  # noqa: E402
 from gpt2.loader import GenerationModel  # noqa: E402
 from gpt2.sampling import SamplingParams  # noqa: E402
@@ -33,8 +33,8 @@ from gpt2.tokenizer import default_vocab_dir  # noqa: E402
 
 BENCHMARKS = Path(__file__).parents[1] / "BENCHMARKS.md"
 MARKERS = ("<!-- results: written by python -m bench.run -->", "<!-- /results -->")
-FULL = dict(size="124M", Ts=(32, 128), Bs=(1, 8, 32, 64), N=64, naive_B=8, naive_steps=6,
-            pipeline=dict(rows=2000, max_words=40, new_tokens=8, batch_size=64, max_batch_tokens=16384))
+FULL = dict(size="124M", Ts=(32, 128), Bs=(1, 8, 64), N=64, naive_B=8, naive_steps=6,
+            pipeline=dict(rows=2000, max_words=40, new_tokens=8, batch_size=128, max_batch_tokens=12288))
 QUICK = dict(size="tiny", Ts=(8,), Bs=(1, 4), N=4, naive_B=4, naive_steps=None,
              pipeline=dict(rows=40, max_words=12, new_tokens=2, batch_size=8, max_batch_tokens=4096))
 
@@ -50,17 +50,17 @@ def engine_seconds(model: GenerationModel, prompts: np.ndarray, n: int) -> float
 
 
 def machine_text() -> str:
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    if Path("/proc/cpuinfo").exists():
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.*)", info).group(1) if "model name" in info else cpu
-        flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     import torch
 
-    return (f"{cpu}, {os.cpu_count()} logical CPUs ({' '.join(simd) or 'no AVX2'}), Python "
-            f"{platform.python_version()}, TensorFlow {tf.__version__}, PyTorch {torch.__version__}")
+    cpu, units = machine.cpu_features()
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, vector units: {' '.join(units) or 'none of AVX2/AVX-512/AMX'}; "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, PyTorch {torch.__version__}")
+
+
+def precisions() -> list[str]:
+    """float32, and bfloat16 where the CPU has bf16 units (what --precision auto then picks)."""
+    best, _ = choose_precision(["float32", "bfloat16"], Placement("/CPU:0"), cpu_flags())
+    return ["float32"] + ([best] if best != "float32" else [])
 
 
 def run(spec: dict, workdir: Path, threads: int) -> tuple[str, dict]:
@@ -72,26 +72,28 @@ def run(spec: dict, workdir: Path, threads: int) -> tuple[str, dict]:
     limits = machine.measure()
     print(f"limits: fp32 matmul {limits.gflops:.1f} GFLOP/s, bandwidth {limits.gbs:.1f} GB/s", flush=True)
 
-    engine = GenerationModel(workdir / "model", intra_threads=threads)
-    hf = baselines.HuggingFace(workdir / "hf", threads)
     naive = baselines.NaiveSession(cfg, weights, threads)
     rng = np.random.default_rng(0)
     N, rows = spec["N"], []
-    for T in spec["Ts"]:
-        for B in spec["Bs"]:
-            prompts = rng.integers(0, cfg.n_vocab - 1, (B, T)).astype(np.int32)
-            ours = B * N / engine_seconds(engine, prompts, N)
-            hf.seconds(prompts[:, :4], 2)  # warm-up
-            theirs = B * N / hf.seconds(prompts, N)
-            slow = B * N / naive.seconds(prompts, N, spec["naive_steps"]) if B == spec["naive_B"] else None
-            limit = limits.limit_tokens_per_s(cfg, B, T, N)
-            rows.append((T, B, ours, theirs, slow, limit))
-            print(f"T={T} B={B}: engine {ours:.1f} tok/s, HF {theirs:.1f} ({ours / theirs:.2f}x)"
-                  + (f", naive {slow:.2f} ({ours / slow:.0f}x)" if slow else "")
-                  + f", limit {limit:.1f} ({ours / limit:.0%})", flush=True)
-    engine.close()
+    for precision in precisions():
+        engine = GenerationModel(workdir / "model", precision=precision, intra_threads=threads)
+        hf = baselines.HuggingFace(workdir / "hf", threads, precision)
+        for T in spec["Ts"]:
+            for B in spec["Bs"]:
+                prompts = rng.integers(0, cfg.n_vocab - 1, (B, T)).astype(np.int32)
+                ours = B * N / engine_seconds(engine, prompts, N)
+                hf.seconds(prompts[:, :4], 2)  # warm-up
+                theirs = B * N / hf.seconds(prompts, N)
+                fp32 = precision == "float32"
+                slow = B * N / naive.seconds(prompts, N, spec["naive_steps"]) if B == spec["naive_B"] and fp32 else None
+                limit = limits.limit_tokens_per_s(cfg, B, T, N) if fp32 else None  # the roofline is float32's
+                rows.append((precision, T, B, ours, theirs, slow, limit))
+                print(f"{precision} T={T} B={B}: engine {ours:.1f} tok/s, HF {theirs:.1f} ({ours / theirs:.2f}x)"
+                      + (f", naive {slow:.2f} ({ours / slow:.0f}x)" if slow else "")
+                      + (f", limit {limit:.1f} ({ours / limit:.0%})" if limit else ""), flush=True)
+        engine.close()
+        del hf
     naive.close()
-    del hf
 
     job = pipeline_job.run(workdir / "model", workdir / "job", threads=threads, **spec["pipeline"])
     print(f"pipeline: {job}", flush=True)
@@ -102,17 +104,20 @@ def render(spec: dict, cfg: GPT2Config, threads: int, limits: machine.Machine, r
     N = spec["N"]
     lines = [
         f"Machine: {machine_text()}. {threads} threads for every side. Model: GPT-2 {spec['size']} shape "
-        f"({cfg.n_layer} layers, {cfg.n_embd} wide), random weights, float32, greedy, {N} new tokens per row.",
-        f"Measured limits: fp32 matmul {limits.gflops:.1f} GFLOP/s, DRAM read bandwidth {limits.gbs:.1f} GB/s.",
+        f"({cfg.n_layer} layers, {cfg.n_embd} wide), random weights, greedy, {N} new tokens per row; each side "
+        "in the precision of its row (HF's model cast whole to it).",
+        f"Measured limits (float32 rows): fp32 matmul {limits.gflops:.1f} GFLOP/s, DRAM read bandwidth "
+        f"{limits.gbs:.1f} GB/s.",
         "",
-        "| prompt T | batch B | engine tok/s | HF tok/s | engine / HF | naive tok/s | engine / naive "
+        "| precision | prompt T | batch B | engine tok/s | HF tok/s | engine / HF | naive tok/s | engine / naive "
         "| limit tok/s | engine / limit |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for T, B, ours, theirs, slow, limit in rows:
+    for precision, T, B, ours, theirs, slow, limit in rows:
         naive = f"{slow:.2f} | {ours / slow:.0f}x" if slow else " | "
-        lines.append(f"| {T} | {B} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {naive} | {limit:.0f} "
-                     f"| {ours / limit:.0%} |")
+        bound = f"{limit:.0f} | {ours / limit:.0%}" if limit else " | "
+        lines.append(f"| {precision} | {T} | {B} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {naive} "
+                     f"| {bound} |")
     p, e = job["pipeline_tokens"] / job["pipeline_seconds"], job["engine_tokens"] / job["engine_seconds"]
     lines += [
         "",

@@ -147,13 +147,16 @@ class GenerationModel:
             if len(ids) + p.max_new_tokens > self.config.n_ctx:
                 raise ValueError(f"row {row}: {len(ids)} prompt tokens + {p.max_new_tokens} new tokens exceed "
                                  f"the model context of {self.config.n_ctx}")
-        lengths = np.array([len(ids) for ids in prompts], np.int32)
-        batch = np.full((len(prompts), lengths.max()), EOT_TOKEN, np.int32)
-        for row, ids in enumerate(prompts):
+        distinct: dict[tuple[int, ...], int] = {}  # a prompt given several times (samples) is prefilled once
+        prompt_index = np.array([distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts], np.int32)
+        lengths = np.array([len(ids) for ids in distinct], np.int32)
+        batch = np.full((len(distinct), lengths.max()), EOT_TOKEN, np.int32)
+        for row, ids in enumerate(distinct):
             batch[row, batch.shape[1] - len(ids):] = ids  # left padding
-        # The per-row inputs after input_ids and input_lengths are the SamplingParams fields, in INPUTS's order.
-        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in list(INPUTS)[2:]]
-        tokens, n_new, finish, logprobs = self._run(batch, lengths, *per_row)
+        # The per-row inputs after input_ids, input_lengths and prompt_index are the SamplingParams fields, in
+        # INPUTS's order.
+        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in list(INPUTS)[3:]]
+        tokens, n_new, finish, logprobs = self._run(batch, lengths, prompt_index, *per_row)
         return [Completion(tokens[r, :n].tolist(), logprobs[r, :n].tolist(), "stop" if finish[r] else "length")
                 for r, n in enumerate(n_new)]
 

@@ -223,59 +223,71 @@ def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     return token, logprob
 
 
-def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, max_new_tokens: tf.Tensor,
-             temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor,
-             ignore_eos: tf.Tensor | None = None, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
+class LoopState(NamedTuple):
+    """What the decode loop carries from one step to the next (R output rows)."""
+    step: tf.Tensor  # () the step whose tokens were chosen last
+    token: tf.Tensor  # (R,) int32 those tokens: the next step's input
+    past: tf.Tensor  # (n_layer, 2, R, nh, L, hs) the KV cache
+    done: tf.Tensor  # (R,) bool: the row has stopped, or has all its tokens
+    n_new: tf.Tensor  # (R,) int32 tokens emitted so far
+    stopped: tf.Tensor  # (R,) bool: the row ended at end-of-text
+    tokens: tf.TensorArray  # step -> (R,) int32 token emitted (eot where none)
+    logprobs: tf.TensorArray  # step -> (R,) float32 its log-probability (0 where none)
+
+
+def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
+             max_new_tokens: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor,
+             ignore_eos: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
     """Completions of a batch of left-padded prompts, all inside the graph.
 
-    ids (B, T) int32, lengths (B,) int32 >= 1, and per row: max_new_tokens int32, temperature float32
-    (0 = greedy), top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos bool (go on past
-    end-of-text to max_new_tokens: fixed-length benchmarks; default False).
-    Returns tokens (B, N) int32 (padded with eot), lengths (B,), finish_reason (B,) int32 (1 = stop at eot,
-    0 = length) and logprobs (B, N) float32 of each chosen token; N = max(max_new_tokens). The loop exits as
+    ids (B, T) int32 distinct prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt each output
+    row continues (several samples of a prompt share its prefill); and per output row: max_new_tokens int32,
+    temperature float32 (0 = greedy), top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos
+    bool (go on past end-of-text to max_new_tokens: fixed-length benchmarks).
+    Returns tokens (R, N) int32 (padded with eot), lengths (R,), finish_reason (R,) int32 (1 = stop at eot,
+    0 = length) and logprobs (R, N) float32 of each chosen token; N = max(max_new_tokens). The loop exits as
     soon as every row is done.
     """
-    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
+    B, T, R = tf.shape(ids)[0], tf.shape(ids)[1], tf.shape(prompt_index)[0]
     N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
-    if ignore_eos is None:
-        ignore_eos = tf.zeros([B], tf.bool)
     if not transposed_layout(params):
         params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, V) once per run, outside the loop
-    logits, past = prefill(params, cfg, ids, lengths, N)  # past (n_layer, 2, B, nh, L, hs)
-    prompt_valid = tf.range(T)[None, :] >= (T - lengths)[:, None]  # (B, T)
+    logits, past = prefill(params, cfg, ids, lengths, N)  # (B, V), (n_layer, 2, B, nh, L, hs)
+    one_row_each = tf.equal(B, R) & tf.reduce_all(tf.equal(prompt_index, tf.range(R)))
+    logits, past = tf.cond(one_row_each, lambda: (logits, past),  # no copy of the cache in the usual case
+                           lambda: (tf.gather(logits, prompt_index), tf.gather(past, prompt_index, axis=2)))
+    lengths = tf.gather(lengths, prompt_index)  # (R,)
+    prompt_valid = tf.range(T)[None, :] >= (T - lengths)[:, None]  # (R, T)
 
-    def record(i, logits, done, n_new, stopped, tokens_ta, logprobs_ta):
-        """Choose step i's tokens from logits and account for them; rows already done emit padding."""
-        token, logprob = choose_tokens(logits, temperature, top_k, top_p, seed, i)
-        live = ~done
+    def emit(s: LoopState, logits: tf.Tensor) -> LoopState:
+        """Choose step s.step's tokens from logits and account for them; rows already done emit padding."""
+        token, logprob = choose_tokens(logits, temperature, top_k, top_p, seed, s.step)
+        live = ~s.done
         stop = live & tf.equal(token, eot) & ~ignore_eos
-        emit = live & ~stop
-        n_new = n_new + tf.cast(emit, tf.int32)
-        done = done | stop | (n_new >= max_new_tokens)
-        tokens_ta = tokens_ta.write(i, tf.where(emit, token, eot))
-        logprobs_ta = logprobs_ta.write(i, tf.where(emit, logprob, 0.0))
-        return tf.where(emit, token, eot), done, n_new, stopped | stop, tokens_ta, logprobs_ta
+        kept = live & ~stop
+        n_new = s.n_new + tf.cast(kept, tf.int32)
+        token = tf.where(kept, token, eot)
+        return s._replace(token=token, done=s.done | stop | (n_new >= max_new_tokens), n_new=n_new,
+                          stopped=s.stopped | stop, tokens=s.tokens.write(s.step, token),
+                          logprobs=s.logprobs.write(s.step, tf.where(kept, logprob, 0.0)))
 
-    def body(i, token, past, done, n_new, stopped, tokens_ta, logprobs_ta):
-        pos = tf.minimum(lengths + i, cfg.n_ctx - 1)  # (B,) clamped only for rows that are done already
-        gen_valid = tf.broadcast_to(tf.range(N)[None, :] <= i, [B, N])  # (B, N) slots written so far
-        key_bias = tf.where(tf.concat([prompt_valid, gen_valid], 1), 0.0, NEG_INF)[:, None, None, :]  # (B,1,1,L)
-        logits, past = decode_step(params, cfg, token, pos, T + i, past, key_bias)
-        out = record(i + 1, logits, done, n_new, stopped, tokens_ta, logprobs_ta)
-        return (i + 1, out[0], past) + out[1:]
+    def step(s: LoopState) -> LoopState:
+        """Run the last chosen tokens through the model (cache slot T + step) and choose the next ones."""
+        pos = tf.minimum(lengths + s.step, cfg.n_ctx - 1)  # (R,) clamped only for rows that are done already
+        gen_valid = tf.broadcast_to(tf.range(N)[None, :] <= s.step, [R, N])  # (R, N) slots written so far
+        key_bias = tf.where(tf.concat([prompt_valid, gen_valid], 1), 0.0, NEG_INF)[:, None, None, :]  # (R,1,1,L)
+        logits, past = decode_step(params, cfg, s.token, pos, T + s.step, s.past, key_bias)
+        return emit(s._replace(step=s.step + 1, past=past), logits)
 
-    done = max_new_tokens <= 0
-    zeros = tf.zeros([B], tf.int32)
-    tokens_ta = tf.TensorArray(tf.int32, size=N, element_shape=[None])
-    logprobs_ta = tf.TensorArray(tf.float32, size=N, element_shape=[None])
-    token, done, n_new, stopped, tokens_ta, logprobs_ta = record(
-        0, logits, done, zeros, tf.zeros([B], tf.bool), tokens_ta, logprobs_ta)
-    i, _, _, done, n_new, stopped, tokens_ta, logprobs_ta = tf.while_loop(
-        lambda i, token, past, done, *_: (i + 1 < N) & ~tf.reduce_all(done),
-        body, (tf.constant(0), token, past, done, n_new, stopped, tokens_ta, logprobs_ta),
-        maximum_iterations=cfg.n_ctx)
-    steps = i + 1
-    pad = [[0, 0], [0, N - steps]]  # early exit leaves slots unwritten: pad to a fixed (B, N)
-    tokens = tf.pad(tf.transpose(tokens_ta.gather(tf.range(steps))), pad, constant_values=eot)
-    logprobs = tf.pad(tf.transpose(logprobs_ta.gather(tf.range(steps))), pad)
-    return {"tokens": tokens, "lengths": n_new, "finish_reason": tf.cast(stopped, tf.int32), "logprobs": logprobs}
+    no = tf.zeros([R], tf.bool)
+    s = emit(LoopState(step=tf.constant(0), token=tf.zeros([R], tf.int32), past=past, done=max_new_tokens <= 0,
+                       n_new=tf.zeros([R], tf.int32), stopped=no,
+                       tokens=tf.TensorArray(tf.int32, size=N, element_shape=[None]),
+                       logprobs=tf.TensorArray(tf.float32, size=N, element_shape=[None])), logits)
+    [s] = tf.while_loop(lambda s: (s.step + 1 < N) & ~tf.reduce_all(s.done), lambda s: [step(s)], [s],
+                        maximum_iterations=cfg.n_ctx)
+    steps = s.step + 1
+    pad = [[0, 0], [0, N - steps]]  # early exit leaves slots unwritten: pad to a fixed (R, N)
+    tokens = tf.pad(tf.transpose(s.tokens.gather(tf.range(steps))), pad, constant_values=eot)
+    logprobs = tf.pad(tf.transpose(s.logprobs.gather(tf.range(steps))), pad)
+    return {"tokens": tokens, "lengths": s.n_new, "finish_reason": tf.cast(s.stopped, tf.int32), "logprobs": logprobs}

@@ -11,6 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from gpt2.sampling import FIELDS, HELP, TYPES, SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # A sampling field's help, where the run's option means more than the field (the run seed).
 OPTION_HELP = {"seed": "run seed; a row's seed derives from it and the row id"}
 
@@ -31,13 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch text generation with GPT-2 (frozen TF graph) on Apache Beam. "
                     "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
     io = p.add_argument_group("input and output")
-    io.add_argument("--input", required=True, help="glob of Parquet prompt shards, local or gs://")
+    io.add_argument("--input", required=True,
+                    help="glob of prompt shards, local or gs://: Parquet, or JSON Lines (names ending in .jsonl)")
     io.add_argument("--output", required=True, help="output directory: completions/, errors/, run_report.json")
+    io.add_argument("--output_format", choices=["parquet", "jsonl"], default="parquet",
+                    help="completions and errors files as Parquet or JSON Lines (the same fields)")
     io.add_argument("--model_dir", required=True, help="model directory written by `python -m pipeline.export`")
     io.add_argument("--prompt_column", default="prompt")
     io.add_argument("--id_column", default="id", help="when absent from a shard, ids are <shard name>:<row>")
     io.add_argument("--skip_existing", action="store_true",
-                    help="skip input shards whose completions file already exists (incremental and re-runs)")
+                    help="skip input shards whose completions and errors files already exist, and rows whose id "
+                         "already has an output row in --output (incremental runs and re-runs)")
+    io.add_argument("--logprobs", action="store_true",
+                    help="completions get `logprobs`: each token's log-probability under the model")
     s = p.add_argument_group("sampling (per-row columns of the same names override these)")
     for name in FIELDS:  # gpt2.sampling.SamplingParams: one option per field, its default and type
         help = OPTION_HELP.get(name, HELP[name])
@@ -57,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "on Ampere GPUs, float16 on older GPUs, else float32); each row records the one used")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="TensorFlow threads per worker process (default: all cores)")
+    c = p.add_argument_group("console")
+    c.add_argument("--progress_seconds", type=float, default=30.0,
+                   help="a progress line (rows done of the total, tokens/s, ETA) every this many seconds; 0: none")
+    c.add_argument("--log_level", choices=LOG_LEVELS, default="INFO",
+                   help="the job's own log lines from this level; Beam's and other libraries' from WARNING, or "
+                        "from INFO with DEBUG")
     return p
 
 
@@ -72,6 +85,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.intra_op_threads is not None and args.intra_op_threads < 1:
         raise UsageError(f"--intra_op_threads must be >= 1, got {args.intra_op_threads}")
+    if not args.progress_seconds >= 0:
+        raise UsageError(f"--progress_seconds must be >= 0, got {args.progress_seconds}")
     try:
         sampling(args).validate()
     except ValueError as e:  # "top_p must be in (0, 1], got 1.5"

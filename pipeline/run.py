@@ -1,28 +1,47 @@
-"""The generation job: Parquet prompts in, completions out.
+"""The generation job: prompt shards (Parquet or JSON Lines) in, completions out.
 
   python -m pipeline.run --input 'prompts/*.parquet' --output out/ --model_dir models/gpt2 [options] [Beam options]
 
 Checks what it can before any work (inputs match, model directory intact, options known), runs the Beam
-pipeline, then writes DIR/run_report.json with the row accounting read from the files written.
+pipeline while logging its progress, then writes DIR/run_report.json with the row accounting read from the files
+written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from gpt2.manifest import ModelError, model_label
+from pipeline import progress
 from pipeline.options import UsageError, parse, sampling
 from transforms.job import GenerateCompletions, JobConfig
 from transforms.model_cache import check_model_dir
-from transforms.read import open_parquet, shard_name, unreadable_id
-from transforms.write import completions_path, errors_path
+from transforms.progress import PROGRESS_DIR_ENV, ROWS_SKIPPED
+from transforms.read import count_rows, shard_name, unreadable_id
+from transforms.write import completions_path, errors_path, read_columns
+
+log = logging.getLogger("pipeline.run")  # not __name__: that is "__main__" under `python -m`
+OUR_LOGGERS = ("pipeline", "transforms", "gpt2")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# Runners whose workers run on this machine, where the launcher reads progress from the workers' files.
+LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers from `level`; Beam's, TensorFlow's and everyone else's from WARNING (from INFO with DEBUG)."""
+    logging.basicConfig(format=LOG_FORMAT, force=True)
+    logging.getLogger().setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def absolute(path: str) -> str:
@@ -31,9 +50,13 @@ def absolute(path: str) -> str:
     return os.path.abspath(path) if FileSystems.get_scheme(path) is None else path
 
 
+def match(patterns: list[str]) -> list[str]:
+    return sorted(m.path for r in FileSystems.match(patterns) for m in r.metadata_list)
+
+
 def match_inputs(pattern: str) -> list[str]:
     try:
-        paths = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+        paths = match([pattern])
     except Exception as e:  # noqa: BLE001 - Beam raises BeamIOError for a bad pattern or bucket
         raise UsageError(f"--input {pattern!r}: {e}") from None
     if not paths:
@@ -45,55 +68,133 @@ def match_inputs(pattern: str) -> list[str]:
     return paths
 
 
-def build_report(paths: list[str], output: str, args, wall: float, model: str, skipped: list[str]) -> dict:
-    """Rows read come from the input files' metadata, rows written and dead-lettered from the files written:
-    the accounting checks the pipeline rather than echoing it."""
+def input_rows(path: str) -> int | None:
+    """Rows in an input shard, or None if it cannot be read (the pipeline dead-letters it)."""
+    try:
+        return count_rows(path)
+    except Exception:  # noqa: BLE001 - any unreadable shard
+        return None
+
+
+def build_report(paths: list[str], rows: dict[str, int | None], output: str, args, wall: float, model: str,
+                 skipped: list[str], skipped_rows: int | None) -> dict:
+    """Rows read come from the input files (counted before the run), rows written and dead-lettered from the files
+    written: the accounting checks the pipeline rather than echoing it. Rows skipped as done (--skip_existing)
+    come from the job's counter (None if the runner reports no metrics)."""
+    fmt = args.output_format
     read = written = dead = tokens = 0
     unreadable, precisions = [], set()
     for p in paths:
-        ids = pq.read_table(FileSystems.open(errors_path(output, p)), columns=["id"]).column(0).to_pylist()
+        ids = read_columns(errors_path(output, p, fmt), ["id"])["id"]
         if unreadable_id(p) in ids:  # one dead letter for a shard that could not be read: no rows to count
             unreadable.append(p)
             dead += len(ids) - 1
             continue
-        read += open_parquet(p).metadata.num_rows
+        read += rows[p] if rows[p] is not None else count_rows(p)
         dead += len(ids)
-        table = pq.read_table(FileSystems.open(completions_path(output, p)), columns=["completion_tokens", "precision"])
-        written += table.num_rows
-        tokens += sum(table.column(0).to_pylist())
-        precisions.update(table.column(1).unique().to_pylist())
+        table = read_columns(completions_path(output, p, fmt), ["completion_tokens", "precision"])
+        written += len(table["completion_tokens"])
+        tokens += sum(table["completion_tokens"])
+        precisions.update(table["precision"])
     return {
         "rows_read": read, "rows_written": written, "rows_dead_lettered": dead,
-        "accounted": read == written + dead, "unreadable_shards": unreadable,
-        "shards": len(paths), "shards_skipped_existing": skipped,
+        "rows_skipped_existing": skipped_rows,
+        "accounted": skipped_rows is not None and read == written + dead + skipped_rows,
+        "unreadable_shards": unreadable, "shards": len(paths), "shards_skipped_existing": skipped,
         "generated_tokens": tokens, "wall_seconds": round(wall, 2),
         "tokens_per_second": round(tokens / wall, 2) if wall else None,
         "model": model, "precision": sorted(precisions), "options": vars(args),
     }
 
 
-def is_done(output: str, path: str) -> bool:
+def is_done(output: str, path: str, output_format: str) -> bool:
     """Both output files of a shard exist: each is renamed into place only when complete."""
-    return FileSystems.exists(completions_path(output, path)) and FileSystems.exists(errors_path(output, path))
+    return (FileSystems.exists(completions_path(output, path, output_format))
+            and FileSystems.exists(errors_path(output, path, output_format)))
+
+
+def done_files(output: str, paths: list[str], output_format: str) -> list[str]:
+    """The output files earlier runs left in DIR (completions and errors, either format), except those this run
+    writes anew: the ids in them are done."""
+    ours = {f(output, p, output_format) for p in paths for f in (completions_path, errors_path)}
+    found = match([FileSystems.join(output, sub, f"*.{ext}") for sub in ("completions", "errors")
+                   for ext in ("parquet", "jsonl")])
+    return [f for f in found if f not in ours]
 
 
 def clear_tmp(output: str) -> None:
     """Remove what killed runs left in DIR/.tmp/ (never read: each write uses a fresh temporary name)."""
-    leftovers = [m.path for r in FileSystems.match([FileSystems.join(output, ".tmp", "*")]) for m in r.metadata_list]
+    leftovers = match([FileSystems.join(output, ".tmp", "*")])
     if leftovers:
         FileSystems.delete(leftovers)
 
 
+def local_runner(options: PipelineOptions):
+    """The runner the DirectRunner picks for a batch pipeline like this one, the in-process FnApiRunner (with the
+    pipeline options for its workers, as the DirectRunner passes them), without the DirectRunner's first attempt:
+    Prism, a binary it first downloads from GitHub, which offline fails after a page of log lines."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str | None):
+    """os.environ[name] = value (unset for None) within the block."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def run_pipeline(paths: list[str], config: JobConfig, options: PipelineOptions, total: int,
+                 progress_seconds: float) -> dict[str, int] | None:
+    """Run the job, logging progress meanwhile; return its counters (None if the runner reports no metrics)."""
+    runner = options.view_as(StandardOptions).runner
+    local = runner is None or runner.rsplit(".", 1)[-1] in LOCAL_RUNNERS
+    p = beam.Pipeline(runner=local_runner(options) if runner is None else None, options=options)
+    _ = p | "Inputs" >> beam.Create(paths) | "Generate" >> GenerateCompletions(config)
+    with contextlib.ExitStack() as stack:
+        if local:  # the workers keep their counters in files here too (transforms/progress.py)
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2-beam-progress-"))
+            counts = progress.LocalCounts(directory)
+        else:
+            directory, counts = None, progress.MetricCounts()
+        stack.enter_context(environment(PROGRESS_DIR_ENV, directory))
+        stack.enter_context(progress.Reporter(total, progress_seconds, counts))
+        result = p.run()
+        counts.result = result
+        result.wait_until_finish()
+    return progress.counter_values(result)
+
+
 def run(argv: list[str]) -> dict:
     args, options = parse(argv)
+    return run_job(args, options)
+
+
+def run_job(args, options: PipelineOptions) -> dict:
     args.input, args.output, args.model_dir = map(absolute, (args.input, args.output, args.model_dir))
     start = time.time()
     paths = match_inputs(args.input)
     manifest = check_model_dir(args.model_dir)
     model = model_label(manifest)
+    fmt = args.output_format
     skipped = []
     if args.skip_existing:
-        skipped = [p for p in paths if is_done(args.output, p)]
+        skipped = [p for p in paths if is_done(args.output, p, fmt)]
         paths = [p for p in paths if p not in skipped]
     for sub in ("completions", "errors", ".tmp"):
         if not FileSystems.exists(FileSystems.join(args.output, sub)):
@@ -101,31 +202,39 @@ def run(argv: list[str]) -> dict:
                 FileSystems.mkdirs(FileSystems.join(args.output, sub))
             except Exception as e:  # noqa: BLE001 - e.g. a file in the way, or no permission
                 raise UsageError(f"--output {args.output!r}: cannot create {sub}/: {e}") from None
+    rows = {p: input_rows(p) for p in paths}
+    total = sum(n for n in rows.values() if n)
     config = JobConfig(
         output_dir=args.output, model_dir=args.model_dir, model_label=model, n_ctx=manifest["config"]["n_ctx"],
         defaults=sampling(args),
         seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
         id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-        precision=args.precision, intra_op_threads=args.intra_op_threads)
-    logging.info("%d shard(s) to do, %d skipped as done; model %s", len(paths), len(skipped), model)
+        precision=args.precision, intra_op_threads=args.intra_op_threads, output_format=fmt,
+        logprobs=args.logprobs, done_files=tuple(done_files(args.output, paths, fmt) if args.skip_existing else ()))
+    log.info("model %s, precision %s; %d shard(s) to do (%d rows), %d skipped as done", model, args.precision,
+             len(paths), total, len(skipped))
+    skipped_rows = 0
     if paths:
-        with beam.Pipeline(options=options) as p:
-            _ = p | "Inputs" >> beam.Create(paths) | "Generate" >> GenerateCompletions(config)
+        counters = run_pipeline(paths, config, options, total, args.progress_seconds)
+        if config.done_files:
+            skipped_rows = None if counters is None else counters.get(ROWS_SKIPPED, 0)
     clear_tmp(args.output)
-    report = build_report(paths, args.output, args, time.time() - start, model, skipped)
+    report = build_report(paths, rows, args.output, args, time.time() - start, model, skipped, skipped_rows)
     with FileSystems.create(FileSystems.join(args.output, "run_report.json")) as f:
         f.write(json.dumps(report, indent=2).encode())
-    logging.info("done: %d rows read, %d written, %d dead-lettered, %d tokens in %.1f s (%.1f tokens/s), precision %s",
-                 report["rows_read"], report["rows_written"], report["rows_dead_lettered"],
-                 report["generated_tokens"], report["wall_seconds"], report["tokens_per_second"] or 0,
-                 "/".join(report["precision"]) or "-")
+    log.info("done: %d rows read, %d written, %d dead-lettered, %s skipped as done; %d tokens in %.1f s "
+             "(%.1f tokens/s), precision %s", report["rows_read"], report["rows_written"],
+             report["rows_dead_lettered"], "?" if skipped_rows is None else skipped_rows,
+             report["generated_tokens"], report["wall_seconds"], report["tokens_per_second"] or 0,
+             "/".join(report["precision"]) or "-")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     try:
-        report = run(sys.argv[1:] if argv is None else argv)
+        args, options = parse(sys.argv[1:] if argv is None else argv)
+        configure_logging(args.log_level)
+        report = run_job(args, options)
     except (UsageError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

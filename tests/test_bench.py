@@ -15,9 +15,11 @@ def test_quick_benchmark_runs_every_side(tmp_path):
                        capture_output=True, timeout=600, cwd=Path(__file__).parents[1])
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
-    table = [line for line in out.splitlines() if line.startswith("| 8 |")]
-    assert len(table) == 2  # T=8 at B=1 and B=4, each with engine, HF and limit figures
-    assert "| 4 |" in table[1] and table[1].count("x |") == 2  # B=4 also has the naive baseline
+    for precision in run.precisions():  # float32, and bfloat16 on a CPU with bf16 units
+        table = [line for line in out.splitlines() if line.startswith(f"| {precision} | 8 |")]
+        assert len(table) == 2  # T=8 at B=1 and B=4, each with engine and HF figures (float32: and the limit)
+        assert "| 4 |" in table[1] and table[1].count("x |") == (2 if precision == "float32" else 1)  # naive
+    assert "vector units:" in out
     assert "`pipeline.run`" in out and "Padding" in out
 
 

@@ -217,3 +217,16 @@ def test_frozen_weights_match_external(tmp_path, hf_dir, model):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     frozen.close()
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_equal_alone(model):
+    """A prompt given several times in one batch (samples with their own seeds) is prefilled once
+    (prompt_index); each row's tokens equal what it gets alone."""
+    prompt = PROMPTS[2]
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    batch = [prompt, PROMPTS[0], prompt, prompt]
+    together = model.generate(batch, [params[0], SamplingParams(max_new_tokens=5), params[1], params[2]])
+    alone = [model.generate([prompt], [p])[0] for p in params]
+    assert [c.token_ids for c in (together[0], together[2], together[3])] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in alone}) == 3  # the seeds matter
+    assert together[1].token_ids == model.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0].token_ids

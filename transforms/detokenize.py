@@ -6,9 +6,18 @@ import apache_beam as beam
 from transforms.records import Result, origin, with_keys
 from transforms.resources import SharedResource, shared_tokenizer
 
-# The fields of a completion row, in the order of the Parquet job's completions schema.
+# The fields of a completion row, in the order of the job's completions schema; with logprobs, `logprobs` follows
+# `completion_token_ids` (completion_fields).
 COMPLETION_FIELDS = ("id", "prompt", "completion", "completion_token_ids", "prompt_tokens", "completion_tokens",
                      "finish_reason", "model", "precision")
+
+
+def completion_fields(logprobs: bool = False) -> tuple[str, ...]:
+    """The fields of a completion row, with or without `logprobs` (after `completion_token_ids`)."""
+    if not logprobs:
+        return COMPLETION_FIELDS
+    i = COMPLETION_FIELDS.index("completion_token_ids") + 1
+    return COMPLETION_FIELDS[:i] + ("logprobs",) + COMPLETION_FIELDS[i:]
 
 
 def apply_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, list[int], bool]:
@@ -26,23 +35,26 @@ def apply_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, 
 
 
 def completion_row(tokenizer, id, prompt: str, prompt_tokens: int, token_ids: list[int], finish_reason: str,
-                   stops: list[str], model_label: str, precision: str) -> dict:
-    """The output row of one completion (COMPLETION_FIELDS)."""
+                   stops: list[str], model_label: str, precision: str, logprobs: list[float] | None = None) -> dict:
+    """The output row of one completion (completion_fields); with `logprobs` (one per token id), a `logprobs` field
+    cut like the token ids to those wholly inside the completion."""
     text, ids, stopped = apply_stop(tokenizer, token_ids, stops)
-    return {
-        "id": id, "prompt": prompt, "completion": text, "completion_token_ids": ids,
-        "prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
-        "finish_reason": "stop" if stopped else finish_reason, "model": model_label, "precision": precision,
-    }
+    row = {"id": id, "prompt": prompt, "completion": text, "completion_token_ids": ids}
+    if logprobs is not None:
+        row["logprobs"] = list(logprobs[:len(ids)])
+    row.update(prompt_tokens=prompt_tokens, completion_tokens=len(ids),
+               finish_reason="stop" if stopped else finish_reason, model=model_label, precision=precision)
+    return row
 
 
 class Detokenize(beam.DoFn):
-    """Result -> completion row, with the input row's passthrough keys (and a file row's source and row_index)."""
+    """Result -> completion row, with the input row's passthrough keys (and a file row's source and row_index);
+    with logprobs=True, the tokens' log-probabilities too."""
 
     def __init__(self, model_dir: str, model_label: str, stops: list[str] | None = None,
-                 tokenizer: SharedResource | None = None):
+                 tokenizer: SharedResource | None = None, logprobs: bool = False):
         self.tokenizer = tokenizer or shared_tokenizer(model_dir)  # one handle shared with Tokenize: one load
-        self.model_label, self.stops = model_label, list(stops or [])
+        self.model_label, self.stops, self.logprobs = model_label, list(stops or []), logprobs
 
     def setup(self):
         self._tok = self.tokenizer.get()
@@ -53,5 +65,6 @@ class Detokenize(beam.DoFn):
     def process(self, result: Result):
         r = result.request
         row = completion_row(self._tok, r.id, r.prompt, len(r.token_ids), result.token_ids, result.finish_reason,
-                             self.stops, self.model_label, result.precision)
+                             self.stops, self.model_label, result.precision,
+                             result.logprobs if self.logprobs else None)
         yield with_keys(row, origin(r))

@@ -18,15 +18,19 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms.progress import PROGRESS_DIR_ENV, TOKENS, Counter
 from transforms.records import ERRORS, Request, Result, row_dead_letter
 from transforms.resources import shared_model
+
+log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 10.0
 T = TypeVar("T")
 
 
 class _Progress:
-    """Rows and tokens done by this worker process, logged every PROGRESS_SECONDS."""
+    """Rows and tokens done by this worker process, logged every PROGRESS_SECONDS (at DEBUG on a local run, where
+    the launcher shows the whole job's progress)."""
     lock = threading.Lock()
     start = last = time.monotonic()
     rows = tokens = 0
@@ -39,8 +43,9 @@ class _Progress:
             now = time.monotonic()
             if now - cls.last >= PROGRESS_SECONDS:
                 cls.last = now
-                logging.info("worker %d: %d rows, %d tokens, %.1f tokens/s", os.getpid(), cls.rows, cls.tokens,
-                             cls.tokens / max(now - cls.start, 1e-9))
+                level = logging.DEBUG if os.environ.get(PROGRESS_DIR_ENV) else logging.INFO
+                log.log(level, "worker %d: %d rows, %d tokens, %.1f tokens/s", os.getpid(), cls.rows, cls.tokens,
+                        cls.tokens / max(now - cls.start, 1e-9))
 
 
 def split_and_retry(generate: Callable[[Sequence[T]], list], batch: Sequence[T]) -> Iterator[tuple]:
@@ -52,7 +57,7 @@ def split_and_retry(generate: Callable[[Sequence[T]], list], batch: Sequence[T])
         completions = generate(batch)
     except Exception as e:  # noqa: BLE001 - any failure: halve the batch and try again
         if len(batch) > 1:
-            logging.warning("batch of %d failed (%s); retrying in halves", len(batch), e)
+            log.warning("batch of %d failed (%s); retrying in halves", len(batch), e)
             half = len(batch) // 2
             yield from split_and_retry(generate, batch[:half])
             yield from split_and_retry(generate, batch[half:])
@@ -68,7 +73,7 @@ class GenerateBatches(beam.DoFn):
     def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None):
         self.model = shared_model(model_dir, precision, intra_threads)
         self.prompts = Metrics.counter("gpt2", "prompts")
-        self.generated = Metrics.counter("gpt2", "generated_tokens")
+        self.generated = Counter(TOKENS)
         self.padding = Metrics.counter("gpt2", "padding_tokens")
         self.rejected = Metrics.counter("gpt2", "dead_letters")
         self.batch_size = Metrics.distribution("gpt2", "batch_size")
@@ -97,4 +102,4 @@ class GenerateBatches(beam.DoFn):
             self.generated.inc(tokens)
             _Progress.add(len(rows), tokens)
             for r, c in zip(rows, outcome):
-                yield Result(r, c.token_ids, c.finish_reason, self._model.precision)
+                yield Result(r, c.token_ids, c.finish_reason, self._model.precision, c.logprobs)

@@ -3,6 +3,7 @@
     result = rows | GenerateText("models/gpt2", max_new_tokens=32, stop=["\\n\\n"])
     result.completions  # dicts: id, prompt, completion, completion_token_ids, prompt_tokens, completion_tokens,
                         #        finish_reason, model, precision + the input row's other keys
+                        #        (logprobs=True: `logprobs` after completion_token_ids, one per token)
     result.errors       # dicts: id, prompt, error + the input row's other keys
 
 An input row is a dict with `id` (any value; a row's seed derives from the run seed and str(id)), `prompt` (text),
@@ -52,6 +53,8 @@ class GenerateText(beam.PTransform):
     seed: the run seed; a row's seed is derived from it and the row's id (unless the row has its own `seed`), so its
       completion never depends on batching, workers or runner.
     stop: stop strings; a completion is cut before the first one found (finish_reason "stop").
+    logprobs: add `logprobs` to each completion: the model's log-probability of each of its tokens (full softmax,
+      before temperature, top-k and top-p), cut with the tokens when a stop string cuts the completion.
     truncate: "none" (a prompt too long for the context is an error) or "left" (keep its end).
     batch_size, max_batch_tokens: a batch holds at most this many rows / rows x (longest prompt + max_new_tokens).
     streaming: None = decide by the input (unbounded: batch by size or max_wait_secs); True or False to force.
@@ -67,7 +70,7 @@ class GenerateText(beam.PTransform):
                  seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, streaming: bool | None = None,
                  max_wait_secs: float = 1.0, precision: str = "auto", intra_op_threads: int | None = None,
-                 model_label: str | None = None, n_ctx: int | None = None,
+                 model_label: str | None = None, n_ctx: int | None = None, logprobs: bool = False,
                  clock: Callable[[], float] = time.time, **sampling):
         super().__init__()
         self.defaults = sampling_params(**sampling)  # TypeError for an unknown name, ValueError for a bad value
@@ -88,7 +91,7 @@ class GenerateText(beam.PTransform):
         self.seed, self.stops, self.truncate = seed, list(stop), truncate
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.streaming, self.max_wait_secs, self.clock = streaming, max_wait_secs, clock
-        self.precision, self.intra_op_threads = precision, intra_op_threads
+        self.precision, self.intra_op_threads, self.logprobs = precision, intra_op_threads, bool(logprobs)
 
     def expand(self, rows) -> GenerateTextResult:
         tokenizer = shared_tokenizer(self.model_dir)  # one handle for Tokenize and Detokenize: one load per process
@@ -106,6 +109,6 @@ class GenerateText(beam.PTransform):
                    | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads))
                    .with_outputs(ERRORS, main="ok"))
         completions = results.ok | "Detokenize" >> beam.ParDo(
-            Detokenize(self.model_dir, self.model_label, self.stops, tokenizer))
+            Detokenize(self.model_dir, self.model_label, self.stops, tokenizer, self.logprobs))
         errors = (valid[ERRORS], tokens[ERRORS], results[ERRORS]) | "Errors" >> beam.Flatten()
         return GenerateTextResult(completions, errors)

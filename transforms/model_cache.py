@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from gpt2.manifest import MANIFEST, ModelError, read_manifest, verify_files
 
+log = logging.getLogger(__name__)
 CACHE_ENV = "GPT2_BEAM_MODEL_CACHE"
 CHUNK = 8 << 20
 
@@ -123,7 +124,7 @@ def fetch_model(model_dir: str, root: str | Path | None = None) -> tuple[str, bo
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        logging.info("copied model %s to %s in %.1f s", model_dir, final, time.monotonic() - started)
+        log.info("copied model %s to %s in %.1f s", model_dir, final, time.monotonic() - started)
         return str(final), True
 
 

@@ -1,12 +1,14 @@
-"""Read prompt rows from Parquet shards (local or gs://, through Beam's filesystems), one row group at a time.
+"""Read prompt rows from Parquet or JSON Lines shards (local or gs://, through Beam's filesystems).
 
-Files are listed first, then each row group is a separate element after a Reshuffle, so one large shard is
-read by many workers in parallel and no worker holds more than one row group's batch of rows at a time.
+Files are listed first, then each Parquet row group is a separate element after a Reshuffle, so one large shard is
+read by many workers in parallel and no worker holds more than one row group's batch of rows at a time. A JSON Lines
+shard (a name ending in .jsonl; transforms/jsonl.py) is one element, read a line at a time by one worker.
 """
 from __future__ import annotations
 
 import logging
 import posixpath
+from typing import Iterator
 
 import apache_beam as beam
 import pyarrow as pa
@@ -14,16 +16,21 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from gpt2.sampling import FIELDS
-from transforms.records import ERRORS, PromptRow, dead_letter
+from transforms import jsonl
+from transforms.records import ERRORS, PromptRow, dead_letter, is_jsonl, position
 
+log = logging.getLogger(__name__)
 OVERRIDE_COLUMNS = FIELDS  # per-row columns named after a sampling field override the run's value where not null
 READ_BATCH_ROWS = 1024  # rows decoded at once within a row group
 
 
 def shard_name(path: str) -> str:
-    """The output file stem for an input shard: its file name without .parquet."""
+    """The output file stem for an input shard: its file name without .parquet or .jsonl."""
     name = posixpath.basename(path)
-    return name[:-len(".parquet")] if name.endswith(".parquet") else name
+    for suffix in (".parquet", ".jsonl"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
 
 
 def unreadable_id(path: str) -> str:
@@ -34,6 +41,18 @@ def unreadable_id(path: str) -> str:
 def open_parquet(path: str) -> pq.ParquetFile:
     # Pages written with checksums are verified: a corrupt page is an error, not silently wrong prompts.
     return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"), page_checksum_verification=True)
+
+
+def open_binary(path: str):
+    return FileSystems.open(path, compression_type="uncompressed")
+
+
+def count_rows(path: str) -> int:
+    """Rows in a shard: a Parquet file's metadata, a JSON Lines file's lines that are not blank (read through)."""
+    if is_jsonl(path):
+        with open_binary(path) as f:
+            return jsonl.count_rows(f)
+    return open_parquet(path).metadata.num_rows
 
 
 def column_values(column: pa.Array) -> list:
@@ -54,12 +73,16 @@ def _decode(raw: bytes | None) -> str | bytes | None:
 
 
 class ListRowGroups(beam.DoFn):
-    """path -> (path, row group, first row index) for every row group; an unreadable file is a dead letter."""
+    """path -> (path, row group, first row index) for every row group of a Parquet file, (path, None, 0) for a JSON
+    Lines file; an unreadable Parquet file is a dead letter."""
 
     def __init__(self, prompt_column: str):
         self.prompt_column = prompt_column
 
     def process(self, path: str):
+        yield from ([(path, None, 0)] if is_jsonl(path) else self.row_groups(path))
+
+    def row_groups(self, path: str):
         try:
             pf = open_parquet(path)
             if self.prompt_column not in pf.schema_arrow.names:
@@ -70,17 +93,23 @@ class ListRowGroups(beam.DoFn):
                 yield path, rg, offset
                 offset += pf.metadata.row_group(rg).num_rows
         except Exception as e:  # noqa: BLE001 - any unreadable shard is reported, the others go on
-            logging.error("cannot read %s: %s", path, e)
+            log.error("cannot read %s: %s", path, e)
             yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(
                 unreadable_id(path), None, f"unreadable shard {path}: {e}", path))
 
 
 class ReadRowGroup(beam.DoFn):
+    """(path, row group, first row index) -> PromptRow for each row, dead letters under ERRORS; (path, None, 0): the
+    rows of a JSON Lines file."""
+
     def __init__(self, prompt_column: str, id_column: str):
         self.prompt_column, self.id_column = prompt_column, id_column
 
     def process(self, element):
         path, rg, offset = element
+        yield from (self.read_jsonl(path) if rg is None else self.read_row_group(path, rg, offset))
+
+    def read_row_group(self, path: str, rg: int, offset: int) -> Iterator:
         pf = open_parquet(path)
         names = pf.schema_arrow.names
         has_id = self.id_column in names
@@ -97,15 +126,30 @@ class ReadRowGroup(beam.DoFn):
                     row += 1
         except Exception as e:  # noqa: BLE001 - a corrupt row group: each of its unread rows is a dead letter
             end = offset + pf.metadata.row_group(rg).num_rows
-            logging.error("cannot read rows %d..%d of %s (row group %d): %s", row, end - 1, path, rg, e)
+            log.error("cannot read rows %d..%d of %s (row group %d): %s", row, end - 1, path, rg, e)
             for r in range(row, end):  # one per row, so that rows read == written + dead-lettered still holds
                 yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(
                     f"{shard_name(path)}:{r}", None,
-                    f"row {r} of {path}: unreadable (row group {rg}, rows {row}..{end - 1}): {e}", path, r))
+                    f"{position(path, r)}: unreadable (row group {rg}, rows {row}..{end - 1}): {e}", path, r))
+
+    def read_jsonl(self, path: str) -> Iterator:
+        """Every line that is not blank: a PromptRow, or a dead letter. A file that cannot be opened is one dead
+        letter; a read that fails midway raises, for the runner to retry the element (lines cannot be counted
+        past a failed read)."""
+        try:
+            f = open_binary(path)
+        except Exception as e:  # noqa: BLE001 - any unopenable shard is reported, the others go on
+            log.error("cannot read %s: %s", path, e)
+            yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(
+                unreadable_id(path), None, f"unreadable shard {path}: {e}", path))
+            return
+        with f:
+            for row in jsonl.read_rows(f, path, shard_name(path), self.prompt_column, self.id_column):
+                yield row if isinstance(row, PromptRow) else beam.pvalue.TaggedOutput(ERRORS, row)
 
 
 class ReadPrompts(beam.PTransform):
-    """Input file paths -> PromptRow, with dead letters under ERRORS."""
+    """Input file paths (Parquet, or JSON Lines by a .jsonl name) -> PromptRow, with dead letters under ERRORS."""
 
     def __init__(self, prompt_column: str = "prompt", id_column: str = "id"):
         super().__init__()

@@ -1,7 +1,8 @@
 """The records that flow between the transforms, and the dead-letter record every stage can emit.
 
-A row read from a Parquet file knows where it came from (`source`, `row_index`): its error messages name the file
-and row, and its output rows carry both so that the writer puts them in that file's outputs. A row given to
+A row read from a file knows where it came from (`source`, `row_index`: a Parquet file's row number from 0, a JSONL
+file's line number from 1): its error messages name the file and row or line, and its output rows carry both so that
+the writer puts them in that file's outputs. A row given to
 `GenerateText` as a dict has no source; its keys other than id, prompt and the sampling overrides are `extra`,
 passed through to its output row untouched.
 """
@@ -22,7 +23,7 @@ class PromptRow:
     prompt: Any
     overrides: dict  # sampling field -> value (None = use the run's default)
     source: str | None = None  # input file (None: not read from a file)
-    row_index: int = -1  # row number within the source file
+    row_index: int = -1  # row number within a Parquet file (from 0), line number within a JSONL file (from 1)
     extra: dict = dataclasses.field(default_factory=dict)  # passthrough keys
 
 
@@ -44,11 +45,22 @@ class Result:
     token_ids: list[int]
     finish_reason: str
     precision: str  # what the model ran in on the worker that generated it
+    logprobs: list[float] | None = None  # the model's log-probability of each of token_ids (full softmax)
+
+
+def is_jsonl(path: str) -> bool:
+    """A JSON Lines file (one JSON object per line) rather than Parquet, by its name."""
+    return path.endswith(".jsonl")
+
+
+def position(source: str, row_index: int) -> str:
+    """Where a row is in its file: "row 3 of x.parquet" (from 0), "line 4 of x.jsonl" (from 1, as editors count)."""
+    return f"{'line' if is_jsonl(source) else 'row'} {row_index} of {source}"
 
 
 def located(row: PromptRow | Request, message: str) -> str:
-    """A message about a row, naming its file and row number when it was read from a file."""
-    return message if row.source is None else f"row {row.row_index} of {row.source}: {message}"
+    """A message about a row, naming its file and row (or line) when it was read from a file."""
+    return message if row.source is None else f"{position(row.source, row.row_index)}: {message}"
 
 
 def origin(row: PromptRow | Request) -> dict:

@@ -1,15 +1,17 @@
 """Write one completions file and one errors file per input shard, named after it, all-or-nothing.
 
-DIR/completions/<shard>.parquet and DIR/errors/<shard>.parquet, rows in input order. Each file is written under
-a temporary name in DIR/.tmp/ and renamed into place when complete, errors first: a completions file that exists
-is a shard that is done (what --skip_existing relies on), and a run killed midway leaves no partial final file.
-A shard that could not be read gets its errors file only: it is not done.
+DIR/completions/<shard>.<ext> and DIR/errors/<shard>.<ext> (ext: parquet, or jsonl with output_format="jsonl": the
+same fields, one JSON object per line), rows in input order. Each file is written under a temporary name in
+DIR/.tmp/ and renamed into place when complete, errors first: a completions file that exists is a shard that is
+done (what --skip_existing relies on), and a run killed midway leaves no partial final file. A shard that could not
+be read gets its errors file only: it is not done.
 """
 from __future__ import annotations
 
 import io
 import posixpath
 import uuid
+from typing import Iterator
 
 import apache_beam as beam
 import pyarrow as pa
@@ -17,8 +19,12 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms import jsonl
+from transforms.progress import ROWS_DONE, Counter
 from transforms.read import shard_name, unreadable_id
+from transforms.records import is_jsonl
 
+FORMATS = ("parquet", "jsonl")
 COMPLETIONS_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
     ("completion_token_ids", pa.list_(pa.int32())), ("prompt_tokens", pa.int32()),
@@ -29,31 +35,67 @@ ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("error
                            ("source", pa.string())])
 
 
-def completions_path(output_dir: str, source: str) -> str:
-    return FileSystems.join(output_dir, "completions", shard_name(source) + ".parquet")
+def completions_schema(logprobs: bool = False) -> pa.Schema:
+    """The completions schema; with logprobs, `logprobs` list<float32> after `completion_token_ids`."""
+    if not logprobs:
+        return COMPLETIONS_SCHEMA
+    i = COMPLETIONS_SCHEMA.get_field_index("completion_token_ids") + 1
+    return COMPLETIONS_SCHEMA.insert(i, pa.field("logprobs", pa.list_(pa.float32())))
 
 
-def errors_path(output_dir: str, source: str) -> str:
-    return FileSystems.join(output_dir, "errors", shard_name(source) + ".parquet")
+def completions_path(output_dir: str, source: str, output_format: str = "parquet") -> str:
+    return FileSystems.join(output_dir, "completions", f"{shard_name(source)}.{output_format}")
+
+
+def errors_path(output_dir: str, source: str, output_format: str = "parquet") -> str:
+    return FileSystems.join(output_dir, "errors", f"{shard_name(source)}.{output_format}")
 
 
 def write_table(rows: list[dict], schema: pa.Schema, path: str, tmp_dir: str) -> None:
-    """Parquet to a temporary file, then renamed to `path`: readers never see a partial file."""
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
+    """Parquet (or JSON Lines, for a .jsonl path) to a temporary file, then renamed to `path`: readers never see a
+    partial file."""
+    if is_jsonl(path):
+        data = jsonl.encode(rows, schema.names)
+    else:
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
+        data = buf.getvalue()
     tmp = FileSystems.join(tmp_dir, f"{uuid.uuid4().hex}-{posixpath.basename(path)}")
     with FileSystems.create(tmp) as f:
-        f.write(buf.getvalue())
+        f.write(data)
     if FileSystems.exists(path):  # a re-run replaces the old file
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
 
 
+def read_columns(path: str, columns: list[str]) -> dict[str, list]:
+    """Columns of an output file we wrote, Parquet or JSON Lines, as lists."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        if is_jsonl(path):
+            values: dict[str, list] = {c: [] for c in columns}
+            for r in jsonl.read_objects(f):
+                for c in columns:
+                    values[c].append(r.get(c))
+            return values
+        table = pq.read_table(f, columns=columns)
+        return {c: table.column(c).to_pylist() for c in columns}
+
+
+def read_ids(path: str) -> Iterator[str]:
+    """The ids in an output file we wrote, a batch (or line) at a time."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        if is_jsonl(path):
+            yield from (r["id"] for r in jsonl.read_objects(f))
+        else:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["id"]):
+                yield from batch.column(0).to_pylist()
+
+
 class WriteShard(beam.DoFn):
     """(source, {"completions": [...], "errors": [...], "sources": [...]}) -> written file paths."""
 
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
+    def __init__(self, output_dir: str, output_format: str = "parquet", logprobs: bool = False):
+        self.output_dir, self.output_format, self.logprobs = output_dir, output_format, logprobs
         self.written = Metrics.counter("gpt2", "rows_written")
         self.dead = Metrics.counter("gpt2", "rows_dead_lettered")
 
@@ -63,31 +105,48 @@ class WriteShard(beam.DoFn):
         order = lambda r: (r["row_index"], r["id"])  # noqa: E731 - input order
         errors = sorted(groups["errors"], key=order)
         completions = sorted(groups["completions"], key=order)
-        write_table(errors, ERRORS_SCHEMA, errors_path(self.output_dir, source), tmp_dir)
-        done = completions_path(self.output_dir, source)
+        write_table(errors, ERRORS_SCHEMA, errors_path(self.output_dir, source, self.output_format), tmp_dir)
+        done = completions_path(self.output_dir, source, self.output_format)
         if any(e["id"] == unreadable_id(source) for e in errors):
             # Not done: no completions file, so that --skip_existing tries the shard again next run.
             if FileSystems.exists(done):
                 FileSystems.delete([done])
         else:
-            write_table(completions, COMPLETIONS_SCHEMA, done, tmp_dir)
+            write_table(completions, completions_schema(self.logprobs), done, tmp_dir)
         self.dead.inc(len(errors))
         self.written.inc(len(completions))
         yield source
 
 
-class WriteResults(beam.PTransform):
-    """Completion rows and dead letters, each carrying `source`, plus every source path read -> files."""
+class _KeyBySource(beam.DoFn):
+    """row -> (its source, row), counting it in gpt2/rows_done (the progress counter) unless it stands for a whole
+    unreadable shard rather than a row."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self):
+        self.done = Counter(ROWS_DONE)
+
+    def process(self, row: dict):
+        if row["id"] != unreadable_id(row["source"]):
+            self.done.inc()
+        yield row["source"], row
+
+
+class WriteResults(beam.PTransform):
+    """Completion rows and dead letters, each carrying `source`, plus every source path read -> files.
+
+    output_format: "parquet" or "jsonl". logprobs: the completion rows carry `logprobs`, and the files get them.
+    """
+
+    def __init__(self, output_dir: str, output_format: str = "parquet", logprobs: bool = False):
         super().__init__()
-        self.output_dir = output_dir
+        if output_format not in FORMATS:
+            raise ValueError(f"output_format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+        self.output_dir, self.output_format, self.logprobs = output_dir, output_format, logprobs
 
     def expand(self, inputs):
         completions, errors, sources = inputs
-        by_source = lambda r: (r["source"], r)  # noqa: E731
-        return ({"completions": completions | "KeyCompletions" >> beam.Map(by_source),
-                 "errors": errors | "KeyErrors" >> beam.Map(by_source),
+        return ({"completions": completions | "KeyCompletions" >> beam.ParDo(_KeyBySource()),
+                 "errors": errors | "KeyErrors" >> beam.ParDo(_KeyBySource()),
                  "sources": sources | "KeySources" >> beam.Map(lambda s: (s, s))}
                 | "GroupBySource" >> beam.CoGroupByKey()
-                | "WriteShard" >> beam.ParDo(WriteShard(self.output_dir)))
+                | "WriteShard" >> beam.ParDo(WriteShard(self.output_dir, self.output_format, self.logprobs)))

@@ -1,0 +1,123 @@
+"""The launcher's progress lines while the job runs: rows done of the total, tokens/s and an ETA.
+
+    progress: 1,200/10,000 rows (12%), 845.2 tokens/s, ETA 41m30s
+
+The numbers are the job's counters (transforms/progress.py): rows done (a completion or a dead letter on its way to
+be written), rows skipped as done (--skip_existing), generated tokens. They come from
+
+- a local run (the DirectRunner, in-process or multi_processing: workers on this machine): the totals files the
+  workers keep in a directory named in their environment (`LocalCounts`). The in-process runner blocks in run()
+  and has no metrics until it ends, so there is nothing else to ask.
+- any other runner: the running job's Beam metrics (`MetricCounts`), where the runner gives them while the job
+  runs (Dataflow does). The PortableRunner's result (Flink, Spark, a job service) keeps the first answer it gets
+  for good, so it is asked only once the job has ended: no progress lines there, only the summary.
+
+The total is known before the run (Parquet metadata, JSON Lines line counts). The rate, and with it the ETA, is that
+of the rows done since the start (rows skipped as done come at once and would make it look faster).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from apache_beam.metrics.metric import MetricsFilter
+
+from transforms.progress import NAMESPACE, ROWS_DONE, ROWS_SKIPPED, TOKENS, read_totals
+
+log = logging.getLogger(__name__)
+Counts = dict[str, int]
+
+
+def counter_values(result) -> Counts | None:
+    """The job's counters from a PipelineResult (committed where the runner has them, else attempted), or None
+    when it has none to give."""
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception:  # noqa: BLE001 - a runner without metrics, or a job service gone: no numbers, not a failure
+        return None
+    values: Counts = {}
+    for c in counters:
+        try:
+            value = c.committed
+        except Exception:  # noqa: BLE001 - some runners have attempted values only, and raise for committed
+            value = None
+        value = c.attempted if value is None else value
+        values[c.key.metric.name] = values.get(c.key.metric.name, 0) + (value or 0)
+    return values
+
+
+class LocalCounts:
+    """The counters of a local run's workers, from their files in `directory`."""
+
+    def __init__(self, directory: str):
+        self.directory, self.result = directory, None
+
+    def __call__(self) -> Counts | None:
+        return read_totals(self.directory)
+
+
+class MetricCounts:
+    """The running job's counters, once `result` (what Pipeline.run returned) is set."""
+
+    def __init__(self):
+        self.result = None
+
+    def __call__(self) -> Counts | None:
+        from apache_beam.runners.portability.portable_runner import PipelineResult as PortableResult
+
+        if self.result is None or isinstance(self.result, PortableResult):
+            return None  # not started yet; or a result that would keep a mid-run answer (see the module's doc)
+        return counter_values(self.result)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_line(counts: Counts, total: int, elapsed: float) -> str:
+    done, skipped, tokens = counts.get(ROWS_DONE, 0), counts.get(ROWS_SKIPPED, 0), counts.get(TOKENS, 0)
+    finished = done + skipped
+    rate = done / elapsed if elapsed > 0 else 0.0
+    left = max(total - finished, 0)
+    eta = "0s" if not left else duration(left / rate) if rate > 0 else "unknown"
+    percent = f" ({100 * finished // total}%)" if total else ""
+    skip = f", {skipped:,} skipped as done" if skipped else ""
+    return (f"progress: {finished:,}/{total:,} rows{percent}{skip}, {tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+            f"ETA {eta}")
+
+
+class Reporter:
+    """Logs a progress line every `interval` seconds from a thread of its own, while used as a context manager."""
+
+    def __init__(self, total: int, interval: float, counts: LocalCounts | MetricCounts):
+        self.total, self.interval, self.counts = total, interval, counts
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self._start = time.monotonic()
+
+    def __enter__(self) -> Reporter:
+        if self.interval > 0:
+            self._start = time.monotonic()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        told = False
+        while not self._stop.wait(self.interval):
+            counts = self.counts()
+            if counts is not None:
+                log.info("%s", progress_line(counts, self.total, time.monotonic() - self._start))
+            elif not told and self.counts.result is not None:
+                told = True  # the job runs, and its runner gives no numbers until it ends
+                log.info("progress: not reported by this runner while the job runs; the summary follows at the end")

@@ -1,0 +1,82 @@
+"""What the job prints: its own lines (model and precision, shards, progress, summary) and Beam's warnings, not Beam's
+internals; progress lines (rows done of the total, tokens/s, ETA) while a local run runs, in-process and with
+worker processes."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.progress import duration, progress_line
+from pipeline.run import configure_logging, run
+from tests.helpers import write_shards
+from transforms.progress import ROWS_DONE, ROWS_SKIPPED, TOKENS
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS, ROWS = 3, 4
+PROGRESS = re.compile(rf"progress: \d+/{SHARDS * ROWS} rows \(\d+%\).*, [\d.]+ tokens/s, ETA \S+")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("console_in")
+    write_shards(d, SHARDS, ROWS)
+    return d
+
+
+def test_the_console_shows_the_jobs_lines_not_beams_internals(shards, model_dir, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pipeline.run", "--input", str(shards / "*.parquet"),
+                        "--output", str(tmp_path / "o"), "--model_dir", str(model_dir), "--max_new_tokens", "4",
+                        "--progress_seconds", "0.2"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Converting string literal type hint" not in p.stderr
+    assert "prism" not in p.stderr.lower()  # the default runner does not try to download Prism
+    assert re.search(r"INFO model tiny@[0-9a-f]{12}, precision auto; 3 shard\(s\) to do \(12 rows\)", p.stderr)
+    assert re.search(r"INFO model tiny@[0-9a-f]{12} loaded in .* s: \w+ on /CPU:0", p.stderr)  # what it runs in
+    assert PROGRESS.search(p.stderr), p.stderr[-3000:]
+    assert re.search(r"INFO done: 12 rows read, 12 written, 0 dead-lettered, 0 skipped as done; 48 tokens in "
+                     r".* precision \w+", p.stderr)
+    assert p.stdout == ""
+
+
+def test_progress_lines_with_worker_processes(shards, model_dir, tmp_path, caplog):
+    """multi_processing: the workers are other processes, and the launcher still sees their counts."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    report = run(["--input", str(shards / "*.parquet"), "--output", str(tmp_path / "o"), "--model_dir",
+                  str(model_dir), "--max_new_tokens", "4", "--progress_seconds", "0.3",
+                  "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])
+    assert report["accounted"] and report["rows_written"] == 12
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert any(PROGRESS.fullmatch(line) for line in lines), lines
+    assert any(not line.startswith("progress: 0/") for line in lines), lines  # the workers' counts came through
+
+
+def test_progress_line_and_eta():
+    assert duration(42) == "42s" and duration(125) == "2m05s" and duration(3 * 3600 + 61) == "3h01m"
+    counts = {ROWS_DONE: 100, ROWS_SKIPPED: 500, TOKENS: 6400}
+    # 100 rows in 10 s: 10 rows/s, 400 left: 40 s; the 500 skipped as done do not count in the rate
+    assert progress_line(counts, 1000, 10.0) == \
+        "progress: 600/1,000 rows (60%), 500 skipped as done, 640.0 tokens/s, ETA 40s"
+    assert progress_line({}, 10, 5.0) == "progress: 0/10 rows (0%), 0.0 tokens/s, ETA unknown"
+
+
+def test_log_levels():
+    beam, ours = logging.getLogger("apache_beam.typehints"), logging.getLogger("transforms.read")
+    try:
+        configure_logging("INFO")
+        assert ours.isEnabledFor(logging.INFO) and not ours.isEnabledFor(logging.DEBUG)
+        assert beam.isEnabledFor(logging.WARNING) and not beam.isEnabledFor(logging.INFO)
+        configure_logging("DEBUG")  # ours from DEBUG, Beam's from INFO
+        assert ours.isEnabledFor(logging.DEBUG) and beam.isEnabledFor(logging.INFO)
+        assert not beam.isEnabledFor(logging.DEBUG)
+        configure_logging("WARNING")
+        assert not ours.isEnabledFor(logging.INFO)
+    finally:
+        configure_logging("INFO")

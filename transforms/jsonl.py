@@ -1,0 +1,82 @@
+"""JSON Lines files: prompt rows in, completions and errors out, one JSON object per line.
+
+Lines are split on "\\n" only (JSON text never holds a raw newline; U+2028 and its like may sit inside a string) and
+read one at a time. A blank line is not a row. A row's `row_index` is its line number, from 1 as editors count, and
+without an id a row's id is `<shard>:<line number>`. A line that is not UTF-8, not a JSON object, or has no prompt
+key is a dead letter naming the file and line.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import IO, Iterable, Iterator
+
+from gpt2.sampling import FIELDS
+from transforms.records import PromptRow, dead_letter, position
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON \\u escape can put in a string that UTF-8 cannot hold
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def numbered_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, line) for each line of a binary file that is not blank."""
+    for number, line in enumerate(f, 1):
+        if line.strip():
+            yield number, line
+
+
+def count_rows(f: IO[bytes]) -> int:
+    return sum(1 for _ in numbered_lines(f))
+
+
+def _excerpt(text: str, limit: int = 60) -> str:
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
+def parse_row(line: bytes, number: int, path: str, shard: str, prompt_column: str,
+              id_column: str) -> PromptRow | dict:
+    """One line as a PromptRow, or its dead letter (a dict) saying what is wrong with it."""
+    where, rid = position(path, number), f"{shard}:{number}"
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return dead_letter(rid, None, f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})", path, number)
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return dead_letter(rid, None, f"{where}: not a JSON object: {e}: {_excerpt(text)}", path, number)
+    if not isinstance(obj, dict):
+        return dead_letter(rid, None, f"{where}: not a JSON object but {_JSON_TYPES.get(type(obj), 'a value')}: "
+                                      f"{_excerpt(text)}", path, number)
+    if obj.get(id_column) is not None:
+        rid = str(obj[id_column])
+    prompt = obj.get(prompt_column)
+    if prompt_column not in obj:
+        return dead_letter(rid, None, f"{where}: no {prompt_column!r} key (keys: {sorted(obj)}; see "
+                                      f"--prompt_column)", path, number)
+    for name, value in ((id_column, rid), (prompt_column, prompt)):
+        if isinstance(value, str) and _SURROGATE.search(value):  # no UTF-8 file, Parquet or JSONL, can hold it
+            safe = lambda s: s.encode("utf-8", "backslashreplace").decode() if isinstance(s, str) else s  # noqa
+            return dead_letter(safe(rid), safe(prompt), f"{where}: {name} is not valid Unicode text (a lone "
+                                                        f"surrogate escape)", path, number)
+    return PromptRow(rid, prompt, {c: obj[c] for c in FIELDS if c in obj}, path, number)
+
+
+def read_rows(f: IO[bytes], path: str, shard: str, prompt_column: str, id_column: str) -> Iterator[PromptRow | dict]:
+    for number, line in numbered_lines(f):
+        yield parse_row(line, number, path, shard, prompt_column, id_column)
+
+
+def encode(rows: Iterable[dict], fields: Iterable[str]) -> bytes:
+    """Rows as JSON Lines with exactly `fields`, in that order (UTF-8, non-ASCII characters as they are)."""
+    fields = list(fields)
+    return b"".join((json.dumps({k: r.get(k) for k in fields}, ensure_ascii=False) + "\n").encode()
+                    for r in rows)
+
+
+def read_objects(f: IO[bytes]) -> Iterator[dict]:
+    """The objects of a JSON Lines file we wrote."""
+    for _, line in numbered_lines(f):
+        yield json.loads(line)

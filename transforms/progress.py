@@ -1,0 +1,95 @@
+"""The job's progress counters: Beam counters (namespace gpt2) that the launcher can also read while a local run runs.
+
+The launcher shows rows done, tokens/s and an ETA from these counters (pipeline/progress.py). On Dataflow it asks the
+running job for its metrics. The DirectRunner's in-process engine (FnApiRunner) blocks in `run()` and has no metrics
+until the end, so for runs on this machine (in-process or `--direct_running_mode multi_processing`) the launcher
+names a directory in the environment variable PROGRESS_DIR_ENV before it runs the pipeline: each worker process (the
+launcher itself, or its subprocesses, which inherit its environment) then also keeps its totals of these counters
+in a small JSON file of its own there, replaced at most once a second, which the launcher sums. Workers elsewhere
+never see the variable, and nothing is written.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+import time
+import uuid
+
+from apache_beam.metrics import Metrics
+
+NAMESPACE = "gpt2"
+PROGRESS_DIR_ENV = "GPT2_BEAM_PROGRESS_DIR"
+FLUSH_SECONDS = 1.0
+ROWS_DONE = "rows_done"  # rows with their completion or dead letter on the way to be written
+ROWS_SKIPPED = "rows_skipped_existing"  # rows skipped by --skip_existing: their id already has an output row
+TOKENS = "generated_tokens"
+
+
+class Counter:
+    """A Beam counter that, on a worker of a local run, also adds to this process's totals file."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._counter = Metrics.counter(NAMESPACE, name)
+
+    def inc(self, n: int = 1) -> None:
+        self._counter.inc(n)
+        _tally.add(self.name, n)
+
+
+class _Tally:
+    """This process's totals of the counters, written to PROGRESS_DIR_ENV's directory when it is set: at most once
+    every FLUSH_SECONDS, and no later than that after an increment."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.directory: str | None = None
+        self.counts: dict[str, int] = {}
+        self.path = ""
+        self.written = 0.0
+        self.timer: threading.Timer | None = None
+
+    def add(self, name: str, n: int) -> None:
+        directory = os.environ.get(PROGRESS_DIR_ENV)
+        if not directory:
+            return
+        with self.lock:
+            if directory != self.directory:  # a new run: new totals, a new file
+                self.directory, self.counts = directory, {}
+                self.path = os.path.join(directory, f"{os.getpid()}-{uuid.uuid4().hex}.json")
+            self.counts[name] = self.counts.get(name, 0) + n
+            if self.timer is None:
+                delay = max(0.0, FLUSH_SECONDS - (time.monotonic() - self.written))
+                self.timer = threading.Timer(delay, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def flush(self) -> None:
+        with self.lock:
+            self.timer, self.written = None, time.monotonic()
+            tmp = self.path + ".tmp"
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(self.counts, f)
+                os.replace(tmp, self.path)  # the launcher reads whole files only
+            except OSError:
+                pass  # the launcher has gone, or removed the directory: progress is not worth failing for
+
+
+_tally = _Tally()
+
+
+def read_totals(directory: str) -> dict[str, int]:
+    """The sum of the counters over the worker processes' files in `directory`."""
+    totals: dict[str, int] = {}
+    for path in glob.glob(os.path.join(directory, "*.json")):
+        try:
+            with open(path) as f:
+                counts = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for name, n in counts.items():
+            totals[name] = totals.get(name, 0) + n
+    return totals
