@@ -32,7 +32,8 @@ import tensorflow as tf
 from gpt2 import model
 from gpt2.checkpoint import Weights
 from gpt2.config import GPT2Config
-from gpt2.manifest import FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, sha256_file
+from gpt2.manifest import (FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS,
+                           sha256_file)
 from gpt2.tokenizer import find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
@@ -83,6 +84,8 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
         outputs = model.generate(params, cfg, *inputs.values())  # in INPUTS' order, as generate takes them
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
+        scoring = {name: tf.compat.v1.placeholder(dt, shape, name=name) for name, (dt, shape) in SCORE_INPUTS.items()}
+        tf.identity(model.score(params, cfg, *scoring.values()), name=SCORE_OUTPUTS[0])
     return graph, binding
 
 
@@ -108,7 +111,8 @@ def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str) -> tf.compat
     with tf.compat.v1.Session(graph=graph) as sess:
         for name, b in binding.items():
             sess.run(b["assign"], {b["feed"]: weights[name].astype(weight_dtype(name, precision).as_numpy_dtype)})
-        return convert_variables_to_constants_from_session_graph(sess, graph.as_graph_def(), OUTPUTS)
+        return convert_variables_to_constants_from_session_graph(sess, graph.as_graph_def(),
+                                                                 OUTPUTS + SCORE_OUTPUTS)
 
 
 def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir: str | Path, *,
@@ -128,7 +132,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
         if weight_bytes >= PROTO_LIMIT:
             raise ValueError(f"{weight_bytes / 1e9:.2f} GB of {dtype} weights cannot be frozen into one protobuf "
                              "(2 GB cap): use --weights external (the default)")
-        graph_def = optimize(frozen_graph(cfg, weights, dtype), OUTPUTS)
+        graph_def = optimize(frozen_graph(cfg, weights, dtype), OUTPUTS + SCORE_OUTPUTS)
         (out / GRAPH_FILES["float32"]).write_bytes(graph_def.SerializeToString())
         files.append(GRAPH_FILES["float32"])
         graphs[dtype] = GRAPH_FILES["float32"]
@@ -137,7 +141,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
         shapes = {n: w.shape for n, w in weights.items()}
         for precision in PRECISIONS:
             graph, binding = build_graph(cfg, shapes, precision, dtype)  # the same op names in every precision
-            keep = OUTPUTS + sorted({b["assign"] for b in binding.values()})
+            keep = OUTPUTS + SCORE_OUTPUTS + sorted({b["assign"] for b in binding.values()})
             graph_def = optimize(graph.as_graph_def(), keep)
             (out / GRAPH_FILES[precision]).write_bytes(graph_def.SerializeToString())
             files.append(GRAPH_FILES[precision])
@@ -172,6 +176,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
         "weights": weights_info,
         "inputs": {n: f"{n}:0" for n in INPUTS},
         "outputs": {n: f"{n}:0" for n in OUTPUTS},
+        "score": {"inputs": {n: f"{n}:0" for n in SCORE_INPUTS}, "outputs": {n: f"{n}:0" for n in SCORE_OUTPUTS}},
         "source": source or {},
         "exporter": {"tensorflow": tf.__version__, "grappler_passes": EXPORT_PASSES,
                      "seconds": round(time.perf_counter() - start, 2)},

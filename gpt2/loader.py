@@ -21,8 +21,8 @@ import numpy as np
 
 from gpt2.config import EOT_TOKEN, GPT2Config
 from gpt2.device import process_placement, resolve_precision, session_config
-from gpt2.manifest import (INPUTS, OUTPUTS, ModelError, check_ops, model_label, read_manifest,
-                           verify_files)
+from gpt2.manifest import (INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_ops, model_label,
+                           read_manifest, verify_files)
 from gpt2.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class GenerationModel:
             self._bind_weights(self.manifest["weights"])
         io = self.manifest["inputs"], self.manifest["outputs"]
         self._run = self.session.make_callable([io[1][n] for n in OUTPUTS], feed_list=[io[0][n] for n in INPUTS])
+        scoring = self.manifest["score"]
+        self._score = self.session.make_callable(scoring["outputs"][SCORE_OUTPUTS[0]],
+                                                 feed_list=[scoring["inputs"][n] for n in SCORE_INPUTS])
         self.name = model_label(self.manifest)
         self._lock = threading.Lock()
         if warm_up:
@@ -159,6 +162,22 @@ class GenerationModel:
         tokens, n_new, finish, logprobs = self._run(batch, lengths, prompt_index, *per_row)
         return [Completion(tokens[r, :n].tolist(), logprobs[r, :n].tolist(), "stop" if finish[r] else "length")
                 for r, n in enumerate(n_new)]
+
+    def score(self, texts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(token | tokens before it) for every token of each text but its first (which has no context:
+        start a text with <|endoftext|> to score all of its tokens), in one Session.run."""
+        if not texts:
+            return []
+        for row, ids in enumerate(texts):
+            if not 1 <= len(ids) <= self.config.n_ctx:
+                raise ValueError(f"row {row}: {len(ids)} tokens; a text to score holds 1 to {self.config.n_ctx} "
+                                 f"(the model context)")
+        lengths = np.array([len(ids) for ids in texts], np.int32)
+        batch = np.full((len(texts), lengths.max()), EOT_TOKEN, np.int32)
+        for row, ids in enumerate(texts):
+            batch[row, batch.shape[1] - len(ids):] = ids  # left padding
+        logprobs = self._score(batch, lengths)
+        return [logprobs[r, logprobs.shape[1] - n + 1:].tolist() for r, n in enumerate(lengths)]
 
     def close(self) -> None:
         with self._lock:

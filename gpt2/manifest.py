@@ -29,17 +29,20 @@ INPUTS = {
     "ignore_eos": ("bool", [None]),  # go on past end-of-text (fixed-length benchmarks)
 }
 OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
+# The same graph scores given text (gpt2.model.score), sharing the weights: its own inputs and output.
+SCORE_INPUTS = {"score_ids": ("int32", [None, None]), "score_lengths": ("int32", [None])}  # (B, T) left padded
+SCORE_OUTPUTS = ["token_logprobs"]  # (B, T) log p(token | tokens before it)
 
 # Every op our exporter emits, and nothing that touches the outside world.
 ALLOWED_OPS = frozenset("""
     Abs AddN AddV2 All Any ArgMax AssignVariableOp BatchMatMulV2 BiasAdd Bitcast BitwiseAnd BitwiseOr BitwiseXor
-    BroadcastTo Cast ConcatV2 Const Cumsum Enter Equal Exit Exp ExpandDims Fill GatherV2 Greater GreaterEqual
-    Identity IdentityN InplaceUpdate LeftShift Less LessEqual Log LogSoftmax LogicalAnd LogicalNot LogicalOr LoopCond
-    MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2 Placeholder Pow Prod Range
-    ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Slice Snapshot Softmax Sqrt Square
-    SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListFromTensor TensorListGather
-    TensorListGetItem TensorListLength TensorListReserve TensorListSetItem TensorListStack TopKV2 Transpose Unpack
-    VarHandleOp Where ZerosLike
+    BroadcastTo Cast ConcatV2 Const Cumsum Enter Equal Exit Exp ExpandDims Fill FloorDiv GatherV2 Greater
+    GreaterEqual Identity IdentityN InplaceUpdate LeftShift Less LessEqual Log LogSoftmax LogicalAnd LogicalNot
+    LogicalOr LoopCond MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2
+    Placeholder Pow Prod Range ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Slice Snapshot
+    Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListConcatV2
+    TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
+    TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
 """.split())
 
 

@@ -82,7 +82,11 @@ def lm_head(params: Params, x: tf.Tensor) -> tf.Tensor:
     than one with a contiguous (C, V) matrix (bench/), so `generate` transposes wte once per run for float32;
     bfloat16 reads wte's own (V, C) layout faster (see Transposed).
     """
-    x = norm(x, params["ln_f/g"], params["ln_f/b"])
+    return logits_of(params, norm(x, params["ln_f/g"], params["ln_f/b"]))
+
+
+def logits_of(params: Params, x: tf.Tensor) -> tf.Tensor:
+    """Normalised hidden states x (M, C) -> logits (M, V) float32 (see lm_head)."""
     if "wte_t" in params:
         w = params["wte_t"]
         return tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
@@ -103,15 +107,28 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
     """Run the left-padded prompts ids (B, T) with real lengths (B,).
 
     Returns the logits of each prompt's last token (B, V) and the cache `past` (n_layer, 2, B, nh, T + new_slots,
-    hs) with the prompt's keys/values in slots [0, T), allocated once and filled layer by layer in place (no list
-    of per-layer K/V to concatenate and pad: that held the cache three times over at its peak).
+    hs) with the prompt's keys/values in slots [0, T).
+    """
+    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
+    x, past = forward(params, cfg, ids, lengths, new_slots)
+    last = tf.reshape(x, [B, T, cfg.n_embd])[:, -1]  # (B, C) left padding puts every row's last token at T-1
+    return lm_head(params, last), past
+
+
+def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
+            cache_slots: tf.Tensor | int | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """The transformer over left-padded ids (B, T) with real lengths (B,): hidden states (B*T, C) before ln_f,
+    and with cache_slots, the cache `past` (n_layer, 2, B, nh, T + cache_slots, hs) holding the keys/values in
+    slots [0, T): allocated once and filled layer by layer in place (a list of per-layer K/V to concatenate and
+    pad held the cache three times over at its peak).
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
-    L = T + new_slots
     t = tf.range(T)
-    rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], params["wte"].dtype)  # the cache, by rows
-    prompt_rows = tf.reshape(tf.range(2 * B * nh)[:, None] * L + t[None, :], [-1])  # (2*B*nh*T,) layer 0's slots
+    if cache_slots is not None:
+        L = T + cache_slots
+        rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], params["wte"].dtype)  # the cache, by rows
+        prompt_rows = tf.reshape(tf.range(2 * B * nh)[:, None] * L + t[None, :], [-1])  # (2*B*nh*T,) layer 0
     pad = T - lengths  # (B,) padding slots on the left
     valid = t[None, :] >= pad[:, None]  # (B, T)
     pos = tf.maximum(t[None, :] - pad[:, None], 0)  # (B, T) position ids start at 0 on each row's first real token
@@ -123,14 +140,46 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
         p = layer_params(params, i)
         qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B*T, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, T, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, T, hs)
-        rows = tf.raw_ops.InplaceUpdate(x=rows, i=prompt_rows + i * 2 * B * nh * L,
-                                        v=tf.reshape(qkv[1:], [-1, hs]))  # keys and values, written in place
+        if cache_slots is not None:
+            rows = tf.raw_ops.InplaceUpdate(x=rows, i=prompt_rows + i * 2 * B * nh * L,
+                                            v=tf.reshape(qkv[1:], [-1, hs]))  # keys and values, in place
         a = attend(qkv[0], qkv[1], qkv[2], bias)  # (B, nh, T, hs)
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * T, C])  # (B*T, C)
         x = x + tf.cast(linear(a, p("attn/c_proj/w"), p("attn/c_proj/b")), tf.float32)
         x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
-    last = tf.reshape(x, [B, T, C])[:, -1]  # (B, C) left padding puts every row's last token at T-1
-    return lm_head(params, last), tf.reshape(rows, [cfg.n_layer, 2, B, nh, L, hs])
+    return x, None if cache_slots is None else tf.reshape(rows, [cfg.n_layer, 2, B, nh, L, hs])
+
+
+SCORE_CHUNK = 1024  # positions per LM-head chunk when scoring: (1024, V) float32 logits are 200 MB
+
+
+def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
+    """log p(ids[:, t] | ids[:, <t]) under the model, (B, T) float32, for left-padded ids (B, T) with real
+    lengths (B,); 0 at padding and at each row's first token, which has no context (prepend <|endoftext|> to
+    score it). The LM head runs over SCORE_CHUNK positions at a time: memory holds one chunk's logits, never
+    (B*T, V).
+    """
+    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
+    if not transposed_layout(params):
+        params = {**params, "wte_t": tf.transpose(params["wte"])}
+    x, _ = forward(params, cfg, ids, lengths)
+    h = norm(x, params["ln_f/g"], params["ln_f/b"])  # (B*T, C)
+    predicted = tf.reshape(tf.concat([ids[:, 1:], ids[:, -1:]], 1), [-1])  # (B*T,) the token after each position
+    M = B * T
+    chunks = (M + SCORE_CHUNK - 1) // SCORE_CHUNK
+
+    def chunk(i, out):
+        span = tf.range(i * SCORE_CHUNK, tf.minimum((i + 1) * SCORE_CHUNK, M))
+        logits = logits_of(params, tf.gather(h, span))  # (K, V)
+        top = tf.reduce_max(logits, axis=-1)
+        lse = top + tf.math.log(tf.reduce_sum(tf.exp(logits - top[:, None]), axis=-1))
+        return i + 1, out.write(i, tf.gather(logits, tf.gather(predicted, span), batch_dims=1) - lse)
+
+    _, out = tf.while_loop(lambda i, _: i < chunks, chunk,
+                           (tf.constant(0), tf.TensorArray(tf.float32, size=chunks, infer_shape=False)))
+    after = tf.reshape(out.concat(), [B, T])  # after[:, t] = log p(ids[:, t + 1] | ids[:, <= t])
+    logprobs = tf.concat([tf.zeros([B, 1]), after[:, :-1]], 1)  # (B, T) log p(ids[:, t] | ids[:, < t])
+    return tf.where(tf.range(T)[None, :] > (T - lengths)[:, None], logprobs, 0.0)
 
 
 def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, slot: tf.Tensor,

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="completions and errors files as Parquet or JSON Lines (the same fields)")
     io.add_argument("--model_dir", required=True, help="model directory written by `python -m pipeline.export`")
     io.add_argument("--prompt_column", default="prompt")
-    io.add_argument("--id_column", default="id", help="when absent from a shard, ids are <shard name>:<row>")
+    io.add_argument("--id_column", default="id",
+                    help="when absent or null, a row's id is <shard name>:<row> (Parquet, from 0) or "
+                         "<shard name>:<line> (JSON Lines, from 1)")
     io.add_argument("--skip_existing", action="store_true",
                     help="skip input shards whose completions and errors files already exist, and rows whose id "
                          "already has an output row in --output (incremental runs and re-runs)")

@@ -12,8 +12,9 @@ be written), rows skipped as done (--skip_existing), generated tokens. They come
   runs (Dataflow does). The PortableRunner's result (Flink, Spark, a job service) keeps the first answer it gets
   for good, so it is asked only once the job has ended: no progress lines there, only the summary.
 
-The total is known before the run (Parquet metadata, JSON Lines line counts). The rate, and with it the ETA, is that
-of the rows done since the start (rows skipped as done come at once and would make it look faster).
+The total is known before the run (Parquet metadata, JSON Lines line counts). The rates, and with them the ETA, are
+those since rows were first done (start-up and model loading would make them look slower), and count rows done only
+(rows skipped as done come at once and would make them look faster).
 """
 from __future__ import annotations
 
@@ -37,13 +38,8 @@ def counter_values(result) -> Counts | None:
     except Exception:  # noqa: BLE001 - a runner without metrics, or a job service gone: no numbers, not a failure
         return None
     values: Counts = {}
-    for c in counters:
-        try:
-            value = c.committed
-        except Exception:  # noqa: BLE001 - some runners have attempted values only, and raise for committed
-            value = None
-        value = c.attempted if value is None else value
-        values[c.key.metric.name] = values.get(c.key.metric.name, 0) + (value or 0)
+    for c in counters:  # one per step that has the counter
+        values[c.key.metric.name] = values.get(c.key.metric.name, 0) + (c.result or 0)
     return values
 
 
@@ -80,16 +76,18 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_line(counts: Counts, total: int, elapsed: float) -> str:
+def progress_line(counts: Counts, total: int, seconds: float, since: Counts | None = None) -> str:
+    """The line for `counts`, with rates over the last `seconds`: since the counts were `since` (default: none)."""
     done, skipped, tokens = counts.get(ROWS_DONE, 0), counts.get(ROWS_SKIPPED, 0), counts.get(TOKENS, 0)
+    since = since or {}
+    rows_rate = (done - since.get(ROWS_DONE, 0)) / seconds if seconds > 0 else 0.0
+    tokens_rate = (tokens - since.get(TOKENS, 0)) / seconds if seconds > 0 else 0.0
     finished = done + skipped
-    rate = done / elapsed if elapsed > 0 else 0.0
     left = max(total - finished, 0)
-    eta = "0s" if not left else duration(left / rate) if rate > 0 else "unknown"
+    eta = "0s" if not left else duration(left / rows_rate) if rows_rate > 0 else "unknown"
     percent = f" ({100 * finished // total}%)" if total else ""
     skip = f", {skipped:,} skipped as done" if skipped else ""
-    return (f"progress: {finished:,}/{total:,} rows{percent}{skip}, {tokens / max(elapsed, 1e-9):.1f} tokens/s, "
-            f"ETA {eta}")
+    return f"progress: {finished:,}/{total:,} rows{percent}{skip}, {tokens_rate:.1f} tokens/s, ETA {eta}"
 
 
 class Reporter:
@@ -113,11 +111,16 @@ class Reporter:
             self._thread.join()
 
     def _run(self) -> None:
-        told = False
+        told, first = False, None  # first: (time, counts) when rows were first done, once they were
         while not self._stop.wait(self.interval):
-            counts = self.counts()
+            counts, now = self.counts(), time.monotonic()
             if counts is not None:
-                log.info("%s", progress_line(counts, self.total, time.monotonic() - self._start))
+                # rates since the line that first had rows done (start-up and model loading aside); until then,
+                # since the start
+                start, since = first or (self._start, None)
+                log.info("%s", progress_line(counts, self.total, now - start, since))
+                if first is None and counts.get(ROWS_DONE, 0):
+                    first = (now, counts)
             elif not told and self.counts.result is not None:
                 told = True  # the job runs, and its runner gives no numbers until it ends
                 log.info("progress: not reported by this runner while the job runs; the summary follows at the end")

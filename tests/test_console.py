@@ -65,6 +65,10 @@ def test_progress_line_and_eta():
     assert progress_line(counts, 1000, 10.0) == \
         "progress: 600/1,000 rows (60%), 500 skipped as done, 640.0 tokens/s, ETA 40s"
     assert progress_line({}, 10, 5.0) == "progress: 0/10 rows (0%), 0.0 tokens/s, ETA unknown"
+    # rates over the last 5 s, since the counts were {ROWS_DONE: 50, ...}: 10 rows/s, 300 tokens/s
+    since = {ROWS_DONE: 50, ROWS_SKIPPED: 500, TOKENS: 4900}
+    assert progress_line(counts, 1000, 5.0, since) == \
+        "progress: 600/1,000 rows (60%), 500 skipped as done, 300.0 tokens/s, ETA 40s"
 
 
 def test_log_levels():

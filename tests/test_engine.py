@@ -230,3 +230,18 @@ def test_samples_of_one_prompt_share_its_prefill_and_equal_alone(model):
     assert [c.token_ids for c in (together[0], together[2], together[3])] == [c.token_ids for c in alone]
     assert len({tuple(c.token_ids) for c in alone}) == 3  # the seeds matter
     assert together[1].token_ids == model.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0].token_ids
+
+
+def test_scores_match_hf(model, hf_model):
+    """The graph's scoring output: every token's log-probability given the tokens before it, as transformers
+    computes it, for texts of different lengths in one batch (left padding must not change them)."""
+    texts = [[EOT_TOKEN] + p for p in PROMPTS]
+    got = model.score(texts)
+    for text, scores in zip(texts, got):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([text])).logits[0], -1)
+        expected = [ref[t - 1, text[t]].item() for t in range(1, len(text))]
+        assert len(scores) == len(text) - 1
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="row 1: 0 tokens"):
+        model.score([[1, 2], []])

@@ -12,7 +12,7 @@ default) and anything else, passed through to its output row untouched (where a 
 the output field wins). Every input row comes out exactly once, as a completion or as an error with its reason.
 
 The model directory supplies the model's name (`model`), its context size and its tokenizer: they are read from its
-manifest when the transform is built. Ids need not be unique: deduplication is the Parquet job's (transforms/job.py,
+manifest when the transform is built. Ids need not be unique: deduplication is the job's (transforms/job.py,
 UniqueIds), not this transform's, because on a stream it would hold every id ever seen; rows with the same id and
 prompt get the same completion (`beam.Deduplicate` drops repeats when you want that).
 
@@ -61,7 +61,7 @@ class GenerateText(beam.PTransform):
     max_wait_secs: on unbounded input, how long a row may wait for its batch to fill.
     precision, intra_op_threads: what the workers run the graph in (auto = the device's fastest) and with how many
       TensorFlow threads (default: all cores).
-    model_label, n_ctx: the model's label and context size when the caller has them already (the Parquet job reads
+    model_label, n_ctx: the model's label and context size when the caller has them already (the job reads
       the manifest once before it starts); by default read from model_dir's manifest.
     clock: for tests (seconds, as time.time): the clock of the maximum wait.
     """

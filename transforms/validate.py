@@ -65,7 +65,7 @@ def fit_context(ids: list[int], max_new_tokens: int, n_ctx: int, truncate: str) 
 
 def to_prompt_row(element) -> PromptRow:
     """A dict row (id, prompt, sampling overrides, anything else passed through) as a PromptRow; a PromptRow (what
-    the Parquet reader emits) as it is. Raise ValueError for anything else."""
+    the job's reader emits) as it is. Raise ValueError for anything else."""
     if isinstance(element, PromptRow):
         return element
     if not isinstance(element, Mapping):
