@@ -36,7 +36,7 @@ SCORE_OUTPUTS = ["token_logprobs"]  # (B, T) log p(token | tokens before it)
 # Every op our exporter emits, and nothing that touches the outside world.
 ALLOWED_OPS = frozenset("""
     Abs AddN AddV2 All Any ArgMax AssignVariableOp BatchMatMulV2 BiasAdd Bitcast BitwiseAnd BitwiseOr BitwiseXor
-    BroadcastTo Cast ConcatV2 Const Cumsum Enter Equal Exit Exp ExpandDims Fill FloorDiv GatherV2 Greater
+    BroadcastTo Cast ConcatV2 Const Cumsum DivNoNan Enter Equal Exit Exp ExpandDims Fill FloorDiv GatherV2 Greater
     GreaterEqual Identity IdentityN InplaceUpdate LeftShift Less LessEqual Log LogSoftmax LogicalAnd LogicalNot
     LogicalOr LoopCond MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2
     Placeholder Pow Prod Range ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Slice Snapshot

@@ -37,23 +37,29 @@ Params = dict[str, "tf.Tensor | Transposed"]  # canonical weight name -> tensor 
 
 
 def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
+    """LayerNorm over the last axis of x (M, C).
+
+    A division by sqrt, not a product with rsqrt: sqrt and division are correctly rounded (IEEE) in vector and
+    scalar code alike, so a row's value is the same bits whatever M is. Eigen computes rsqrt with a vector
+    approximation for full vector registers and a scalar one for the tail, so a row's result depended on its
+    position in the batch: in float32 last-bit noise, but in bfloat16 the next cast turned it into a whole bf16 step
+    now and then, and greedy tokens changed with the batch. (DivNoNan, not RealDiv: Grappler rewrites x / sqrt(y)
+    into x * rsqrt(y).)
+    """
     mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(var + eps) * g + b
+    return tf.math.divide_no_nan(x - mean, tf.sqrt(var + eps)) * g + b
 
 
 def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool = False) -> tf.Tensor:
-    """x (M, in) @ w + b (then GPT-2's tanh GELU), all in w's dtype (float32, float16 or bfloat16).
-
-    MatMul and BiasAdd in one dtype are the pattern TensorFlow's remapper fuses into one oneDNN kernel on CPUs at
-    load (the bias added to the float32 accumulator). GELU stays float32 elementwise ops: tf.nn.gelu would fuse
-    too, but its pattern does not match inside the while loop, where its Pow then cost 17% of a decode step.
+    """x (M, in) @ w + b (then GPT-2's tanh GELU), the matmul and bias in w's dtype (float32, float16 or
+    bfloat16), the GELU in float32 (x * x * x, not tf.nn.gelu's Pow, which cost 10-17% of a decode step).
     """
     wt = w.t if isinstance(w, Transposed) else w
     y = tf.matmul(tf.cast(x, wt.dtype), wt, transpose_b=isinstance(w, Transposed))
     y = tf.nn.bias_add(y, tf.cast(b, wt.dtype))
     if not gelu:
         return y
-    y = tf.cast(y, tf.float32)  # GELU in float32: the fused form (tf.nn.gelu) is not matched inside the loop
+    y = tf.cast(y, tf.float32)
     y = 0.5 * y * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * (y * y * y))))  # x*x*x: no Pow op
     return tf.cast(y, wt.dtype)
 

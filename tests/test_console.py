@@ -39,23 +39,25 @@ def test_the_console_shows_the_jobs_lines_not_beams_internals(shards, model_dir,
     assert "Converting string literal type hint" not in p.stderr
     assert "prism" not in p.stderr.lower()  # the default runner does not try to download Prism
     assert re.search(r"INFO model tiny@[0-9a-f]{12}, precision auto; 3 shard\(s\) to do \(12 rows\)", p.stderr)
-    assert re.search(r"INFO model tiny@[0-9a-f]{12} loaded in .* s: \w+ on /CPU:0", p.stderr)  # what it runs in
+    assert re.search(r"INFO model tiny@[0-9a-f]{12} loaded .*(float32|bfloat16|float16)", p.stderr)  # as run
     assert PROGRESS.search(p.stderr), p.stderr[-3000:]
     assert re.search(r"INFO done: 12 rows read, 12 written, 0 dead-lettered, 0 skipped as done; 48 tokens in "
                      r".* precision \w+", p.stderr)
     assert p.stdout == ""
 
 
-def test_progress_lines_with_worker_processes(shards, model_dir, tmp_path, caplog):
+def test_progress_lines_with_worker_processes(model_dir, tmp_path, caplog):
     """multi_processing: the workers are other processes, and the launcher still sees their counts."""
+    write_shards(tmp_path / "in", 3, 40)  # 30 batches of 4: long enough for counts to show before the end
     caplog.set_level(logging.INFO, logger="pipeline")
-    report = run(["--input", str(shards / "*.parquet"), "--output", str(tmp_path / "o"), "--model_dir",
-                  str(model_dir), "--max_new_tokens", "4", "--progress_seconds", "0.3",
+    report = run(["--input", str(tmp_path / "in" / "*.parquet"), "--output", str(tmp_path / "o"), "--model_dir",
+                  str(model_dir), "--max_new_tokens", "8", "--batch_size", "4", "--progress_seconds", "0.3",
                   "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])
-    assert report["accounted"] and report["rows_written"] == 12
+    assert report["accounted"] and report["rows_written"] == 120
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
-    assert any(PROGRESS.fullmatch(line) for line in lines), lines
-    assert any(not line.startswith("progress: 0/") for line in lines), lines  # the workers' counts came through
+    progress = re.compile(r"progress: (\d+)/120 rows \(\d+%\), [\d.]+ tokens/s, ETA \S+")
+    assert all(progress.fullmatch(line) for line in lines), lines
+    assert any(int(progress.fullmatch(line)[1]) > 0 for line in lines), lines  # the workers' counts came through
 
 
 def test_progress_line_and_eta():

@@ -22,6 +22,7 @@ from apache_beam.metrics import Metrics
 NAMESPACE = "gpt2"
 PROGRESS_DIR_ENV = "GPT2_BEAM_PROGRESS_DIR"
 FLUSH_SECONDS = 1.0
+COALESCE_SECONDS = 0.1
 ROWS_DONE = "rows_done"  # rows with their completion or dead letter on the way to be written
 ROWS_SKIPPED = "rows_skipped_existing"  # rows skipped by --skip_existing: their id already has an output row
 TOKENS = "generated_tokens"
@@ -41,7 +42,7 @@ class Counter:
 
 class _Tally:
     """This process's totals of the counters, written to PROGRESS_DIR_ENV's directory when it is set: at most once
-    every FLUSH_SECONDS, and no later than that after an increment."""
+    every FLUSH_SECONDS, and no later than that after an increment (COALESCE_SECONDS after it, at the soonest)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -60,8 +61,8 @@ class _Tally:
                 self.directory, self.counts = directory, {}
                 self.path = os.path.join(directory, f"{os.getpid()}-{uuid.uuid4().hex}.json")
             self.counts[name] = self.counts.get(name, 0) + n
-            if self.timer is None:
-                delay = max(0.0, FLUSH_SECONDS - (time.monotonic() - self.written))
+            if self.timer is None:  # what comes within the next COALESCE_SECONDS goes in the same write
+                delay = max(COALESCE_SECONDS, FLUSH_SECONDS - (time.monotonic() - self.written))
                 self.timer = threading.Timer(delay, self.flush)
                 self.timer.daemon = True
                 self.timer.start()
