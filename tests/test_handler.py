@@ -9,6 +9,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from gpt2.sampling import SamplingParams
 from gpt2.tokenizer import Tokenizer
 from transforms import GPT2ModelHandler
+from transforms.batching import DEFAULT_BATCH_SIZE
 from transforms.detokenize import COMPLETION_FIELDS
 from transforms.validate import row_seed
 
@@ -88,7 +89,7 @@ def test_with_exception_handling_routes_the_failing_example(model_dir, model):
 
 def test_batching_arguments_and_checks(model_dir):
     h = handler(model_dir, max_new_tokens=3, min_batch_size=2, max_batch_duration_secs=5)
-    assert h.batch_elements_kwargs() == {"min_batch_size": 2, "max_batch_size": 32, "max_batch_duration_secs": 5}
+    assert h.batch_elements_kwargs() == {"min_batch_size": 2, "max_batch_size": DEFAULT_BATCH_SIZE, "max_batch_duration_secs": 5}
     assert handler(model_dir, max_batch_size=4).batch_elements_kwargs()["max_batch_size"] == 4
     with pytest.raises(TypeError, match="unknown keyword argument.*max_batch_sise"):
         handler(model_dir, max_batch_sise=4)
