@@ -1,4 +1,6 @@
-"""Command-line options of the generation job; anything else is passed to Beam as pipeline options."""
+"""Command-line options of the generation job (`parse`) and of the scoring job (`parse_score`); anything else is
+passed to Beam as pipeline options. The options both share (input and output, batching and workers, console) are
+defined once."""
 from __future__ import annotations
 
 import argparse
@@ -26,25 +28,52 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _io_options(p: argparse.ArgumentParser, outputs: str, skip_what: str) -> argparse._ArgumentGroup:
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", required=True,
+                    help="glob of input shards, local or gs://: Parquet, or JSON Lines (names ending in .jsonl)")
+    io.add_argument("--output", required=True, help=f"output directory: {outputs}/, errors/, run_report.json")
+    io.add_argument("--output_format", choices=["parquet", "jsonl"], default="parquet",
+                    help=f"{outputs} and errors files as Parquet or JSON Lines (the same fields)")
+    io.add_argument("--model_dir", required=True, help="model directory written by `python -m pipeline.export`")
+    io.add_argument("--id_column", default="id",
+                    help="when absent or null, a row's id is <shard name>:<row> (Parquet, from 0) or "
+                         "<shard name>:<line> (JSON Lines, from 1)")
+    io.add_argument("--skip_existing", action="store_true",
+                    help=f"skip input shards whose {outputs} and errors files already exist, and rows whose id "
+                         f"already has an output row in --output (incremental runs and re-runs){skip_what}")
+    return io
+
+
+def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
+    b = p.add_argument_group("batching and workers")
+    b.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help=f"{rows} per batch at most")
+    b.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help=f"{rows} x (longest {'prompt + max_new_tokens' if rows == 'rows' else 'window'}) per "
+                        f"batch at most")
+    b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
+                        "on Ampere GPUs, float16 on older GPUs, else float32); each row records the one used")
+    b.add_argument("--intra_op_threads", type=int, default=None,
+                   help="TensorFlow threads per worker process (default: all cores)")
+
+
+def _console_options(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("console")
+    c.add_argument("--progress_seconds", type=float, default=30.0,
+                   help="a progress line (rows done of the total, tokens/s, ETA) every this many seconds; 0: none")
+    c.add_argument("--log_level", choices=LOG_LEVELS, default="INFO",
+                   help="the job's own log lines from this level; Beam's and other libraries' from WARNING, or "
+                        "from INFO with DEBUG")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m pipeline.run",
         description="Batch text generation with GPT-2 (frozen TF graph) on Apache Beam. "
                     "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
-    io = p.add_argument_group("input and output")
-    io.add_argument("--input", required=True,
-                    help="glob of prompt shards, local or gs://: Parquet, or JSON Lines (names ending in .jsonl)")
-    io.add_argument("--output", required=True, help="output directory: completions/, errors/, run_report.json")
-    io.add_argument("--output_format", choices=["parquet", "jsonl"], default="parquet",
-                    help="completions and errors files as Parquet or JSON Lines (the same fields)")
-    io.add_argument("--model_dir", required=True, help="model directory written by `python -m pipeline.export`")
+    io = _io_options(p, "completions", "")
     io.add_argument("--prompt_column", default="prompt")
-    io.add_argument("--id_column", default="id",
-                    help="when absent or null, a row's id is <shard name>:<row> (Parquet, from 0) or "
-                         "<shard name>:<line> (JSON Lines, from 1)")
-    io.add_argument("--skip_existing", action="store_true",
-                    help="skip input shards whose completions and errors files already exist, and rows whose id "
-                         "already has an output row in --output (incremental runs and re-runs)")
     io.add_argument("--logprobs", action="store_true",
                     help="completions get `logprobs`: each token's log-probability under the model")
     s = p.add_argument_group("sampling (per-row columns of the same names override these)")
@@ -54,24 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument(f"--{name}", action="store_true", help=help)
         else:
             s.add_argument(f"--{name}", type=TYPES[name], default=getattr(SamplingParams, name), help=help)
+    s.add_argument("--num_samples", type=int, default=None,
+                   help="completions per prompt (default 1), each with `sample` 0..N-1 and its own seed; given, or "
+                        "with a num_samples column in the input, completions get a `sample` column")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable), applied after decoding")
     s.add_argument("--truncate", choices=["none", "left"], default="none",
                    help="left: keep the end of prompts that do not fit the context instead of rejecting them")
-    b = p.add_argument_group("batching and workers")
-    b.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per generation batch at most")
-    b.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                   help="rows x (longest prompt + max_new_tokens) per batch at most")
-    b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
-                        "on Ampere GPUs, float16 on older GPUs, else float32); each row records the one used")
-    b.add_argument("--intra_op_threads", type=int, default=None,
-                   help="TensorFlow threads per worker process (default: all cores)")
-    c = p.add_argument_group("console")
-    c.add_argument("--progress_seconds", type=float, default=30.0,
-                   help="a progress line (rows done of the total, tokens/s, ETA) every this many seconds; 0: none")
-    c.add_argument("--log_level", choices=LOG_LEVELS, default="INFO",
-                   help="the job's own log lines from this level; Beam's and other libraries' from WARNING, or "
-                        "from INFO with DEBUG")
+    _worker_options(p, "rows")
+    _console_options(p)
+    return p
+
+
+def build_score_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m pipeline.score",
+        description="Log-likelihood of given text under GPT-2 (the same model directory and graph) on Apache Beam. "
+                    "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
+    io = _io_options(p, "scores", "")
+    io.add_argument("--text_column", default=None, help="the column of the text to score (default: text)")
+    io.add_argument("--prompt_column", default=None,
+                    help="with --completion_column: the prompt's column (default: prompt), its tokens the context")
+    io.add_argument("--completion_column", default=None,
+                    help="score this column's text given the prompt's instead of a whole text")
+    io.add_argument("--token_logprobs", action="store_true",
+                    help="scores get token_ids and token_logprobs: each scored token and its log-probability")
+    io.add_argument("--stride", type=int, default=None,
+                   help="sequences longer than the context are scored in windows starting every this many tokens "
+                        "(default: n_ctx // 2; below n_ctx)")
+    _worker_options(p, "windows")
+    _console_options(p)
     return p
 
 
@@ -80,19 +120,15 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**{name: getattr(args, name) for name in FIELDS})
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
-    args, beam_args = build_parser().parse_known_args(argv)
-    for name in ("max_new_tokens", "batch_size", "max_batch_tokens"):
+def _check_common(args: argparse.Namespace, beam_args: list[str], prog: str) -> PipelineOptions:
+    """The checks of the options both jobs share, and the Beam options: a UsageError for anything wrong."""
+    for name in ("batch_size", "max_batch_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.intra_op_threads is not None and args.intra_op_threads < 1:
         raise UsageError(f"--intra_op_threads must be >= 1, got {args.intra_op_threads}")
     if not args.progress_seconds >= 0:
         raise UsageError(f"--progress_seconds must be >= 0, got {args.progress_seconds}")
-    try:
-        sampling(args).validate()
-    except ValueError as e:  # "top_p must be in (0, 1], got 1.5"
-        raise UsageError(f"--{e}") from None
     options = PipelineOptions(beam_args)
     stderr, beam_log = io.StringIO(), logging.getLogger("apache_beam.options.pipeline_options")
     level = beam_log.level
@@ -106,5 +142,39 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
         beam_log.setLevel(level)
     unknown = [a for a in beam_args if a.startswith("--") and a[2:].split("=")[0] not in known]
     if unknown:
-        raise UsageError(f"unknown option(s): {' '.join(unknown)} (see python -m pipeline.run --help)")
-    return args, options
+        raise UsageError(f"unknown option(s): {' '.join(unknown)} (see {prog} --help)")
+    return options
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
+    args, beam_args = build_parser().parse_known_args(argv)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
+    try:
+        sampling(args).validate()
+    except ValueError as e:  # "top_p must be in (0, 1], got 1.5"
+        raise UsageError(f"--{e}") from None
+    return args, _check_common(args, beam_args, "python -m pipeline.run")
+
+
+def parse_score(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
+    """The scoring job's options; args.text_column is the column read as each row's text, or with
+    args.completion_column, its prompt (args.prompt_column)."""
+    args, beam_args = build_score_parser().parse_known_args(argv)
+    if args.completion_column is None:
+        if args.prompt_column is not None:
+            raise UsageError("--prompt_column goes with --completion_column (a completion is scored given its "
+                             "prompt); to score whole texts, use --text_column")
+        args.text_column = args.text_column or "text"
+    else:
+        if args.text_column is not None:
+            raise UsageError("--text_column scores whole texts; --completion_column scores a completion given "
+                             "--prompt_column: give one or the other")
+        args.prompt_column = args.prompt_column or "prompt"
+        if args.prompt_column == args.completion_column:
+            raise UsageError(f"--prompt_column and --completion_column are both {args.prompt_column!r}")
+    if args.stride is not None and args.stride < 1:
+        raise UsageError(f"--stride must be >= 1, got {args.stride}")
+    return args, _check_common(args, beam_args, "python -m pipeline.score")

@@ -2,8 +2,9 @@
 
     progress: 1,200/10,000 rows (12%), 845.2 tokens/s, ETA 41m30s
 
-The numbers are the job's counters (transforms/progress.py): rows done (a completion or a dead letter on its way to
-be written), rows skipped as done (--skip_existing), generated tokens. They come from
+The numbers are the job's counters (transforms/progress.py): rows done (an input row with its completions, or its
+score, or its dead letter on its way to be written), rows skipped as done (--skip_existing), generated tokens (the
+scoring job: scored tokens). They come from
 
 - a local run (the DirectRunner, in-process or multi_processing: workers on this machine): the totals files the
   workers keep in a directory named in their environment (`LocalCounts`). The in-process runner blocks in run()
@@ -76,12 +77,15 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_line(counts: Counts, total: int, seconds: float, since: Counts | None = None) -> str:
-    """The line for `counts`, with rates over the last `seconds`: since the counts were `since` (default: none)."""
-    done, skipped, tokens = counts.get(ROWS_DONE, 0), counts.get(ROWS_SKIPPED, 0), counts.get(TOKENS, 0)
+def progress_line(counts: Counts, total: int, seconds: float, since: Counts | None = None,
+                  tokens_counter: str = TOKENS) -> str:
+    """The line for `counts`, with rates over the last `seconds`: since the counts were `since` (default: none).
+    tokens_counter: the counter of the job's tokens (generated, or scored)."""
+    done, skipped = counts.get(ROWS_DONE, 0), counts.get(ROWS_SKIPPED, 0)
+    tokens = counts.get(tokens_counter, 0)
     since = since or {}
     rows_rate = (done - since.get(ROWS_DONE, 0)) / seconds if seconds > 0 else 0.0
-    tokens_rate = (tokens - since.get(TOKENS, 0)) / seconds if seconds > 0 else 0.0
+    tokens_rate = (tokens - since.get(tokens_counter, 0)) / seconds if seconds > 0 else 0.0
     finished = done + skipped
     left = max(total - finished, 0)
     eta = "0s" if not left else duration(left / rows_rate) if rows_rate > 0 else "unknown"
@@ -93,8 +97,9 @@ def progress_line(counts: Counts, total: int, seconds: float, since: Counts | No
 class Reporter:
     """Logs a progress line every `interval` seconds from a thread of its own, while used as a context manager."""
 
-    def __init__(self, total: int, interval: float, counts: LocalCounts | MetricCounts):
-        self.total, self.interval, self.counts = total, interval, counts
+    def __init__(self, total: int, interval: float, counts: LocalCounts | MetricCounts,
+                 tokens_counter: str = TOKENS):
+        self.total, self.interval, self.counts, self.tokens_counter = total, interval, counts, tokens_counter
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
         self._start = time.monotonic()
@@ -118,7 +123,7 @@ class Reporter:
                 # rates since the line that first had rows done (start-up and model loading aside); until then,
                 # since the start
                 start, since = first or (self._start, None)
-                log.info("%s", progress_line(counts, self.total, now - start, since))
+                log.info("%s", progress_line(counts, self.total, now - start, since, self.tokens_counter))
                 if first is None and counts.get(ROWS_DONE, 0):
                     first = (now, counts)
             elif not told and self.counts.result is not None:

@@ -41,7 +41,7 @@ def test_the_console_shows_the_jobs_lines_not_beams_internals(shards, model_dir,
     assert re.search(r"INFO model tiny@[0-9a-f]{12}, precision auto; 3 shard\(s\) to do \(12 rows\)", p.stderr)
     assert re.search(r"INFO model tiny@[0-9a-f]{12} loaded .*(float32|bfloat16|float16)", p.stderr)  # as run
     assert PROGRESS.search(p.stderr), p.stderr[-3000:]
-    assert re.search(r"INFO done: 12 rows read, 12 written, 0 dead-lettered, 0 skipped as done; 48 tokens in "
+    assert re.search(r"INFO done: 12 rows read, 12 written, 0 dead-lettered, 0 skipped as done; 48 generated tokens in "
                      r".* precision \w+", p.stderr)
     assert p.stdout == ""
 

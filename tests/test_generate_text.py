@@ -1,6 +1,7 @@
 """GenerateText in any pipeline: dict rows in, completion and error rows out, equal to the engine's; unbounded input
 batched by size or by a maximum wait (TestStream); one tokenizer per process; sampling fields defined once; no
-TensorFlow where the model does not run; and the README's "Use it in your own pipeline" snippets, run as written."""
+TensorFlow where the model does not run; and the README's "Use it in your own pipeline" snippets (GenerateText,
+ScoreText, RunInference), run as written."""
 from __future__ import annotations
 
 import json
@@ -247,7 +248,7 @@ def test_sampling_fields_are_the_graph_inputs_the_options_and_the_columns():
     assert {name: getattr(args, name) for name in FIELDS} == {
         "max_new_tokens": 64, "temperature": 0.0, "top_k": 3, "top_p": 1.0, "seed": 0, "ignore_eos": True}
     from transforms.read import OVERRIDE_COLUMNS
-    assert OVERRIDE_COLUMNS == FIELDS
+    assert OVERRIDE_COLUMNS == FIELDS + ("num_samples",)  # the sampling fields, and samples per row
     defaults = SamplingParams(max_new_tokens=5, temperature=0.5, ignore_eos=True)
     params = resolve_params({"top_k": 4.0, "temperature": None}, defaults, 3, "row")
     assert params == SamplingParams(5, 0.5, 4, 1.0, row_seed(3, "row"), True)  # ignore_eos kept from the defaults
@@ -275,7 +276,7 @@ def readme_snippets() -> list[str]:
 
 def test_readme_snippets_run_as_written(model_dir, tmp_path, monkeypatch, capfd):
     snippets = readme_snippets()
-    assert len(snippets) == 2 and all(README_MODEL in s for s in snippets)
+    assert len(snippets) == 3 and all(README_MODEL in s for s in snippets)
     (tmp_path / "models").mkdir()
     (tmp_path / README_MODEL).symlink_to(model_dir, target_is_directory=True)
     monkeypatch.chdir(tmp_path)  # the snippets' relative paths: the model, and out/ for the first one's files
@@ -286,7 +287,11 @@ def test_readme_snippets_run_as_written(model_dir, tmp_path, monkeypatch, capfd)
     assert {r["id"]: r["user"] for r in completions} == {"q1": "ann", "q2": "bob"}
     assert [(e["id"], e["error"]) for e in errors] == [("q3", "prompt is empty")]
     capfd.readouterr()
-    exec(compile(snippets[1], "README.md RunInference", "exec"), {"__name__": "readme"})
+    exec(compile(snippets[1], "README.md ScoreText", "exec"), {"__name__": "readme"})
+    printed = capfd.readouterr().out
+    assert re.search(r"^d1 5 [0-9.e+]+$", printed, re.M), printed
+    assert "{'id': 'd2', 'error': 'text is null', 'text': None}" in printed, printed
+    exec(compile(snippets[2], "README.md RunInference", "exec"), {"__name__": "readme"})
     printed = capfd.readouterr().out
     assert re.search(r"^'Once upon a time' -> .+ \(tiny@[0-9a-f]{12}\)$", printed, re.M), printed
     assert re.search(r"^q1 ['\"]", printed, re.M), printed

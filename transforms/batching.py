@@ -17,6 +17,15 @@ run the extra steps). A window's last, open batch is carried into the next windo
 only the job's last batch may be short, besides such cuts. The Reshuffle after it spreads the batches over
 all workers; cutting is a sort of a few thousand requests, nothing next to generating them.
 
+Samples (num_samples > 1): a row's N requests share their prompt, which the engine prefills once for the rows of
+a batch that repeat it. The sort key keeps them adjacent (after max_new_tokens and prompt length: the prompt's
+tokens and the row), and the rule above treats them as one unit that joins the open batch whole or opens the next
+one, prefill counted once (`batch_cost`'s `prompts`); a row's samples are split across batches only where they
+alone exceed `batch_size` or `max_batch_tokens`.
+
+Scoring (policy SCORING) batches texts by the same rule with `score_cost`: one forward pass, no decode steps, each
+of a text's windows (transforms/score_text.py) a row; a text's windows stay in one batch.
+
 That GroupByKey fires when its input ends: right for files, never for a stream (in the global window, a stream
 does not end). Unbounded input goes through `BatchByWait` instead: `GroupIntoBatches` on one key per worker process
 (as Beam's own BatchElements does with a maximum wait) emits a batch when it holds `batch_size` requests or its
@@ -28,7 +37,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 
@@ -47,71 +56,187 @@ PREFILL_TOKEN_COST = 0.4  # a prompt token in prefill costs a third to a half of
 ATTENTION_COST = 2e-4  # per cached token a row attends to: 4 x n_layer x n_embd flops vs 2 x 124M a row-step, 1.5e-4 up
 
 
-def batch_cost(rows: int, longest_prompt: int, steps: int) -> float:
+def check_batching(batch_size: int, max_batch_tokens: int, max_wait_secs: float) -> None:
+    """ValueError naming the first bad batching argument of GenerateText / ScoreText."""
+    for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not max_wait_secs > 0:
+        raise ValueError(f"max_wait_secs must be > 0, got {max_wait_secs!r}")
+
+
+def batch_cost(rows: int, longest_prompt: int, steps: int, prompts: int | None = None) -> float:
     """Cost in row-steps of one batch: prefill of the padded prompts, then `steps` decode steps, each a fixed cost
-    (reading all weights) plus per-row compute, plus attention over a cache that grows from the longest prompt."""
-    prefill = PREFILL_TOKEN_COST * rows * longest_prompt
+    (reading all weights) plus per-row compute, plus attention over a cache that grows from the longest prompt.
+    prompts: the distinct prompts among the rows (default: as many as rows); the engine prefills each once, so the
+    samples of one prompt pay its prefill once."""
+    prefill = PREFILL_TOKEN_COST * (rows if prompts is None else prompts) * longest_prompt
     decode = steps * (STEP_FIXED_COST + rows)
     attention = ATTENTION_COST * rows * steps * (longest_prompt + steps / 2)
     return prefill + decode + attention
 
 
-def sort_key(r: Request) -> tuple[int, int]:
-    return r.params.max_new_tokens, len(r.token_ids)
+def score_cost(rows: int, longest: int, steps: int = 0, prompts: int | None = None) -> float:
+    """Cost in row-steps of scoring `rows` texts padded to `longest` tokens: one forward pass, a prefill with no
+    decode steps (`steps` and `prompts` are ignored: every text is its own prompt). The pass reads all weights
+    once, as a decode step does (STEP_FIXED_COST), and attends over the text so far at each position."""
+    return STEP_FIXED_COST + PREFILL_TOKEN_COST * rows * longest + ATTENTION_COST * rows * longest * longest / 2
 
 
-def cut_batches(requests: Iterable[Request], batch_size: int, max_batch_tokens: int) -> Iterator[list[Request]]:
-    """Consecutive batches of `requests` (in the order given: sort them first) by the rule in the module docstring.
-    A request larger than `max_batch_tokens` on its own still gets a batch of its own."""
-    batch: list[Request] = []
-    longest = steps = 0
-    for r in requests:
-        n, s = len(r.token_ids), r.params.max_new_tokens
-        grown_longest, grown_steps = max(longest, n), max(steps, s)
-        rows = len(batch)
-        if batch and (rows >= batch_size or (rows + 1) * (grown_longest + grown_steps) > max_batch_tokens
-                      or batch_cost(rows + 1, grown_longest, grown_steps) - batch_cost(rows, longest, steps)
-                      > batch_cost(1, n, s)):
+def group_key(r: Request) -> tuple:
+    """What the samples of one row share, () for a request that is its row's only sample: its prompt's tokens and
+    the row (source file, row index, id). Read with getattr: anything with token_ids and params batches too."""
+    if getattr(r, "num_samples", 1) > 1:
+        return tuple(r.token_ids), r.source or "", r.row_index, str(r.id)
+    return ()
+
+
+def sort_key(r: Request) -> tuple:
+    """(max_new_tokens, prompt length), then a row's samples next to each other, in sample order."""
+    return r.params.max_new_tokens, len(r.token_ids), group_key(r), getattr(r, "sample", 0)
+
+
+def _group_of(r: Request):
+    """The key of the group of requests that must stay adjacent (a row's samples), or None."""
+    key = group_key(r)
+    return (r.params.max_new_tokens, key) if key else None
+
+
+class _Unit(NamedTuple):
+    """Requests that go into one batch together: rows of which `prompts` distinct prompts, padded to `longest`
+    tokens, `steps` decode steps."""
+    items: list
+    rows: int
+    prompts: int
+    longest: int
+    steps: int
+
+
+def _cut_units(units: Iterable[_Unit], batch_size: int, max_batch_tokens: int,
+               cost: Callable[..., float]) -> Iterator[list]:
+    """The greedy rule of the module docstring over units instead of single requests: a unit joins the open batch
+    whole or opens the next one; a unit larger than a batch on its own still gets a batch of its own."""
+    batch: list = []
+    rows = prompts = longest = steps = 0
+    for u in units:
+        grown_longest, grown_steps = max(longest, u.longest), max(steps, u.steps)
+        if batch and (rows + u.rows > batch_size
+                      or (rows + u.rows) * (grown_longest + grown_steps) > max_batch_tokens
+                      or cost(rows + u.rows, grown_longest, grown_steps, prompts + u.prompts)
+                      - cost(rows, longest, steps, prompts) > cost(u.rows, u.longest, u.steps, u.prompts)):
             yield batch
-            batch, grown_longest, grown_steps = [], n, s
-        batch.append(r)
+            batch, rows, prompts, grown_longest, grown_steps = [], 0, 0, u.longest, u.steps
+        batch.extend(u.items)
+        rows, prompts = rows + u.rows, prompts + u.prompts
         longest, steps = grown_longest, grown_steps
     if batch:
         yield batch
 
 
+def _sample_units(requests: Iterable[Request], batch_size: int, max_batch_tokens: int) -> Iterator[_Unit]:
+    """Consecutive requests of one row's samples as one unit, split only where the group alone exceeds
+    `batch_size` rows or `max_batch_tokens`; every other request a unit of its own."""
+    def units(group: list) -> Iterator[_Unit]:
+        n, s = len(group[0].token_ids), group[0].params.max_new_tokens
+        per = max(1, min(batch_size, max_batch_tokens // (n + s)))
+        for i in range(0, len(group), per):
+            yield _Unit(group[i:i + per], len(group[i:i + per]), 1, n, s)
+
+    group: list = []
+    key = None
+    for r in requests:
+        k = _group_of(r)
+        if group and (k is None or k != key):
+            yield from units(group)
+            group = []
+        group.append(r)
+        key = k
+    if group:
+        yield from units(group)
+
+
+def cut_batches(requests: Iterable[Request], batch_size: int, max_batch_tokens: int) -> Iterator[list[Request]]:
+    """Consecutive batches of `requests` (in the order given: sort them first) by the rule in the module docstring.
+    The samples of one row (adjacent after sorting by `sort_key`) stay in one batch unless they alone exceed
+    `batch_size` or `max_batch_tokens`. A request larger than `max_batch_tokens` on its own still gets a batch of
+    its own."""
+    return _cut_units(_sample_units(requests, batch_size, max_batch_tokens), batch_size, max_batch_tokens,
+                      batch_cost)
+
+
+def score_sort_key(r) -> tuple[int, int]:
+    """A text to score (anything with `windows`, lists of token ids): its longest window, then its windows."""
+    return max(len(w) for w in r.windows), len(r.windows)
+
+
+def cut_score_batches(requests: Iterable, batch_size: int, max_batch_tokens: int) -> Iterator[list]:
+    """Batches of texts to score, by the same rule with `score_cost`, a window counting as a row. A text's windows
+    stay in one batch: a text with more than a batch of windows is a batch of its own (scored a batch of windows
+    per run)."""
+    units = (_Unit([r], len(r.windows), len(r.windows), max(len(w) for w in r.windows), 0) for r in requests)
+    return _cut_units(units, batch_size, max_batch_tokens, score_cost)
+
+
+class Policy(NamedTuple):
+    """How one kind of work is sorted and cut into batches; group: the key of requests that must stay adjacent
+    across a window's boundary (None: none)."""
+    sort_key: Callable
+    cut: Callable[[Iterable, int, int], Iterator[list]]
+    group: Callable
+
+
+def _no_group(r) -> None:
+    return None
+
+
+GENERATION = Policy(sort_key, cut_batches, _group_of)
+SCORING = Policy(score_sort_key, cut_score_batches, _no_group)
+
+
 def plan_batches(requests: Iterable[Request], batch_size: int, max_batch_tokens: int,
-                 window: int = WINDOW) -> Iterator[list[Request]]:
-    """All batches of a stream of requests: read `window` at a time, each sorted (with the open batch carried
-    over from the window before) and cut by `cut_batches`."""
-    it, carry = iter(requests), []
+                 window: int = WINDOW, policy: Policy = GENERATION) -> Iterator[list[Request]]:
+    """All batches of a stream of requests: read `window` at a time (and on to the end of the last one's row: a
+    row's samples arrive together), each sorted (with the open batch carried over from the window before) and cut
+    by `cut_batches` (or the policy's sort and cut)."""
+    it, carry, held = iter(requests), [], None
     while True:
-        chunk = list(itertools.islice(it, window))
+        chunk = [] if held is None else [held]
+        held = None
+        chunk.extend(itertools.islice(it, window - len(chunk)))
         if not chunk:
             break
-        batches = list(cut_batches(sorted(carry + chunk, key=sort_key), batch_size, max_batch_tokens))
+        key = policy.group(chunk[-1])
+        if key is not None:
+            for r in it:
+                if policy.group(r) != key:
+                    held = r
+                    break
+                chunk.append(r)
+        batches = list(policy.cut(sorted(carry + chunk, key=policy.sort_key), batch_size, max_batch_tokens))
         carry = batches.pop()
         yield from batches
     if carry:
         yield carry
 
 
-def _plan_group(kv, batch_size: int, max_batch_tokens: int, window: int) -> Iterator[list[Request]]:
-    return plan_batches(kv[1], batch_size, max_batch_tokens, window)
+def _plan_group(kv, batch_size: int, max_batch_tokens: int, window: int, policy: Policy) -> Iterator[list[Request]]:
+    return plan_batches(kv[1], batch_size, max_batch_tokens, window, policy)
 
 
 class BatchByLength(beam.PTransform):
-    """Request -> list[Request]."""
+    """Request -> list[Request] (policy SCORING: texts to score -> batches of them)."""
 
-    def __init__(self, batch_size: int, max_batch_tokens: int, window: int = WINDOW):
+    def __init__(self, batch_size: int, max_batch_tokens: int, window: int = WINDOW, policy: Policy = GENERATION):
         super().__init__()
         self.batch_size, self.max_batch_tokens, self.window = batch_size, max_batch_tokens, window
+        self.policy = policy
 
     def expand(self, requests):
         return (requests
                 | "KeyAll" >> beam.Map(lambda r: (0, r))
                 | "GroupAll" >> beam.GroupByKey()
-                | "CutBatches" >> beam.FlatMap(_plan_group, self.batch_size, self.max_batch_tokens, self.window)
+                | "CutBatches" >> beam.FlatMap(_plan_group, self.batch_size, self.max_batch_tokens, self.window,
+                                                  self.policy)
                 | "SpreadBatches" >> beam.Reshuffle())
 
 
@@ -123,8 +248,8 @@ class _KeyByProcess(beam.DoFn):
         yield _PROCESS_KEY, request
 
 
-def _cut_group(kv, batch_size: int, max_batch_tokens: int) -> Iterator[list[Request]]:
-    return cut_batches(sorted(kv[1], key=sort_key), batch_size, max_batch_tokens)
+def _cut_group(kv, batch_size: int, max_batch_tokens: int, policy: Policy) -> Iterator[list[Request]]:
+    return policy.cut(sorted(kv[1], key=policy.sort_key), batch_size, max_batch_tokens)
 
 
 class BatchByWait(beam.PTransform):
@@ -133,15 +258,15 @@ class BatchByWait(beam.PTransform):
     GroupIntoBatches's."""
 
     def __init__(self, batch_size: int, max_batch_tokens: int, max_wait_secs: float,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, policy: Policy = GENERATION):
         super().__init__()
         if not max_wait_secs > 0:  # GroupIntoBatches reads 0 as "no limit": a stream's batch would wait forever
             raise ValueError(f"max_wait_secs must be > 0, got {max_wait_secs!r}")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
-        self.max_wait_secs, self.clock = max_wait_secs, clock
+        self.max_wait_secs, self.clock, self.policy = max_wait_secs, clock, policy
 
     def expand(self, requests):
         return (requests
                 | "KeyByProcess" >> beam.ParDo(_KeyByProcess())
                 | "GroupIntoBatches" >> beam.GroupIntoBatches(self.batch_size, self.max_wait_secs, self.clock)
-                | "CutBatches" >> beam.FlatMap(_cut_group, self.batch_size, self.max_batch_tokens))
+                | "CutBatches" >> beam.FlatMap(_cut_group, self.batch_size, self.max_batch_tokens, self.policy))

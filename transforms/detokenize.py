@@ -12,12 +12,16 @@ COMPLETION_FIELDS = ("id", "prompt", "completion", "completion_token_ids", "prom
                      "finish_reason", "model", "precision")
 
 
-def completion_fields(logprobs: bool = False) -> tuple[str, ...]:
-    """The fields of a completion row, with or without `logprobs` (after `completion_token_ids`)."""
-    if not logprobs:
-        return COMPLETION_FIELDS
-    i = COMPLETION_FIELDS.index("completion_token_ids") + 1
-    return COMPLETION_FIELDS[:i] + ("logprobs",) + COMPLETION_FIELDS[i:]
+def completion_fields(logprobs: bool = False, samples: bool = False) -> tuple[str, ...]:
+    """The fields of a completion row, with or without `logprobs` (after `completion_token_ids`) and `sample`
+    (after `id`)."""
+    fields = COMPLETION_FIELDS
+    if logprobs:
+        i = fields.index("completion_token_ids") + 1
+        fields = fields[:i] + ("logprobs",) + fields[i:]
+    if samples:
+        fields = fields[:1] + ("sample",) + fields[1:]
+    return fields
 
 
 def apply_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, list[int], bool]:
@@ -35,11 +39,13 @@ def apply_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, 
 
 
 def completion_row(tokenizer, id, prompt: str, prompt_tokens: int, token_ids: list[int], finish_reason: str,
-                   stops: list[str], model_label: str, precision: str, logprobs: list[float] | None = None) -> dict:
+                   stops: list[str], model_label: str, precision: str, logprobs: list[float] | None = None,
+                   sample: int | None = None) -> dict:
     """The output row of one completion (completion_fields); with `logprobs` (one per token id), a `logprobs` field
-    cut like the token ids to those wholly inside the completion."""
+    cut like the token ids to those wholly inside the completion; with `sample`, a `sample` field after `id`."""
     text, ids, stopped = apply_stop(tokenizer, token_ids, stops)
-    row = {"id": id, "prompt": prompt, "completion": text, "completion_token_ids": ids}
+    row = {"id": id} if sample is None else {"id": id, "sample": sample}
+    row.update(prompt=prompt, completion=text, completion_token_ids=ids)
     if logprobs is not None:
         row["logprobs"] = list(logprobs[:len(ids)])
     row.update(prompt_tokens=prompt_tokens, completion_tokens=len(ids),
@@ -66,5 +72,5 @@ class Detokenize(beam.DoFn):
         r = result.request
         row = completion_row(self._tok, r.id, r.prompt, len(r.token_ids), result.token_ids, result.finish_reason,
                              self.stops, self.model_label, result.precision,
-                             result.logprobs if self.logprobs else None)
+                             result.logprobs if self.logprobs else None, r.sample if r.with_sample else None)
         yield with_keys(row, origin(r))

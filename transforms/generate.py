@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms.batching import group_key
 from transforms.progress import PROGRESS_DIR_ENV, TOKENS, Counter
 from transforms.records import ERRORS, Request, Result, row_dead_letter
 from transforms.resources import shared_model
@@ -67,6 +68,18 @@ def split_and_retry(generate: Callable[[Sequence[T]], list], batch: Sequence[T])
     yield batch, completions, time.perf_counter() - start
 
 
+def row_units(batch: list[Request]) -> list[list[Request]]:
+    """The batch as consecutive runs of one row's samples (batching keeps them adjacent); a request that is its
+    row's only sample is a run of its own."""
+    units: list[list[Request]] = []
+    for r in batch:
+        if units and r.num_samples > 1 and group_key(units[-1][0]) == group_key(r):
+            units[-1].append(r)
+        else:
+            units.append([r])
+    return units
+
+
 class GenerateBatches(beam.DoFn):
     """list[Request] -> Result per row; rows that fail alone go to ERRORS."""
 
@@ -86,13 +99,21 @@ class GenerateBatches(beam.DoFn):
         self._model = None  # the last reference going closes the model's Session (GenerationModel's finalizer)
 
     def process(self, batch: list[Request]):
-        generate = lambda rows: self._model.generate([r.token_ids for r in rows], [r.params for r in rows])  # noqa
-        for rows, outcome, seconds in split_and_retry(generate, batch):
+        def generate(units: Sequence[list[Request]]):
+            rows = [r for u in units for r in u]
+            return self._model.generate([r.token_ids for r in rows], [r.params for r in rows])
+
+        # A row's samples are retried together: a failure halves the batch between rows, never within one.
+        for units, outcome, seconds in split_and_retry(generate, row_units(batch)):
             if isinstance(outcome, Exception):
                 self.rejected.inc()
+                r = units[0][0]
+                which = "" if r.num_samples == 1 else \
+                    f" (samples {units[0][0].sample}..{units[0][-1].sample} of {r.num_samples})"
                 yield beam.pvalue.TaggedOutput(ERRORS, row_dead_letter(
-                    rows[0], f"generation failed: {type(outcome).__name__}: {outcome}"))
+                    r, f"generation failed{which}: {type(outcome).__name__}: {outcome}"))
                 continue
+            rows = [r for u in units for r in u]
             self.latency.update(int(seconds * 1000))
             self.batch_size.update(len(rows))
             self.prompts.inc(len(rows))

@@ -8,8 +8,11 @@
 
 An input row is a dict with `id` (any value; a row's seed derives from the run seed and str(id)), `prompt` (text),
 optionally a value per sampling field (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos: None = the
-default) and anything else, passed through to its output row untouched (where a key is named like an output field,
-the output field wins). Every input row comes out exactly once, as a completion or as an error with its reason.
+default) and `num_samples`, and anything else, passed through to its output row untouched (where a key is named
+like an output field, the output field wins). Every input row comes out exactly once as an error with its reason,
+or as its completions: num_samples of them (default 1), each with `sample` (0..num_samples-1, after `id`) when
+num_samples is given to the transform or set by the row. Sample k's seed derives from the row's seed and k alone
+(sample 0's is the row's seed), so a sample is the same alone, in any batch, and with any num_samples.
 
 The model directory supplies the model's name (`model`), its context size and its tokenizer: they are read from its
 manifest when the transform is built. Ids need not be unique: deduplication is the job's (transforms/job.py,
@@ -26,15 +29,15 @@ from typing import Callable, NamedTuple
 
 import apache_beam as beam
 
-from gpt2.manifest import model_label as manifest_label
 from gpt2.sampling import sampling_params
-from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, BatchByLength, BatchByWait
+from transforms.batching import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, BatchByLength, BatchByWait,
+                                 check_batching)
 from transforms.detokenize import Detokenize
 from transforms.generate import GenerateBatches
-from transforms.model_cache import model_manifest
+from transforms.model_cache import model_identity
 from transforms.records import ERRORS
 from transforms.resources import shared_tokenizer
-from transforms.validate import Tokenize, ValidateRows
+from transforms.validate import Tokenize, ValidateRows, expand_samples, resolve_num_samples
 
 TRUNCATE = ("none", "left")
 
@@ -53,6 +56,8 @@ class GenerateText(beam.PTransform):
     seed: the run seed; a row's seed is derived from it and the row's id (unless the row has its own `seed`), so its
       completion never depends on batching, workers or runner.
     stop: stop strings; a completion is cut before the first one found (finish_reason "stop").
+    num_samples: completions per row (a row's `num_samples` overrides it); given (even 1), every completion
+      carries `sample`. None: 1, and only the completions of rows that set num_samples carry `sample`.
     logprobs: add `logprobs` to each completion: the model's log-probability of each of its tokens (full softmax,
       before temperature, top-k and top-p), cut with the tokens when a stop string cuts the completion.
     truncate: "none" (a prompt too long for the context is an error) or "left" (keep its end).
@@ -71,31 +76,28 @@ class GenerateText(beam.PTransform):
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, streaming: bool | None = None,
                  max_wait_secs: float = 1.0, precision: str = "auto", intra_op_threads: int | None = None,
                  model_label: str | None = None, n_ctx: int | None = None, logprobs: bool = False,
-                 clock: Callable[[], float] = time.time, **sampling):
+                 num_samples: int | None = None, clock: Callable[[], float] = time.time, **sampling):
         super().__init__()
+        if num_samples is not None:
+            resolve_num_samples(num_samples, 1)  # ValueError unless an integer >= 1
         self.defaults = sampling_params(**sampling)  # TypeError for an unknown name, ValueError for a bad value
         if truncate not in TRUNCATE:
             raise ValueError(f"truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
         if isinstance(stop, str):
             stop = [stop]
-        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not max_wait_secs > 0:
-            raise ValueError(f"max_wait_secs must be > 0, got {max_wait_secs!r}")
-        if model_label is None or n_ctx is None:
-            manifest = model_manifest(model_dir)  # gpt2.manifest.ModelError if it is not a model directory
-            model_label = model_label or manifest_label(manifest)
-            n_ctx = n_ctx or manifest["config"]["n_ctx"]
+        check_batching(batch_size, max_batch_tokens, max_wait_secs)
+        model_label, n_ctx = model_identity(model_dir, model_label, n_ctx)
         self.model_dir, self.model_label, self.n_ctx = model_dir, model_label, n_ctx
         self.seed, self.stops, self.truncate = seed, list(stop), truncate
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.streaming, self.max_wait_secs, self.clock = streaming, max_wait_secs, clock
         self.precision, self.intra_op_threads, self.logprobs = precision, intra_op_threads, bool(logprobs)
+        self.num_samples = num_samples
 
     def expand(self, rows) -> GenerateTextResult:
         tokenizer = shared_tokenizer(self.model_dir)  # one handle for Tokenize and Detokenize: one load per process
-        valid = rows | "Validate" >> beam.ParDo(ValidateRows(self.defaults, self.seed)).with_outputs(
+        valid = rows | "Validate" >> beam.ParDo(ValidateRows(
+            self.defaults, self.seed, self.num_samples or 1, self.num_samples is not None)).with_outputs(
             ERRORS, main="ok")
         tokens = valid.ok | "Tokenize" >> beam.ParDo(
             Tokenize(self.model_dir, self.n_ctx, self.truncate, tokenizer)).with_outputs(ERRORS, main="ok")
@@ -105,6 +107,7 @@ class GenerateText(beam.PTransform):
         else:
             batch = BatchByLength(self.batch_size, self.max_batch_tokens)
         results = (tokens.ok
+                   | "Samples" >> beam.FlatMap(expand_samples)
                    | "Batch" >> batch
                    | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads))
                    .with_outputs(ERRORS, main="ok"))

@@ -11,8 +11,7 @@ import json
 import re
 from typing import IO, Iterable, Iterator
 
-from gpt2.sampling import FIELDS
-from transforms.records import PromptRow, dead_letter, position
+from transforms.records import ROW_OPTIONS, PromptRow, dead_letter, position
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON \\u escape can put in a string that UTF-8 cannot hold
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
@@ -35,9 +34,12 @@ def _excerpt(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit - 3] + "...")
 
 
-def parse_row(line: bytes, number: int, path: str, shard: str, prompt_column: str,
-              id_column: str) -> PromptRow | dict:
-    """One line as a PromptRow, or its dead letter (a dict) saying what is wrong with it."""
+def parse_row(line: bytes, number: int, path: str, shard: str, prompt_column: str, id_column: str,
+              extra_columns: tuple[str, ...] = (), overrides: tuple[str, ...] = ROW_OPTIONS,
+              options: dict[str, str] | None = None) -> PromptRow | dict:
+    """One line as a PromptRow, or its dead letter (a dict) saying what is wrong with it. The prompt key's value is
+    the row's `prompt`; `extra_columns` are keys it must also have, kept in `extra` under their names; `overrides`
+    the optional per-row keys. options: the command-line option naming each required key, for the messages."""
     where, rid = position(path, number), f"{shard}:{number}"
     try:
         text = line.decode("utf-8")
@@ -53,20 +55,39 @@ def parse_row(line: bytes, number: int, path: str, shard: str, prompt_column: st
     if obj.get(id_column) is not None:
         rid = str(obj[id_column])
     prompt = obj.get(prompt_column)
-    if prompt_column not in obj:
-        return dead_letter(rid, None, f"{where}: no {prompt_column!r} key (keys: {sorted(obj)}; see "
-                                      f"--prompt_column)", path, number)
-    for name, value in ((id_column, rid), (prompt_column, prompt)):
+    options = options or {prompt_column: "--prompt_column"}
+    for column in (prompt_column, *extra_columns):
+        if column not in obj:
+            return dead_letter(rid, None, f"{where}: no {column!r} key (keys: {sorted(obj)}; see "
+                                          f"{options.get(column, '--prompt_column')})", path, number)
+    extra = {c: obj[c] for c in extra_columns}
+    for name, value in ((id_column, rid), (prompt_column, prompt), *extra.items()):
         if isinstance(value, str) and _SURROGATE.search(value):  # no UTF-8 file, Parquet or JSONL, can hold it
             safe = lambda s: s.encode("utf-8", "backslashreplace").decode() if isinstance(s, str) else s  # noqa
             return dead_letter(safe(rid), safe(prompt), f"{where}: {name} is not valid Unicode text (a lone "
                                                         f"surrogate escape)", path, number)
-    return PromptRow(rid, prompt, {c: obj[c] for c in FIELDS if c in obj}, path, number)
+    return PromptRow(rid, prompt, {c: obj[c] for c in overrides if c in obj}, path, number, extra)
 
 
-def read_rows(f: IO[bytes], path: str, shard: str, prompt_column: str, id_column: str) -> Iterator[PromptRow | dict]:
+def read_rows(f: IO[bytes], path: str, shard: str, prompt_column: str, id_column: str,
+              **columns) -> Iterator[PromptRow | dict]:
+    """Every row of a file (parse_row; `columns`: its extra_columns, overrides and options)."""
     for number, line in numbered_lines(f):
-        yield parse_row(line, number, path, shard, prompt_column, id_column)
+        yield parse_row(line, number, path, shard, prompt_column, id_column, **columns)
+
+
+def has_key(f: IO[bytes], key: str) -> bool:
+    """Whether some line's object has the top-level key `key` (lines without its quoted name are not parsed)."""
+    quoted = json.dumps(key).encode()
+    for _, line in numbered_lines(f):
+        if quoted in line:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and key in obj:
+                return True
+    return False
 
 
 def encode(rows: Iterable[dict], fields: Iterable[str]) -> bytes:

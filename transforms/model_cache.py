@@ -25,7 +25,7 @@ from pathlib import Path
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from gpt2.manifest import MANIFEST, ModelError, read_manifest, verify_files
+from gpt2.manifest import MANIFEST, ModelError, model_label, read_manifest, verify_files
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "GPT2_BEAM_MODEL_CACHE"
@@ -137,3 +137,13 @@ def model_manifest(model_dir: str) -> dict:
     """The manifest of a model directory, for the launcher (a model's name and context size come from it): a local
     one read and checked (its files' sha256 are verified where it is loaded), a remote one as check_model_dir."""
     return read_manifest(model_dir) if is_local(model_dir) else check_model_dir(model_dir)
+
+
+def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None = None) -> tuple[str, int]:
+    """(label, context size) of a model: as given by a caller that has them (the file jobs read the manifest
+    once before they start), else from its manifest (gpt2.manifest.ModelError if it is not a model directory)."""
+    if label is None or n_ctx is None:
+        manifest = model_manifest(model_dir)
+        label = label or model_label(manifest)
+        n_ctx = n_ctx or manifest["config"]["n_ctx"]
+    return label, n_ctx

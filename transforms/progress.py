@@ -26,6 +26,7 @@ COALESCE_SECONDS = 0.1
 ROWS_DONE = "rows_done"  # rows with their completion or dead letter on the way to be written
 ROWS_SKIPPED = "rows_skipped_existing"  # rows skipped by --skip_existing: their id already has an output row
 TOKENS = "generated_tokens"
+SCORED_TOKENS = "scored_tokens"  # the scoring job's tokens (pipeline.score)
 
 
 class Counter:

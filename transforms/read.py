@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from gpt2.sampling import FIELDS
 from transforms import jsonl
-from transforms.records import ERRORS, PromptRow, dead_letter, is_jsonl, position
+from transforms.records import ERRORS, ROW_OPTIONS, PromptRow, dead_letter, is_jsonl, position
 
 log = logging.getLogger(__name__)
-OVERRIDE_COLUMNS = FIELDS  # per-row columns named after a sampling field override the run's value where not null
+# Per-row columns named after a sampling field (or num_samples) override the run's value where not null.
+OVERRIDE_COLUMNS = ROW_OPTIONS
 READ_BATCH_ROWS = 1024  # rows decoded at once within a row group
 
 
@@ -55,6 +55,18 @@ def count_rows(path: str) -> int:
     return open_parquet(path).metadata.num_rows
 
 
+def has_column(path: str, column: str) -> bool:
+    """Whether a shard has the column (a Parquet file's schema) or key (some line of a JSON Lines file); False if
+    it cannot be read (the pipeline dead-letters it)."""
+    try:
+        if is_jsonl(path):
+            with open_binary(path) as f:
+                return jsonl.has_key(f, column)
+        return column in open_parquet(path).schema_arrow.names
+    except Exception:  # noqa: BLE001 - any unreadable shard
+        return False
+
+
 def column_values(column: pa.Array) -> list:
     """A column as Python values; a string that is not valid UTF-8 comes back as its raw bytes, so that only
     its own row is rejected (by validation) rather than the whole batch."""
@@ -74,10 +86,12 @@ def _decode(raw: bytes | None) -> str | bytes | None:
 
 class ListRowGroups(beam.DoFn):
     """path -> (path, row group, first row index) for every row group of a Parquet file, (path, None, 0) for a JSON
-    Lines file; an unreadable Parquet file is a dead letter."""
+    Lines file; an unreadable Parquet file, or one without a required column, is a dead letter. options: the
+    command-line option naming each required column (column -> "--x_column"), for the message."""
 
-    def __init__(self, prompt_column: str):
-        self.prompt_column = prompt_column
+    def __init__(self, prompt_column: str, extra_columns: tuple[str, ...] = (), options: dict | None = None):
+        self.prompt_column, self.extra_columns = prompt_column, tuple(extra_columns)
+        self.options = options or {prompt_column: "--prompt_column"}
 
     def process(self, path: str):
         yield from ([(path, None, 0)] if is_jsonl(path) else self.row_groups(path))
@@ -85,9 +99,12 @@ class ListRowGroups(beam.DoFn):
     def row_groups(self, path: str):
         try:
             pf = open_parquet(path)
-            if self.prompt_column not in pf.schema_arrow.names:
-                raise ValueError(f"no prompt column {self.prompt_column!r} (columns: {pf.schema_arrow.names}; "
-                                 f"see --prompt_column)")
+            for column in (self.prompt_column, *self.extra_columns):
+                if column not in pf.schema_arrow.names:
+                    option = self.options.get(column, "--prompt_column")
+                    role = option.removeprefix("--").removesuffix("_column")
+                    raise ValueError(f"no {role} column {column!r} (columns: {pf.schema_arrow.names}; "
+                                     f"see {option})")
             offset = 0
             for rg in range(pf.metadata.num_row_groups):
                 yield path, rg, offset
@@ -100,10 +117,13 @@ class ListRowGroups(beam.DoFn):
 
 class ReadRowGroup(beam.DoFn):
     """(path, row group, first row index) -> PromptRow for each row, dead letters under ERRORS; (path, None, 0): the
-    rows of a JSON Lines file."""
+    rows of a JSON Lines file. extra_columns: required columns kept in each row's `extra` under their names;
+    overrides: the optional per-row columns read into its `overrides`."""
 
-    def __init__(self, prompt_column: str, id_column: str):
+    def __init__(self, prompt_column: str, id_column: str, extra_columns: tuple[str, ...] = (),
+                 overrides: tuple[str, ...] = OVERRIDE_COLUMNS, options: dict | None = None):
         self.prompt_column, self.id_column = prompt_column, id_column
+        self.extra_columns, self.overrides, self.options = tuple(extra_columns), tuple(overrides), options
 
     def process(self, element):
         path, rg, offset = element
@@ -113,8 +133,8 @@ class ReadRowGroup(beam.DoFn):
         pf = open_parquet(path)
         names = pf.schema_arrow.names
         has_id = self.id_column in names
-        overrides = [c for c in OVERRIDE_COLUMNS if c in names]
-        columns = [self.prompt_column] + ([self.id_column] if has_id else []) + overrides
+        overrides = [c for c in self.overrides if c in names]
+        columns = [self.prompt_column] + ([self.id_column] if has_id else []) + list(self.extra_columns) + overrides
         row = offset
         try:
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[rg], columns=columns):
@@ -122,7 +142,8 @@ class ReadRowGroup(beam.DoFn):
                 for i, prompt in enumerate(data[self.prompt_column]):
                     rid = data[self.id_column][i] if has_id else None
                     rid = f"{shard_name(path)}:{row}" if rid is None else str(rid)
-                    yield PromptRow(rid, prompt, {c: data[c][i] for c in overrides}, path, row)
+                    yield PromptRow(rid, prompt, {c: data[c][i] for c in overrides}, path, row,
+                                    {c: data[c][i] for c in self.extra_columns})
                     row += 1
         except Exception as e:  # noqa: BLE001 - a corrupt row group: each of its unread rows is a dead letter
             end = offset + pf.metadata.row_group(rg).num_rows
@@ -144,23 +165,34 @@ class ReadRowGroup(beam.DoFn):
                 unreadable_id(path), None, f"unreadable shard {path}: {e}", path))
             return
         with f:
-            for row in jsonl.read_rows(f, path, shard_name(path), self.prompt_column, self.id_column):
+            for row in jsonl.read_rows(f, path, shard_name(path), self.prompt_column, self.id_column,
+                                       extra_columns=self.extra_columns, overrides=self.overrides,
+                                       options=self.options):
                 yield row if isinstance(row, PromptRow) else beam.pvalue.TaggedOutput(ERRORS, row)
 
 
 class ReadPrompts(beam.PTransform):
-    """Input file paths (Parquet, or JSON Lines by a .jsonl name) -> PromptRow, with dead letters under ERRORS."""
+    """Input file paths (Parquet, or JSON Lines by a .jsonl name) -> PromptRow, with dead letters under ERRORS.
 
-    def __init__(self, prompt_column: str = "prompt", id_column: str = "id"):
+    prompt_column: read as each row's `prompt` (the scoring job: its text, or its prompt); extra_columns: further
+    required columns, in each row's `extra` under their names; overrides: optional per-row columns (default: the
+    sampling fields and num_samples); options: the option naming each required column, for error messages.
+    """
+
+    def __init__(self, prompt_column: str = "prompt", id_column: str = "id", extra_columns: tuple[str, ...] = (),
+                 overrides: tuple[str, ...] = OVERRIDE_COLUMNS, options: dict | None = None):
         super().__init__()
         self.prompt_column, self.id_column = prompt_column, id_column
+        self.extra_columns, self.overrides = tuple(extra_columns), tuple(overrides)
+        self.options = options or {prompt_column: "--prompt_column"}
 
     def expand(self, paths):
-        groups = paths | "ListRowGroups" >> beam.ParDo(ListRowGroups(self.prompt_column)).with_outputs(
-            ERRORS, main="row_groups")
+        groups = paths | "ListRowGroups" >> beam.ParDo(ListRowGroups(
+            self.prompt_column, self.extra_columns, self.options)).with_outputs(ERRORS, main="row_groups")
         rows = (groups.row_groups
                 | "SpreadRowGroups" >> beam.Reshuffle()
-                | "ReadRowGroup" >> beam.ParDo(ReadRowGroup(self.prompt_column, self.id_column)).with_outputs(
-                    ERRORS, main="rows"))
+                | "ReadRowGroup" >> beam.ParDo(ReadRowGroup(
+                    self.prompt_column, self.id_column, self.extra_columns, self.overrides, self.options))
+                .with_outputs(ERRORS, main="rows"))
         errors = (groups[ERRORS], rows[ERRORS]) | "ReadErrors" >> beam.Flatten()
         return {"rows": rows.rows, ERRORS: errors}

@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gpt2.sampling import SamplingParams
+from gpt2.sampling import FIELDS, SamplingParams
 
 ERRORS = "errors"  # tag of every DoFn's dead-letter output
+NUM_SAMPLES = "num_samples"  # completions per prompt: a per-row column or key like the sampling fields, not one
+ROW_OPTIONS = FIELDS + (NUM_SAMPLES,)  # the per-row columns and keys of a generation row besides id and prompt
 
 
 @dataclasses.dataclass
@@ -29,7 +31,8 @@ class PromptRow:
 
 @dataclasses.dataclass
 class Request:
-    """A valid prompt, tokenized, with its resolved sampling parameters."""
+    """A valid prompt, tokenized, with its resolved sampling parameters: one sample of its row (`sample` of
+    `num_samples`; params.seed is that sample's seed)."""
     id: Any
     prompt: str
     token_ids: list[int]
@@ -37,6 +40,9 @@ class Request:
     source: str | None = None
     row_index: int = -1
     extra: dict = dataclasses.field(default_factory=dict)
+    sample: int = 0
+    num_samples: int = 1
+    with_sample: bool = False  # its output row carries `sample`
 
 
 @dataclasses.dataclass
@@ -72,7 +78,8 @@ def origin(row: PromptRow | Request) -> dict:
 
 def dead_letter(id: Any, prompt: Any, error: str, source: str | None, row_index: int = -1,
                 extra: dict | None = None) -> dict:
-    """A row that cannot be generated, and why. `prompt` keeps the original value as text (None stays None)."""
+    """A row that cannot be generated (or scored), and why. `prompt` keeps the original value as text (None stays
+    None): the prompt, or the text a scoring row scores."""
     if prompt is not None and not isinstance(prompt, str):
         prompt = repr(prompt)
     row = {"id": id, "prompt": prompt, "error": error}

@@ -6,22 +6,47 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Mapping
+from typing import Iterator
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
-from gpt2.sampling import FIELDS, SamplingParams, coerce
-from transforms.records import ERRORS, PromptRow, Request, dead_letter, row_dead_letter
+from gpt2.sampling import SamplingParams, coerce
+from transforms.records import (ERRORS, NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request, dead_letter,
+                                row_dead_letter)
 from transforms.resources import SharedResource, shared_tokenizer
 
-ROW_KEYS = ("id", "prompt")  # besides the sampling fields, the keys a dict row's generation reads
+ROW_KEYS = ("id", "prompt")  # besides the per-row options (ROW_OPTIONS), the keys a dict row's generation reads
 
 
 def row_seed(run_seed: int, row_id) -> int:
     """A row's seed from the run seed and its id alone: the same wherever and with whatever it is batched."""
     digest = hashlib.sha256(f"{run_seed}\x00{row_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a row whose seed is `seed`: sample 0's is the row's seed itself (so one sample
+    per row is what a row always was), the others derive from it and the sample number alone."""
+    if sample == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}\x00sample\x00{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def resolve_num_samples(value, default: int) -> int:
+    """A row's num_samples (None = the default); ValueError naming the column when it is not an integer >= 1."""
+    if value is None:
+        return default
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+            isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer())):
+        raise ValueError(f"column {NUM_SAMPLES}: expected an integer, got {value!r}")
+    if int(value) < 1:
+        raise ValueError(f"{NUM_SAMPLES} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def resolve_params(overrides: dict, defaults: SamplingParams, run_seed: int, row_id) -> SamplingParams:
@@ -36,16 +61,19 @@ def resolve_params(overrides: dict, defaults: SamplingParams, run_seed: int, row
     return params
 
 
-def prompt_error(prompt) -> str | None:
-    """What makes a prompt value unusable, or None."""
+def prompt_error(prompt, name: str = "prompt", blank_ok: bool = False) -> str | None:
+    """What makes a prompt value (or another text value, named `name`) unusable, or None. blank_ok: text of only
+    whitespace is usable (scoring: it has tokens), the empty string still is not."""
     if prompt is None:
-        return "prompt is null"
+        return f"{name} is null"
     if isinstance(prompt, bytes):  # a string column's value that is not UTF-8 (see read.column_values)
-        return "prompt is not valid UTF-8 text"
+        return f"{name} is not valid UTF-8 text"
     if not isinstance(prompt, str):
-        return f"prompt is not a string but {type(prompt).__name__}"
-    if not prompt.strip():
-        return "prompt is empty" if not prompt else "prompt is only whitespace"
+        return f"{name} is not a string but {type(prompt).__name__}"
+    if not prompt:
+        return f"{name} is empty"
+    if not blank_ok and not prompt.strip():
+        return f"{name} is only whitespace"
     return None
 
 
@@ -70,16 +98,19 @@ def to_prompt_row(element) -> PromptRow:
         return element
     if not isinstance(element, Mapping):
         raise ValueError(f"a row must be a dict with id and prompt, not {type(element).__name__}")
-    overrides = {k: element[k] for k in FIELDS if k in element}
+    overrides = {k: element[k] for k in ROW_OPTIONS if k in element}
     extra = {k: v for k, v in element.items() if k not in ROW_KEYS and k not in overrides}
     return PromptRow(element.get("id"), element.get("prompt"), overrides, extra=extra)
 
 
 class ValidateRows(beam.DoFn):
-    """PromptRow or dict row -> (PromptRow, SamplingParams) for a usable prompt and parameters; else a dead letter."""
+    """PromptRow or dict row -> (PromptRow, SamplingParams, num_samples, with_sample) for a usable prompt and
+    parameters; else a dead letter. num_samples: the rows' default (a row's `num_samples` overrides it);
+    sample_field: every row's outputs carry `sample` (else only those of rows that set num_samples)."""
 
-    def __init__(self, defaults: SamplingParams, run_seed: int):
+    def __init__(self, defaults: SamplingParams, run_seed: int, num_samples: int = 1, sample_field: bool = False):
         self.defaults, self.run_seed = defaults, run_seed
+        self.num_samples, self.sample_field = num_samples, sample_field
         self.rejected = Metrics.counter("gpt2", "dead_letters")
 
     def process(self, element):
@@ -92,7 +123,10 @@ class ValidateRows(beam.DoFn):
         error = "id is null" if row.id is None else prompt_error(row.prompt)
         if error is None:
             try:
-                yield row, resolve_params(row.overrides, self.defaults, self.run_seed, row.id)
+                overrides = {k: v for k, v in row.overrides.items() if k != NUM_SAMPLES}
+                n = row.overrides.get(NUM_SAMPLES)
+                yield (row, resolve_params(overrides, self.defaults, self.run_seed, row.id),
+                       resolve_num_samples(n, self.num_samples), self.sample_field or n is not None)
                 return
             except ValueError as e:
                 error = str(e)
@@ -101,8 +135,9 @@ class ValidateRows(beam.DoFn):
 
 
 class Tokenize(beam.DoFn):
-    """(PromptRow, SamplingParams) -> Request; prompts that do not fit the context are dead letters
-    unless truncate == 'left', which keeps the prompt's last tokens."""
+    """(PromptRow, SamplingParams, num_samples, with_sample) -> Request (of its row, not yet one per sample:
+    `expand_samples`); prompts that do not fit the context are dead letters unless truncate == 'left', which keeps
+    the prompt's last tokens."""
 
     def __init__(self, model_dir: str, n_ctx: int, truncate: str = "none", tokenizer: SharedResource | None = None):
         self.tokenizer = tokenizer or shared_tokenizer(model_dir)  # one handle shared with Detokenize: one load
@@ -117,13 +152,25 @@ class Tokenize(beam.DoFn):
         self._tok = None  # the last reference going frees the shared tokenizer
 
     def process(self, element):
-        row, params = element
+        row, params, num_samples, with_sample = element
         ids = self._tok.encode(row.prompt)
         kept, error = fit_context(ids, params.max_new_tokens, self.n_ctx, self.truncate)
         if error is None:
             if len(kept) < len(ids):
                 self.truncated.inc()
-            yield Request(row.id, row.prompt, kept, params, row.source, row.row_index, row.extra)
+            yield Request(row.id, row.prompt, kept, params, row.source, row.row_index, row.extra,
+                          num_samples=num_samples, with_sample=with_sample)
         else:
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(ERRORS, row_dead_letter(row, error))
+
+
+def expand_samples(request: Request) -> Iterator[Request]:
+    """A row's Request -> one Request per sample, each with its own seed (`sample_seed`), all with the same token
+    ids: the batching keeps them together, and the engine prefills their prompt once for all of them."""
+    if request.num_samples == 1:
+        yield request
+        return
+    for k in range(request.num_samples):
+        yield dataclasses.replace(request, sample=k,
+                                  params=dataclasses.replace(request.params, seed=sample_seed(request.params.seed, k)))
