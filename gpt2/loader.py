@@ -135,8 +135,10 @@ class GenerationModel:
         release_free_memory()
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
-        """Complete each prompt (a non-empty list of token ids) in one Session.run."""
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 logprobs: bool = True) -> list[Completion]:
+        """Complete each prompt (a non-empty list of token ids) in one Session.run. Without `logprobs` the graph
+        skips the log-sum-exp over the vocabulary and Completion.logprobs are zeros."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -156,11 +158,11 @@ class GenerationModel:
         batch = np.full((len(distinct), lengths.max()), EOT_TOKEN, np.int32)
         for row, ids in enumerate(distinct):
             batch[row, batch.shape[1] - len(ids):] = ids  # left padding
-        # The per-row inputs after input_ids, input_lengths and prompt_index are the SamplingParams fields, in
-        # INPUTS's order.
-        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in list(INPUTS)[3:]]
-        tokens, n_new, finish, logprobs = self._run(batch, lengths, prompt_index, *per_row)
-        return [Completion(tokens[r, :n].tolist(), logprobs[r, :n].tolist(), "stop" if finish[r] else "length")
+        # The per-row inputs after input_ids, input_lengths, prompt_index and want_logprobs are the SamplingParams
+        # fields, in INPUTS's order.
+        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in list(INPUTS)[4:]]
+        tokens, n_new, finish, lp = self._run(batch, lengths, prompt_index, np.bool_(logprobs), *per_row)
+        return [Completion(tokens[r, :n].tolist(), lp[r, :n].tolist(), "stop" if finish[r] else "length")
                 for r, n in enumerate(n_new)]
 
     def score(self, texts: Sequence[Sequence[int]]) -> list[list[float]]:

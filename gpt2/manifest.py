@@ -20,7 +20,8 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 INPUTS = {
     "input_ids": ("int32", [None, None]),  # (B, T) left padded
     "input_lengths": ("int32", [None]),  # (B,) real tokens per row, >= 1
-    "prompt_index": ("int32", [None]),  # (R,) the prompt each output row continues; the rest are per output row
+    "prompt_index": ("int32", [None]),  # (R,) the prompt each output row continues
+    "want_logprobs": ("bool", []),  # compute each token's log-probability (else zeros); the rest are per output row
     "max_new_tokens": ("int32", [None]),
     "temperature": ("float32", [None]),  # 0 = greedy
     "top_k": ("int32", [None]),  # 0 = off

@@ -264,18 +264,21 @@ def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
 
 
 def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
-                  seed: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Next token per row (greedy where temperature == 0) and its log-probability under the model (B,)."""
+                  seed: tf.Tensor, step: tf.Tensor, want_logprobs: tf.Tensor | bool = True
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Next token per row (greedy where temperature == 0) and, when wanted, its log-probability under the model
+    (B,); zeros otherwise (the log-sum-exp over the vocabulary is 6% of a batch-128 step)."""
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)  # (B,)
     token = tf.cond(
         tf.reduce_any(temperature > 0),
         lambda: tf.where(temperature > 0, sample_tokens(logits, temperature, top_k, top_p, seed, step), greedy),
         lambda: greedy)  # skip the sort when the whole batch is greedy
-    # log p(token) = logit - logsumexp(logits): two parallel reductions, not a (B, V) LogSoftmax written out
-    top = tf.reduce_max(logits, axis=-1)  # (B,)
-    lse = top + tf.math.log(tf.reduce_sum(tf.exp(logits - top[:, None]), axis=-1))  # (B,)
-    logprob = tf.gather(logits, token, batch_dims=1) - lse
-    return token, logprob
+    def logprob():  # log p(token) = logit - logsumexp(logits): two reductions, not a (B, V) LogSoftmax written out
+        top = tf.reduce_max(logits, axis=-1)  # (B,)
+        lse = top + tf.math.log(tf.reduce_sum(tf.exp(logits - top[:, None]), axis=-1))  # (B,)
+        return tf.gather(logits, token, batch_dims=1) - lse
+
+    return token, tf.cond(want_logprobs, logprob, lambda: tf.zeros_like(logits[:, 0]))
 
 
 class LoopState(NamedTuple):
@@ -291,12 +294,13 @@ class LoopState(NamedTuple):
 
 
 def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
-             max_new_tokens: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor,
-             ignore_eos: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
+             want_logprobs: tf.Tensor, max_new_tokens: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+             top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
     """Completions of a batch of left-padded prompts, all inside the graph.
 
     ids (B, T) int32 distinct prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt each output
-    row continues (several samples of a prompt share its prefill); and per output row: max_new_tokens int32,
+    row continues (several samples of a prompt share its prefill); want_logprobs () bool: compute the
+    log-probabilities (zeros otherwise); and per output row: max_new_tokens int32,
     temperature float32 (0 = greedy), top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos
     bool (go on past end-of-text to max_new_tokens: fixed-length benchmarks).
     Returns tokens (R, N) int32 (padded with eot), lengths (R,), finish_reason (R,) int32 (1 = stop at eot,
@@ -316,7 +320,7 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
 
     def emit(s: LoopState, logits: tf.Tensor) -> LoopState:
         """Choose step s.step's tokens from logits and account for them; rows already done emit padding."""
-        token, logprob = choose_tokens(logits, temperature, top_k, top_p, seed, s.step)
+        token, logprob = choose_tokens(logits, temperature, top_k, top_p, seed, s.step, want_logprobs)
         live = ~s.done
         stop = live & tf.equal(token, eot) & ~ignore_eos
         kept = live & ~stop

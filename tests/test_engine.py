@@ -261,3 +261,12 @@ def test_many_rows_equal_alone_in_one_batch(request, precision):
     together = [c.token_ids for c in model.generate(prompts, params)]
     pairs = [c.token_ids for i in range(0, 24, 2) for c in model.generate(prompts[i:i + 2], params)]
     assert together == alone and pairs == alone
+
+
+def test_without_logprobs_the_tokens_are_the_same(model):
+    """logprobs=False skips the log-sum-exp in the graph: the same tokens, zeros for the log-probabilities."""
+    params = [SamplingParams(max_new_tokens=7), SamplingParams(max_new_tokens=7, temperature=0.9, seed=3)] * 2
+    with_lp = model.generate(PROMPTS[:4], params)
+    without = model.generate(PROMPTS[:4], params, logprobs=False)
+    assert [c.token_ids for c in without] == [c.token_ids for c in with_lp]
+    assert all(lp == 0.0 for c in without for lp in c.logprobs) and any(lp < 0 for c in with_lp for lp in c.logprobs)

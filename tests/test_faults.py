@@ -56,13 +56,13 @@ class FaultyModel:
         self.model, self.poison = model, poison
         self.precision = model.precision
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, logprobs=True):
         CALLS.append(len(prompts))
         if len(prompts) > FITS:
             raise tf.errors.ResourceExhaustedError(None, None, f"OOM when allocating tensor for {len(prompts)} rows")
         if self.poison in [list(p) for p in prompts]:
             raise tf.errors.InvalidArgumentError(None, None, "logits are NaN")
-        return self.model.generate(prompts, params)
+        return self.model.generate(prompts, params, logprobs)
 
 
 class FaultyGenerate(GenerateBatches):

@@ -83,8 +83,10 @@ def row_units(batch: list[Request]) -> list[list[Request]]:
 class GenerateBatches(beam.DoFn):
     """list[Request] -> Result per row; rows that fail alone go to ERRORS."""
 
-    def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None):
+    def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None,
+                 logprobs: bool = False):
         self.model = shared_model(model_dir, precision, intra_threads)
+        self.logprobs = logprobs  # ask the graph for each token's log-probability (else it skips the log-sum-exp)
         self.prompts = Metrics.counter("gpt2", "prompts")
         self.generated = Counter(TOKENS)
         self.padding = Metrics.counter("gpt2", "padding_tokens")
@@ -101,7 +103,7 @@ class GenerateBatches(beam.DoFn):
     def process(self, batch: list[Request]):
         def generate(units: Sequence[list[Request]]):
             rows = [r for u in units for r in u]
-            return self._model.generate([r.token_ids for r in rows], [r.params for r in rows])
+            return self._model.generate([r.token_ids for r in rows], [r.params for r in rows], self.logprobs)
 
         # A row's samples are retried together: a failure halves the batch between rows, never within one.
         for units, outcome, seconds in split_and_retry(generate, row_units(batch)):

@@ -109,7 +109,8 @@ class GenerateText(beam.PTransform):
         results = (tokens.ok
                    | "Samples" >> beam.FlatMap(expand_samples)
                    | "Batch" >> batch
-                   | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads))
+                   | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads,
+                                                                self.logprobs))
                    .with_outputs(ERRORS, main="ok"))
         completions = results.ok | "Detokenize" >> beam.ParDo(
             Detokenize(self.model_dir, self.model_label, self.stops, tokenizer, self.logprobs))
