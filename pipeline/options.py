@@ -70,7 +70,7 @@ def _console_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m pipeline.run",
-        description="Batch text generation with GPT-2 (frozen TF graph) on Apache Beam. "
+        description="Batch text generation with GPT-2 (one TensorFlow graph) on Apache Beam. "
                     "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
     io = _io_options(p, "completions", "")
     io.add_argument("--prompt_column", default="prompt")
