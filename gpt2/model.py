@@ -13,7 +13,10 @@ allocates its own `past` (a `Fill` whose shape depends on the batch, so never a 
 holds that buffer, and every read of a slot depends on the write before it.
 
 Sampling is per row and batch-invariant: a row's choice depends only on its own logits, parameters, seed and
-step, never on its neighbours (see `choose_tokens`).
+step, never on its neighbours (see `choose_tokens`). In bfloat16 that also needs every float32 value that is cast
+to bfloat16 to be the same bits whatever the batch: a last-bit difference becomes a whole bf16 step at the cast.
+So no op here may round differently with the batch's shape (see `norm`; Grappler's fusions stay off at load on
+CPUs for the same reason, gpt2.device.session_config).
 """
 from __future__ import annotations
 
