@@ -35,10 +35,13 @@ def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], 
     with graph.as_default():
         x = tf.compat.v1.placeholder(dtype, (B, C))
         h = tf.compat.v1.placeholder(dtype, (B, 4 * C))
-        weights = [tf.compat.v1.get_variable(f"w{i}", initializer=rng.standard_normal(s).astype(dtype.as_numpy_dtype),
-                                             use_resource=True, trainable=False) for i, s in enumerate(shapes)]
-        total = tf.add_n([tf.reduce_sum(tf.cast(tf.matmul(x if w.shape[0] == C else h, w), tf.float32))
-                          for w in weights])
+        # The engine's layout: (in, out) in float32, (out, in) with transpose_b otherwise (gpt2.model.Transposed).
+        flip = model.precision != "float32"
+        weights = [tf.compat.v1.get_variable(f"w{i}", initializer=rng.standard_normal(s[::-1] if flip else s)
+                                             .astype(dtype.as_numpy_dtype), use_resource=True, trainable=False)
+                   for i, s in enumerate(shapes)]
+        total = tf.add_n([tf.reduce_sum(tf.cast(tf.matmul(x if k == C else h, w, transpose_b=flip), tf.float32))
+                          for (k, _), w in zip(shapes, weights)])
         init = tf.compat.v1.global_variables_initializer()
     config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=os.cpu_count() or 1,
                                       inter_op_parallelism_threads=2)
