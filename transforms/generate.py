@@ -1,4 +1,4 @@
-"""Generate completions for batches of requests with the frozen GPT-2 graph.
+"""Generate completions for batches of requests with the GPT-2 generation graph.
 
 A DoFn rather than RunInference over our own ModelHandler: we batch by length upstream, and a failing batch must
 be split and retried down to single rows so that one bad row costs only itself (a dead letter with its reason) and
