@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, NoReturn
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -28,7 +28,7 @@ from pipeline import progress
 from pipeline.options import UsageError, parse, sampling
 from transforms.job import GenerateCompletions, JobConfig
 from transforms.model_cache import check_model_dir
-from transforms.progress import PROGRESS_DIR_ENV, ROWS_SKIPPED, TOKENS
+from transforms.progress import PROGRESS_DIR_ENV, ROWS_SKIPPED, TOKENS, close_local_totals
 from transforms.read import count_rows, has_column, shard_name, unreadable_id
 from transforms.records import NUM_SAMPLES
 from transforms.write import errors_path, output_path, read_columns
@@ -190,6 +190,7 @@ def run_pipeline(paths: list[str], transform: beam.PTransform, options: Pipeline
     with contextlib.ExitStack() as stack:
         if local:  # the workers keep their counters in files here too (transforms/progress.py)
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2-beam-progress-"))
+            stack.callback(close_local_totals)  # before the directory goes: no write from this process after
             counts = progress.LocalCounts(directory)
         else:
             directory, counts = None, progress.MetricCounts()
@@ -275,5 +276,16 @@ def main(argv: list[str] | None = None, parse_argv: Callable = parse, job: Job =
     return 0 if report["accounted"] and not report["unreadable_shards"] else 1
 
 
+def exit_process(code: int) -> NoReturn:
+    """Exit with the job's code once its output and report are written, skipping Python's shutdown: threads that
+    Beam's runners leave behind (the PortableRunner's gRPC streams to its job service) can abort it after a job
+    that succeeded ("terminate called without an active exception", exit -6, seen in CI), and waiting on them
+    delayed the exit by seconds."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,12 +9,11 @@ with DIR/scores/ instead of DIR/completions/ and scored tokens instead of genera
 """
 from __future__ import annotations
 
-import sys
 
 import apache_beam as beam
 
 from pipeline.options import UsageError, parse_score
-from pipeline.run import Job, main as run_main, run_job
+from pipeline.run import Job, exit_process, main as run_main, run_job
 from transforms.job import ScoreJobConfig, ScoreTexts
 from transforms.progress import SCORED_TOKENS
 
@@ -50,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import pytest
 from pipeline.progress import duration, progress_line
 from pipeline.run import configure_logging, run
 from tests.helpers import write_shards
-from transforms.progress import ROWS_DONE, ROWS_SKIPPED, TOKENS
+from transforms import progress as progress_counters
+from transforms.progress import PROGRESS_DIR_ENV, ROWS_DONE, ROWS_SKIPPED, TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS, ROWS = 3, 4
@@ -86,3 +88,19 @@ def test_log_levels():
         assert not ours.isEnabledFor(logging.INFO)
     finally:
         configure_logging("INFO")
+
+
+def test_a_closed_totals_file_is_written_once_and_never_after(tmp_path, monkeypatch):
+    """The launcher removes the totals directory as the run ends: the last totals are written when the run
+    closes them, and a write that was due later does not come (it raced the removal: CI stop 13)."""
+    monkeypatch.setattr(progress_counters, "FLUSH_SECONDS", 0.3)
+    monkeypatch.setenv(PROGRESS_DIR_ENV, str(tmp_path))
+    counter = progress_counters.Counter(ROWS_DONE)
+    counter.inc(2)
+    counter.inc(3)  # due in 0.3 s
+    progress_counters.close_local_totals()
+    assert progress_counters.read_totals(str(tmp_path)) == {ROWS_DONE: 5}  # written at once
+    for f in tmp_path.iterdir():
+        f.unlink()
+    time.sleep(0.6)
+    assert list(tmp_path.iterdir()) == []  # the write that was due did not come

@@ -71,6 +71,8 @@ class _Tally:
     def flush(self) -> None:
         with self.lock:
             self.timer, self.written = None, time.monotonic()
+            if self.directory is None:  # closed: the run has ended
+                return
             tmp = self.path + ".tmp"
             try:
                 with open(tmp, "w") as f:
@@ -79,8 +81,22 @@ class _Tally:
             except OSError:
                 pass  # the launcher has gone, or removed the directory: progress is not worth failing for
 
+    def close(self) -> None:
+        """Write the last totals now and no more after: the launcher is about to remove the directory, and a write
+        due later would race its removal."""
+        self.flush()
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.directory, self.timer = None, None
+
 
 _tally = _Tally()
+
+
+def close_local_totals() -> None:
+    """End this process's totals file (a local run's launcher calls it once its pipeline has finished)."""
+    _tally.close()
 
 
 def read_totals(directory: str) -> dict[str, int]:
