@@ -34,7 +34,7 @@ from gpt2.checkpoint import Weights
 from gpt2.config import GPT2Config
 from gpt2.manifest import (FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS,
                            sha256_file)
-from gpt2.tokenizer import find_vocab_files
+from gpt2.tokenizer import Tokenizer, find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
@@ -57,7 +57,13 @@ def weight_dtype(name: str, precision: str) -> tf.DType:
     return DTYPES[precision] if is_matrix(name) else tf.float32
 
 
-def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str,
+def vocabulary_bytes(vocab_dir: str | Path, n_vocab: int) -> list[bytes]:
+    """Each token id's bytes (b"" for ids the tokenizer lacks): the graph matches stop strings against them."""
+    tok = Tokenizer(vocab_dir)
+    return [tok.token_bytes(i) if i < tok.n_vocab else b"" for i in range(n_vocab)]
+
+
+def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str, vocab_dir: str | Path,
                 stored: str = "float32") -> tuple[tf.Graph, dict]:
     """The generation graph with one read-only resource variable per weight, each set at load by its own assign
     op from a placeholder of the dtype the weights are stored in; the cast to `precision` is in the graph
@@ -81,7 +87,8 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
                 binding[name] = {"feed": ph.name, "assign": var.initializer.name}
                 read = var.read_value()
                 params[name] = model.Transposed(read) if stored_transposed(name, precision) else read
-        outputs = model.generate(params, cfg, *inputs.values())  # in INPUTS' order, as generate takes them
+        token_bytes = tf.constant(vocabulary_bytes(vocab_dir, cfg.n_vocab), name="token_bytes")  # (V,) string
+        outputs = model.generate(params, cfg, *inputs.values(), token_bytes=token_bytes)  # INPUTS' order
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
         scoring = {name: tf.compat.v1.placeholder(dt, shape, name=name) for name, (dt, shape) in SCORE_INPUTS.items()}
@@ -103,11 +110,11 @@ def optimize(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.
     return tf_optimizer.OptimizeGraph(config, meta)
 
 
-def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str) -> tf.compat.v1.GraphDef:
+def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str, vocab_dir: str | Path) -> tf.compat.v1.GraphDef:
     """The same graph with the weights as constants."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_from_session_graph
 
-    graph, binding = build_graph(cfg, {n: w.shape for n, w in weights.items()}, precision, precision)
+    graph, binding = build_graph(cfg, {n: w.shape for n, w in weights.items()}, precision, vocab_dir, precision)
     with tf.compat.v1.Session(graph=graph) as sess:
         for name, b in binding.items():
             sess.run(b["assign"], {b["feed"]: weights[name].astype(weight_dtype(name, precision).as_numpy_dtype)})
@@ -132,7 +139,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
         if weight_bytes >= PROTO_LIMIT:
             raise ValueError(f"{weight_bytes / 1e9:.2f} GB of {dtype} weights cannot be frozen into one protobuf "
                              "(2 GB cap): use --weights external (the default)")
-        graph_def = optimize(frozen_graph(cfg, weights, dtype), OUTPUTS + SCORE_OUTPUTS)
+        graph_def = optimize(frozen_graph(cfg, weights, dtype, vocab_dir), OUTPUTS + SCORE_OUTPUTS)
         (out / GRAPH_FILES["float32"]).write_bytes(graph_def.SerializeToString())
         files.append(GRAPH_FILES["float32"])
         graphs[dtype] = GRAPH_FILES["float32"]
@@ -140,7 +147,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
     elif weights_mode == "external":
         shapes = {n: w.shape for n, w in weights.items()}
         for precision in PRECISIONS:
-            graph, binding = build_graph(cfg, shapes, precision, dtype)  # the same op names in every precision
+            graph, binding = build_graph(cfg, shapes, precision, vocab_dir, dtype)  # the same op names in each
             keep = OUTPUTS + SCORE_OUTPUTS + sorted({b["assign"] for b in binding.values()})
             graph_def = optimize(graph.as_graph_def(), keep)
             (out / GRAPH_FILES[precision]).write_bytes(graph_def.SerializeToString())

@@ -23,7 +23,7 @@ from gpt2.config import EOT_TOKEN, GPT2Config
 from gpt2.device import process_placement, resolve_precision, session_config
 from gpt2.manifest import (INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_ops, model_label,
                            read_manifest, verify_files)
-from gpt2.sampling import SamplingParams
+from gpt2.sampling import FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
 BIND_GROUP_BYTES = 64 << 20
@@ -55,6 +55,17 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (end-of-text) or "length"
+
+
+def stop_pattern(stops: Sequence[str]) -> bytes:
+    """The RE2 pattern the graph matches a row's text (its raw bytes so far) against: it holds one of `stops`.
+    b"" for none. \\C matches any byte (a token may end inside a UTF-8 character, which `.` would not match);
+    ASCII punctuation is escaped by code, other characters stand for themselves."""
+    stops = [s for s in stops if s]
+    if not stops:
+        return b""
+    escape = lambda c: c if c.isalnum() or ord(c) > 127 else f"\\x{{{ord(c):02x}}}"  # noqa: E731
+    return ("\\C*(?:" + "|".join("".join(map(escape, s)) for s in stops) + ")\\C*").encode()
 
 
 class GenerationModel:
@@ -136,13 +147,18 @@ class GenerationModel:
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-                 logprobs: bool = True) -> list[Completion]:
-        """Complete each prompt (a non-empty list of token ids) in one Session.run. Without `logprobs` the graph
-        skips the log-sum-exp over the vocabulary and Completion.logprobs are zeros."""
+                 logprobs: bool = True, slots: int | None = None, stops: Sequence[str] = ()) -> list[Completion]:
+        """Complete each prompt (a non-empty list of token ids) in one Session.run, `slots` rows decoded at once
+        (default: every prompt): a row that ends frees its slot for the next prompt, in order (continuous
+        batching). `stops`: strings that end a row as soon as its text holds one; the completion keeps the
+        stop string (transforms/detokenize.py cuts it). Without `logprobs` the graph skips the log-sum-exp
+        over the vocabulary and Completion.logprobs are zeros."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
         if not prompts:
             return []
         for row, (ids, p) in enumerate(zip(prompts, params)):
@@ -158,10 +174,9 @@ class GenerationModel:
         batch = np.full((len(distinct), lengths.max()), EOT_TOKEN, np.int32)
         for row, ids in enumerate(distinct):
             batch[row, batch.shape[1] - len(ids):] = ids  # left padding
-        # The per-row inputs after input_ids, input_lengths, prompt_index and want_logprobs are the SamplingParams
-        # fields, in INPUTS's order.
-        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in list(INPUTS)[4:]]
-        tokens, n_new, finish, lp = self._run(batch, lengths, prompt_index, np.bool_(logprobs), *per_row)
+        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in FIELDS]
+        tokens, n_new, finish, lp = self._run(batch, lengths, prompt_index, np.bool_(logprobs),
+                                              np.int32(slots or len(prompts)), stop_pattern(stops), *per_row)
         return [Completion(tokens[r, :n].tolist(), lp[r, :n].tolist(), "stop" if finish[r] else "length")
                 for r, n in enumerate(n_new)]
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path, PurePosixPath
 
 FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 3  # 3: one graph per precision, weights bound at load by default
+FORMAT_VERSION = 4  # 3: one graph per precision, weights bound at load by default; 4: continuous batching
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -21,7 +21,10 @@ INPUTS = {
     "input_ids": ("int32", [None, None]),  # (B, T) left padded
     "input_lengths": ("int32", [None]),  # (B,) real tokens per row, >= 1
     "prompt_index": ("int32", [None]),  # (R,) the prompt each output row continues
-    "want_logprobs": ("bool", []),  # compute each token's log-probability (else zeros); the rest are per output row
+    "want_logprobs": ("bool", []),  # compute each token's log-probability (else zeros)
+    "slots": ("int32", []),  # rows decoded at once (continuous batching: a row that ends frees its slot)
+    "stop_pattern": ("string", []),  # RE2 pattern a row's text fully matches once it holds a stop string; "" = none
+    # the rest are per output row: the SamplingParams fields, in their order
     "max_new_tokens": ("int32", [None]),
     "temperature": ("float32", [None]),  # 0 = greedy
     "top_k": ("int32", [None]),  # 0 = off
@@ -44,6 +47,7 @@ ALLOWED_OPS = frozenset("""
     Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListConcatV2
     TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
     TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
+    RegexFullMatch Size StringJoin StringLength TensorScatterUpdate Tile Unique
 """.split())
 
 

@@ -191,23 +191,25 @@ def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -
     return tf.where(tf.range(T)[None, :] > (T - lengths)[:, None], logprobs, 0.0)
 
 
-def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, slot: tf.Tensor,
+def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, column: tf.Tensor,
                 past: tf.Tensor, key_bias: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """One new token per row: token (B,), position ids (B,), cache slot (scalar) -> logits (B, V), updated past.
+    """One new token per row: token (B,), position ids (B,), the cache column each row writes (B,) -> logits
+    (B, V), updated past. Rows are independent: each writes its own column (continuous batching puts rows at
+    different steps side by side).
 
-    key_bias (B, 1, 1, L) masks padding and not-yet-written slots.
+    key_bias (B, 1, 1, L) masks each row's padding and the columns it has not written yet.
     """
     n_layer, _, B, nh, L, hs = tf.unstack(tf.shape(past))
     C = cfg.n_embd
     rows = tf.reshape(past, [-1, hs])  # (n_layer*2*B*nh*L, hs) the same buffer, row-addressable
-    slot_rows = tf.range(2 * B * nh) * L + slot  # (2*B*nh,) rows of this slot in layer 0, keys then values
+    column_rows = tf.range(2 * B * nh) * L + tf.tile(tf.repeat(column, nh), [2])  # (2*B*nh,) layer 0, K then V
     x = embed(params, token, pos)  # (B, C)
     for i in range(cfg.n_layer):
         p = layer_params(params, i)
         qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, 3, nh, hs]), [1, 0, 2, 3])  # (3, B, nh, hs)
         new_kv = tf.reshape(qkv[1:], [2 * B * nh, hs])
-        rows = tf.raw_ops.InplaceUpdate(x=rows, i=slot_rows + i * 2 * B * nh * L, v=new_kv)  # write in place
+        rows = tf.raw_ops.InplaceUpdate(x=rows, i=column_rows + i * 2 * B * nh * L, v=new_kv)  # write in place
         layer_kv = tf.reshape(rows, [n_layer, 2, B, nh, L, hs])[i]  # (2, B, nh, L, hs) a view, no copy
         a = attend(qkv[0][:, :, None], layer_kv[0], layer_kv[1], key_bias)  # (B, nh, 1, hs)
         x = x + tf.cast(linear(tf.reshape(a, [B, C]), p("attn/c_proj/w"), p("attn/c_proj/b")), tf.float32)
@@ -248,7 +250,15 @@ def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     its own logits, parameters, seed and step. It is also robust: logits differ in the last bits between batch
     shapes (matmul kernels vary with the row count), and an inverse-CDF draw over thousands of tiny
     probabilities flips on such noise, while Gumbel-max flips only if the two best perturbed scores are within
-    it. Tokens tied with the last kept value are all kept.
+    it.
+
+    The kept set is the same whatever K (the batch's largest top-k; the whole vocabulary when a sampled row has
+    none), so a row's draw does not depend on its neighbours' top_k:
+    - the first n tokens by rank are kept, ties broken by token id (TopKV2 puts the lower index first for any K).
+      Keeping every token tied with the last kept value did depend on K: bfloat16 logits tie often, and a K of
+      40 cut a tie group that a K of the whole vocabulary kept whole (found by the continuous-batching tests);
+    - the nucleus sums run in float64, where the sum of a few float32 values is exact in any order (a scan's
+      order may change with its length); top_p = 1 keeps all of the top k without them.
     """
     V = tf.shape(logits)[1]
     k_row = tf.where(top_k > 0, tf.minimum(top_k, V), V)  # (B,)
@@ -256,13 +266,14 @@ def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]  # (B, V)
     vals, idx = tf.math.top_k(scaled, K)  # (B, K) descending
     rank = tf.range(K)[None, :]
-    e = tf.where(rank < k_row[:, None], tf.exp(vals - vals[:, :1]), 0.0)  # (B, K) unnormalised, top-k applied
-    total = tf.cumsum(e, axis=1)[:, -1:]  # (B, 1) prefix scans, not reductions: the same for any K
-    keep = (tf.cumsum(e, axis=1, exclusive=True) < top_p[:, None] * total) & (rank < k_row[:, None])
+    in_top_k = rank < k_row[:, None]  # (B, K)
+    e = tf.cast(tf.where(in_top_k, tf.exp(vals - vals[:, :1]), 0.0), tf.float64)  # (B, K) unnormalised
+    total = tf.cumsum(e, axis=1)[:, -1:]  # (B, 1)
+    nucleus = tf.cumsum(e, axis=1, exclusive=True) < tf.cast(top_p, tf.float64)[:, None] * total  # (B, K)
+    keep = (nucleus | (top_p >= 1.0)[:, None]) & in_top_k
     n_keep = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1), 1)  # (B,) nucleus size, at least 1
-    threshold = tf.gather(vals, n_keep - 1, batch_dims=1)  # (B,) smallest kept value
     gumbel = -tf.math.log(-tf.math.log(token_uniform(seed, step, idx)))  # (B, K)
-    score = tf.where(vals >= threshold[:, None], vals + gumbel, -math.inf)  # (B, K)
+    score = tf.where(rank < n_keep[:, None], vals + gumbel, -math.inf)  # (B, K)
     return tf.gather(idx, tf.argmax(score, axis=1, output_type=tf.int32), batch_dims=1)  # (B,)
 
 
@@ -284,72 +295,163 @@ def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     return token, tf.cond(want_logprobs, logprob, lambda: tf.zeros_like(logits[:, 0]))
 
 
+LENGTH, END_OF_TEXT, STOP_STRING = 0, 1, 2  # finish_reason codes: why a row ended
+
+
+class Slots(NamedTuple):
+    """The rows being decoded, one per slot (S slots), and where each one stands."""
+    request: tf.Tensor  # (S,) int32 the output row in the slot (R: none yet)
+    step: tf.Tensor  # (S,) int32 the row's own step whose token it chose last (0: the token after its prompt)
+    token: tf.Tensor  # (S,) int32 that token: the row's next input
+    done: tf.Tensor  # (S,) bool the row has ended, or the slot is empty: the slot takes the next request
+    n_new: tf.Tensor  # (S,) int32 tokens the row has emitted
+    text: tf.Tensor  # (S,) string the row's bytes so far (kept only when there are stop strings)
+
+
+class Outputs(NamedTuple):
+    """What the run returns, filled as rows emit and end. Flat, with one spare element at the end that takes the
+    writes of rows with nothing to write (a scatter writes every row it is given)."""
+    tokens: tf.Tensor  # (R*N + 1,) int32 request r's token of step k at r*N + k (eot where none)
+    logprobs: tf.Tensor  # (R*N + 1,) float32 its log-probability (0 where none)
+    lengths: tf.Tensor  # (R + 1,) int32 tokens emitted, written when the row ends
+    finish: tf.Tensor  # (R + 1,) int32 LENGTH, END_OF_TEXT or STOP_STRING
+
+
 class LoopState(NamedTuple):
-    """What the decode loop carries from one step to the next (R output rows)."""
-    step: tf.Tensor  # () the step whose tokens were chosen last
-    token: tf.Tensor  # (R,) int32 those tokens: the next step's input
-    past: tf.Tensor  # (n_layer, 2, R, nh, L, hs) the KV cache
-    done: tf.Tensor  # (R,) bool: the row has stopped, or has all its tokens
-    n_new: tf.Tensor  # (R,) int32 tokens emitted so far
-    stopped: tf.Tensor  # (R,) bool: the row ended at end-of-text
-    tokens: tf.TensorArray  # step -> (R,) int32 token emitted (eot where none)
-    logprobs: tf.TensorArray  # step -> (R,) float32 its log-probability (0 where none)
+    """What the decode loop carries from one iteration to the next."""
+    slots: Slots
+    past: tf.Tensor  # (n_layer, 2, S, nh, L, hs) the KV cache, a row per slot
+    next_request: tf.Tensor  # () int32 the first request not yet admitted (they are admitted in order)
+    out: Outputs
+
+
+def scatter(x: tf.Tensor, index: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    """x with x[index[j]] = values[j] (x and index 1-D)."""
+    return tf.tensor_scatter_nd_update(x, index[:, None], values)
+
+
+def write_prompts(past: tf.Tensor, cache: tf.Tensor, slot: tf.Tensor, first_column: tf.Tensor) -> tf.Tensor:
+    """past (n_layer, 2, S, nh, L, hs) with the prefill cache (n_layer, 2, k, nh, m, hs) written in place into
+    columns [first_column, first_column + m) of slots slot (k,). The slot's other columns keep what its last row
+    left there: masked until the new row writes them."""
+    n_layer, _, S, nh, L, hs = tf.unstack(tf.shape(past))
+    m = tf.shape(cache)[4]
+    layer_kv = tf.range(n_layer * 2)[:, None, None, None]
+    head = tf.range(nh)[None, None, :, None]
+    column = (first_column + tf.range(m))[None, None, None, :]
+    index = ((layer_kv * S + slot[None, :, None, None]) * nh + head) * L + column  # (n_layer*2, k, nh, m)
+    rows = tf.raw_ops.InplaceUpdate(x=tf.reshape(past, [-1, hs]), i=tf.reshape(index, [-1]),
+                                    v=tf.reshape(cache, [-1, hs]))
+    return tf.reshape(rows, tf.shape(past))
 
 
 def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
-             want_logprobs: tf.Tensor, max_new_tokens: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
-             top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
-    """Completions of a batch of left-padded prompts, all inside the graph.
+             want_logprobs: tf.Tensor, slots: tf.Tensor, stop_pattern: tf.Tensor, max_new_tokens: tf.Tensor,
+             temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor,
+             token_bytes: tf.Tensor | None = None, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
+    """Completions of R requests, decoded S at a time (continuous batching), all inside the graph.
 
-    ids (B, T) int32 distinct prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt each output
-    row continues (several samples of a prompt share its prefill); want_logprobs () bool: compute the
-    log-probabilities (zeros otherwise); and per output row: max_new_tokens int32,
-    temperature float32 (0 = greedy), top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos
-    bool (go on past end-of-text to max_new_tokens: fixed-length benchmarks).
-    Returns tokens (R, N) int32 (padded with eot), lengths (R,), finish_reason (R,) int32 (1 = stop at eot,
-    0 = length) and logprobs (R, N) float32 of each chosen token; N = max(max_new_tokens). The loop exits as
-    soon as every row is done.
+    ids (B, T) int32 distinct left-padded prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt
+    each request continues; want_logprobs () bool: compute the log-probabilities (zeros otherwise); slots ()
+    int32: S, the rows decoded at once (clipped to 1..R); stop_pattern () string: an RE2 pattern that a row's
+    text so far fully matches once it holds a stop string ("" = none); token_bytes (V,) string: each token's
+    bytes (needed for stop strings); and per request: max_new_tokens int32, temperature float32 (0 = greedy),
+    top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos bool (go on past end-of-text).
+
+    Each iteration decodes one token for every occupied slot; a row that ends (end-of-text, its own
+    max_new_tokens, a stop string) frees its slot, and the next requests are admitted into the free slots in
+    order: their prompts prefilled together (a prompt repeated among them, a row's samples, once), written
+    into the slots' cache rows, their first tokens chosen. A row's cache is laid out as it would be alone
+    (prompt in columns [T - length, T), its step k's token in column T + k), its sampling noise keyed by its
+    own seed and step: its tokens are those it gets alone, whatever its neighbours and arrival order.
+
+    Returns tokens (R, N) int32 (padded with eot), lengths (R,), finish_reason (R,) int32 (LENGTH,
+    END_OF_TEXT, STOP_STRING) and logprobs (R, N) float32 of each chosen token; N = max(max_new_tokens).
+    The loop ends when every request has ended.
     """
-    B, T, R = tf.shape(ids)[0], tf.shape(ids)[1], tf.shape(prompt_index)[0]
+    T, R = tf.shape(ids)[1], tf.shape(prompt_index)[0]
     N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
+    L = T + N
+    S = tf.clip_by_value(slots, 1, tf.maximum(R, 1))
     if not transposed_layout(params):
         params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, V) once per run, outside the loop
-    logits, past = prefill(params, cfg, ids, lengths, N)  # (B, V), (n_layer, 2, B, nh, L, hs)
-    one_row_each = tf.equal(B, R) & tf.reduce_all(tf.equal(prompt_index, tf.range(R)))
-    logits, past = tf.cond(one_row_each, lambda: (logits, past),  # no copy of the cache in the usual case
-                           lambda: (tf.gather(logits, prompt_index), tf.gather(past, prompt_index, axis=2)))
-    lengths = tf.gather(lengths, prompt_index)  # (R,)
-    prompt_valid = tf.range(T)[None, :] >= (T - lengths)[:, None]  # (R, T)
+    if token_bytes is None:
+        token_bytes = tf.fill([cfg.n_vocab], "")
+    row_length = tf.gather(lengths, prompt_index)  # (R,) prompt length per request
+    has_stops = tf.strings.length(stop_pattern) > 0
 
-    def emit(s: LoopState, logits: tf.Tensor) -> LoopState:
-        """Choose step s.step's tokens from logits and account for them; rows already done emit padding."""
-        token, logprob = choose_tokens(logits, temperature, top_k, top_p, seed, s.step, want_logprobs)
-        live = ~s.done
-        stop = live & tf.equal(token, eot) & ~ignore_eos
-        kept = live & ~stop
-        n_new = s.n_new + tf.cast(kept, tf.int32)
+    def choose(request, step, logits, n_new, text, active, out):
+        """Each row's token of `step` from its logits (k, V), then what follows from it: whether the row ends,
+        its text, the outputs. active (k,): rows that had not ended (False for empty slots)."""
+        r = tf.minimum(request, R - 1)  # an empty slot reads some row's parameters, and uses none of them
+        limit = tf.gather(max_new_tokens, r)
+        live = active & (n_new < limit)
+        token, logprob = choose_tokens(logits, tf.where(live, tf.gather(temperature, r), 0.0), tf.gather(top_k, r),
+                                       tf.gather(top_p, r), tf.gather(seed, r), step, want_logprobs)
+        at_eot = live & tf.equal(token, eot) & ~tf.gather(ignore_eos, r)
+        kept = live & ~at_eot
+        n_new = n_new + tf.cast(kept, tf.int32)
         token = tf.where(kept, token, eot)
-        return s._replace(token=token, done=s.done | stop | (n_new >= max_new_tokens), n_new=n_new,
-                          stopped=s.stopped | stop, tokens=s.tokens.write(s.step, token),
-                          logprobs=s.logprobs.write(s.step, tf.where(kept, logprob, 0.0)))
 
-    def step(s: LoopState) -> LoopState:
-        """Run the last chosen tokens through the model (cache slot T + step) and choose the next ones."""
-        pos = tf.minimum(lengths + s.step, cfg.n_ctx - 1)  # (R,) clamped only for rows that are done already
-        gen_valid = tf.broadcast_to(tf.range(N)[None, :] <= s.step, [R, N])  # (R, N) slots written so far
-        key_bias = tf.where(tf.concat([prompt_valid, gen_valid], 1), 0.0, NEG_INF)[:, None, None, :]  # (R,1,1,L)
-        logits, past = decode_step(params, cfg, s.token, pos, T + s.step, s.past, key_bias)
-        return emit(s._replace(step=s.step + 1, past=past), logits)
+        def append():  # the row's text with this token's bytes, and whether it now holds a stop string
+            grown = tf.strings.join([text, tf.where(kept, tf.gather(token_bytes, token), "")])
+            return grown, tf.strings.regex_full_match(grown, stop_pattern) & kept
 
-    no = tf.zeros([R], tf.bool)
-    s = emit(LoopState(step=tf.constant(0), token=tf.zeros([R], tf.int32), past=past, done=max_new_tokens <= 0,
-                       n_new=tf.zeros([R], tf.int32), stopped=no,
-                       tokens=tf.TensorArray(tf.int32, size=N, element_shape=[None]),
-                       logprobs=tf.TensorArray(tf.float32, size=N, element_shape=[None])), logits)
-    [s] = tf.while_loop(lambda s: (s.step + 1 < N) & ~tf.reduce_all(s.done), lambda s: [step(s)], [s],
-                        maximum_iterations=cfg.n_ctx)
-    steps = s.step + 1
-    pad = [[0, 0], [0, N - steps]]  # early exit leaves slots unwritten: pad to a fixed (R, N)
-    tokens = tf.pad(tf.transpose(s.tokens.gather(tf.range(steps))), pad, constant_values=eot)
-    logprobs = tf.pad(tf.transpose(s.logprobs.gather(tf.range(steps))), pad)
-    return {"tokens": tokens, "lengths": s.n_new, "finish_reason": tf.cast(s.stopped, tf.int32), "logprobs": logprobs}
+        text, at_stop = tf.cond(has_stops, append, lambda: (text, tf.zeros_like(kept)))
+        done = ~active | at_eot | at_stop | (n_new >= limit)
+        ended = active & done
+        at = tf.where(kept, request * N + step, R * N)  # the spare element for rows with no token
+        finish = tf.where(at_eot, END_OF_TEXT, tf.where(at_stop, STOP_STRING, LENGTH))
+        row = tf.where(ended, request, R)
+        out = Outputs(tokens=scatter(out.tokens, at, token),
+                      logprobs=scatter(out.logprobs, at, tf.where(kept, logprob, 0.0)),
+                      lengths=scatter(out.lengths, row, n_new), finish=scatter(out.finish, row, finish))
+        return token, done, n_new, text, out
+
+    def admit(s: LoopState) -> LoopState:
+        """The next requests into the free slots: prefill, cache rows, first tokens."""
+        free = tf.cast(tf.where(s.slots.done)[:, 0], tf.int32)  # (F,) in slot order
+        k = tf.minimum(tf.size(free), R - s.next_request)
+        slot = free[:k]  # (k,)
+        request = s.next_request + tf.range(k)  # (k,)
+        prompts, which = tf.unique(tf.gather(prompt_index, request))  # (u,), (k,) each prompt prefilled once
+        m = tf.reduce_max(tf.gather(lengths, prompts))  # prefill pads to the longest of these prompts only
+        logits, cache = prefill(params, cfg, tf.gather(ids, prompts)[:, T - m:], tf.gather(lengths, prompts))
+        past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot, T - m)  # (u, ...) -> the k slots
+        zero = tf.zeros([k], tf.int32)
+        token, done, n_new, text, out = choose(request, zero, tf.gather(logits, which), zero,
+                                               tf.fill([k], ""), tf.ones([k], tf.bool), s.out)
+        sl = s.slots
+        return LoopState(Slots(request=scatter(sl.request, slot, request), step=scatter(sl.step, slot, zero),
+                               token=scatter(sl.token, slot, token), done=scatter(sl.done, slot, done),
+                               n_new=scatter(sl.n_new, slot, n_new), text=scatter(sl.text, slot, text)),
+                         past, s.next_request + k, out)
+
+    def decode(s: LoopState) -> LoopState:
+        """One token for every slot: each row feeds its last token at its own column and position."""
+        sl = s.slots
+        length = tf.gather(row_length, tf.minimum(sl.request, R - 1))  # (S,)
+        column = tf.minimum(T + sl.step, L - 1)  # (S,) an empty slot's count runs on: clamped, and unused
+        pos = tf.minimum(length + sl.step, cfg.n_ctx - 1)  # (S,)
+        col = tf.range(L)[None, :]
+        visible = (col >= (T - length)[:, None]) & (col <= column[:, None])  # (S, L) its prompt and its tokens
+        key_bias = tf.where(visible, 0.0, NEG_INF)[:, None, None, :]  # (S, 1, 1, L)
+        logits, past = decode_step(params, cfg, sl.token, pos, column, s.past, key_bias)
+        step = sl.step + 1
+        token, done, n_new, text, out = choose(sl.request, step, logits, sl.n_new, sl.text, ~sl.done, s.out)
+        return LoopState(Slots(sl.request, step, token, done, n_new, text), past, s.next_request, out)
+
+    def body(s: LoopState) -> list[LoopState]:
+        s = tf.cond(tf.reduce_any(s.slots.done) & (s.next_request < R), lambda: admit(s), lambda: s)
+        return [tf.cond(tf.reduce_all(s.slots.done), lambda: s, lambda: decode(s))]
+
+    dtype = params["wte"].dtype
+    empty = Slots(request=tf.fill([S], R), step=tf.zeros([S], tf.int32), token=tf.fill([S], eot),
+                  done=tf.ones([S], tf.bool), n_new=tf.zeros([S], tf.int32), text=tf.fill([S], ""))
+    out = Outputs(tokens=tf.fill([R * N + 1], eot), logprobs=tf.zeros([R * N + 1]), lengths=tf.zeros([R + 1], tf.int32),
+                  finish=tf.zeros([R + 1], tf.int32))
+    past = tf.zeros([cfg.n_layer, 2, S, cfg.n_head, L, cfg.head_size], dtype)  # allocated once per run
+    s = LoopState(empty, past, tf.constant(0), out)
+    [s] = tf.while_loop(lambda s: ~tf.reduce_all(s.slots.done) | (s.next_request < R), body, [s])
+    return {"tokens": tf.reshape(s.out.tokens[:R * N], [R, N]), "lengths": s.out.lengths[:R],
+            "finish_reason": s.out.finish[:R], "logprobs": tf.reshape(s.out.logprobs[:R * N], [R, N])}

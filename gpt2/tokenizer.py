@@ -52,5 +52,8 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=1)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token)
+
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids, errors="replace")

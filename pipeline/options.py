@@ -47,10 +47,13 @@ def _io_options(p: argparse.ArgumentParser, outputs: str, skip_what: str) -> arg
 
 def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
     b = p.add_argument_group("batching and workers")
-    b.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help=f"{rows} per batch at most")
+    generating = rows == "rows"
+    b.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="rows decoded at once at most: the slots of continuous batching (a row that ends frees its "
+                        "slot for the next)" if generating else f"{rows} per batch at most")
     b.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                   help=f"{rows} x (longest {'prompt + max_new_tokens' if rows == 'rows' else 'window'}) per "
-                        f"batch at most")
+                   help="slots x (longest prompt + max_new_tokens) at most: the KV cache's bound" if generating
+                   else f"{rows} x (longest window) per batch at most")
     b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
                         "on Ampere GPUs, float16 on older GPUs, else float32); each row records the one used")
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num_samples", type=int, default=None,
                    help="completions per prompt (default 1), each with `sample` 0..N-1 and its own seed; given, or "
                         "with a num_samples column in the input, completions get a `sample` column")
-    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable), applied after decoding")
+    s.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable): a row ends as soon as its text holds one, cut before it")
     s.add_argument("--truncate", choices=["none", "left"], default="none",
                    help="left: keep the end of prompts that do not fit the context instead of rejecting them")
     _worker_options(p, "rows")

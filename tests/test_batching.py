@@ -1,4 +1,5 @@
-"""Batching by the cost model: full batches on ordinary input, cuts only where padding costs more than a batch."""
+"""Batching: runs for continuous batching (generation); the cost model (scoring, RunInference): full batches on
+ordinary input, cuts only where padding costs more than a batch."""
 from __future__ import annotations
 
 import collections
@@ -8,7 +9,8 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that
 
 from gpt2.sampling import SamplingParams
-from transforms.batching import BatchByLength, batch_cost, cut_batches, plan_batches
+from transforms.batching import (BATCHES, RUN_ROWS_PER_SLOT, BatchByLength, batch_cost, cut_batches, plan_batches,
+                                 run_slots)
 from transforms.records import Request
 
 BIG = 1 << 30  # a max_batch_tokens that never binds
@@ -37,7 +39,7 @@ def assert_each_once(requests, batches):
 def test_the_reported_job_gets_full_batches():
     """The user's report: 256 prompts of 1-66 tokens, 64 new tokens, batch 32 made 20 batches; now 8 full ones."""
     requests = random_requests(256, 1, 66)
-    batches = list(plan_batches(requests, 32, 16384))
+    batches = list(plan_batches(requests, 32, 16384, policy=BATCHES))
     assert [len(b) for b in batches] == [32] * 8
     assert_each_once(requests, batches)
     # No 8 batches of 32 can pad less: batch k's longest prompt is at least the (32k)-th shortest prompt. On
@@ -52,7 +54,7 @@ def test_the_reported_job_gets_full_batches():
 
 def test_many_long_prompts_pad_little_and_fill_batches():
     requests = random_requests(10_000, 1, 1000)
-    batches = list(plan_batches(requests, 64, BIG))
+    batches = list(plan_batches(requests, 64, BIG, policy=BATCHES))
     assert_each_once(requests, batches)
     assert padding_fraction(batches) < 0.05
     assert sum(len(b) < 64 for b in batches) <= 2 and len(batches) <= 10_000 // 64 + 2
@@ -62,7 +64,7 @@ def test_batches_stay_within_both_bounds_and_oversized_requests_run_alone():
     rng = random.Random(1)
     requests = [req(i, rng.randint(1, 400), rng.choice([8, 64, 200])) for i in range(500)]
     requests.append(req(500, 3000, 64))  # bigger than max_batch_tokens on its own
-    batches = list(plan_batches(requests, 16, 2000, window=128))
+    batches = list(plan_batches(requests, 16, 2000, window=128, policy=BATCHES))
     assert_each_once(requests, batches)
     for b in batches:
         assert len(b) <= 16
@@ -73,28 +75,29 @@ def test_batches_stay_within_both_bounds_and_oversized_requests_run_alone():
 
 def test_every_request_once_across_window_boundaries():
     requests = random_requests(103, 1, 50, seed=2)
-    batches = list(plan_batches(requests, 5, BIG, window=7))
+    batches = list(plan_batches(requests, 5, BIG, window=7, policy=BATCHES))
     assert_each_once(requests, batches)
     assert [len(b) for b in batches[:-1]] == [5] * 20 and len(batches[-1]) == 3  # a window's open batch carries over
 
     rng = random.Random(3)
     mixed = [req(i, rng.randint(1, 900), rng.choice([1, 4, 64, 512])) for i in range(1001)]
-    assert_each_once(mixed, list(plan_batches(mixed, 8, 4096, window=10)))
-    assert list(plan_batches([], 8, 4096)) == []
+    assert_each_once(mixed, list(plan_batches(mixed, 8, 4096, window=10, policy=BATCHES)))
+    assert list(plan_batches([], 8, 4096, policy=BATCHES)) == []
 
 
 def test_cost_model_cuts_far_apart_lengths_and_keeps_near_ones_together():
     far = [req(i, 2, 4) for i in range(20)] + [req(20 + i, 900, 4) for i in range(20)]
-    batches = list(plan_batches(far, 64, BIG))
+    batches = list(plan_batches(far, 64, BIG, policy=BATCHES))
     assert sorted({len(r.token_ids) for r in b} for b in batches) == [{2}, {900}]
     assert [len(b) for b in batches] == [20, 20]
 
     near = [req(i, 10) for i in range(20)] + [req(20 + i, 14) for i in range(20)]
-    assert [len(b) for b in plan_batches(near, 64, BIG)] == [40]
+    assert [len(b) for b in plan_batches(near, 64, BIG, policy=BATCHES)] == [40]
 
     # 512 steps for rows that want 4 cost more than a second batch
     steps = [req(i, 10, 4) for i in range(20)] + [req(20 + i, 10, 512) for i in range(20)]
-    assert sorted({r.params.max_new_tokens for r in b} for b in plan_batches(steps, 64, BIG)) == [{4}, {512}]
+    batches = plan_batches(steps, 64, BIG, policy=BATCHES)
+    assert sorted({r.params.max_new_tokens for r in b} for b in batches) == [{4}, {512}]
 
 
 def test_cut_batches_keeps_the_given_order():
@@ -122,5 +125,30 @@ def test_beam_transform_emits_every_request_once():
         assert sorted(len(b) for b in batches) == [4] + [16] * 6, [len(b) for b in batches]
 
     with beam.Pipeline(runner="FnApiRunner") as p:
-        batches = p | beam.Create(requests) | BatchByLength(16, BIG, window=32)
+        batches = p | beam.Create(requests) | BatchByLength(16, BIG, window=32, policy=BATCHES)
         assert_that(batches, check)
+
+
+def test_runs_sort_by_prompt_length_and_hold_a_fixed_number_of_requests_per_slot():
+    """Generation's runs (continuous batching): sorted by prompt length only (max_new_tokens may differ within a
+    run: a row that ends frees its slot), RUN_ROWS_PER_SLOT x batch_size requests each, across windows."""
+    rng = random.Random(3)
+    requests = [req(i, rng.randint(1, 66), rng.randint(1, 128)) for i in range(1000)]
+    runs = list(plan_batches(requests, 16, BIG))
+    assert_each_once(requests, runs)
+    per_run = 16 * RUN_ROWS_PER_SLOT
+    assert [len(r) for r in runs] == [per_run] * (1000 // per_run) + [1000 % per_run]
+    lengths = [len(r.token_ids) for run in runs for r in run]
+    assert lengths == sorted(lengths)  # one window: the whole job in prompt-length order
+    assert len({r.params.max_new_tokens for r in runs[0]}) > 10
+    windows = list(plan_batches(requests, 16, BIG, window=300))
+    assert_each_once(requests, windows)
+    assert all(len(r) <= per_run for r in windows) and sum(len(r) < per_run for r in windows) <= 1
+
+
+def test_run_slots_come_from_the_memory_budget():
+    run = [req(i, 10 + i, 20) for i in range(50)]  # each slot's cache: longest prompt 59 + 20 new tokens = 79
+    assert run_slots(run, 128, 12288) == 50  # no more slots than rows
+    assert run_slots(run, 16, 12288) == 16  # batch_size
+    assert run_slots(run, 128, 79 * 10 + 78) == 10  # max_batch_tokens
+    assert run_slots(run, 128, 10) == 1  # a row always runs

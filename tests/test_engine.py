@@ -89,6 +89,9 @@ def test_stops_at_end_of_text_like_hf(tmp_path):
         assert c.finish_reason == ("stop" if stopped else "length")
         reasons.add(c.finish_reason)
     assert reasons == {"stop", "length"}, "the test model should produce both outcomes"
+    # continuous batching: 16 rows through 3 slots, each slot freed at end-of-text taken by the next row
+    refilled = m.generate(prompts, SamplingParams(max_new_tokens=16), slots=3)
+    assert [(c.token_ids, c.finish_reason) for c in refilled] == [(c.token_ids, c.finish_reason) for c in ours]
     # ignore_eos (fixed-length runs, as in bench/): every row runs to max_new_tokens, like HF without an eos
     full = m.generate(prompts[:4], SamplingParams(max_new_tokens=16, ignore_eos=True))
     assert any(EOT_TOKEN in c.token_ids for c in full), "some row should go on past an end-of-text"

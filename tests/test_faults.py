@@ -56,13 +56,13 @@ class FaultyModel:
         self.model, self.poison = model, poison
         self.precision = model.precision
 
-    def generate(self, prompts, params, logprobs=True):
+    def generate(self, prompts, params, logprobs=True, slots=None, stops=()):
         CALLS.append(len(prompts))
         if len(prompts) > FITS:
             raise tf.errors.ResourceExhaustedError(None, None, f"OOM when allocating tensor for {len(prompts)} rows")
         if self.poison in [list(p) for p in prompts]:
             raise tf.errors.InvalidArgumentError(None, None, "logits are NaN")
-        return self.model.generate(prompts, params, logprobs)
+        return self.model.generate(prompts, params, logprobs, slots, stops)
 
 
 class FaultyGenerate(GenerateBatches):
@@ -111,7 +111,7 @@ def test_failing_batch_is_split_down_to_the_rows_that_fail_alone(model, model_di
     metrics = result.metrics().query(MetricsFilter().with_namespace("gpt2"))
     counters = {c.key.metric.name: c.result for c in metrics["counters"]}
     assert (counters["dead_letters"], counters["prompts"]) == (1, 7)
-    sizes = [d.result for d in metrics["distributions"] if d.key.metric.name == "batch_size"][0]
+    sizes = [d.result for d in metrics["distributions"] if d.key.metric.name == "run_size"][0]
     assert (sizes.count, sizes.sum, sizes.max) == (4, 7, 2)  # only the batches that worked: 2, 2, 1, 2
 
 

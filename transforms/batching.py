@@ -1,4 +1,15 @@
-"""Length-aware batching decided by a cost model: full batches of similar prompts, cut only where it pays.
+"""Batching: runs of requests for continuous batching (generation), and cost-model batches (scoring, RunInference).
+
+Generation (policy GENERATION) hands the engine runs: one Session.run each, up to RUN_ROWS_PER_SLOT x batch_size
+requests decoded batch_size at a time in slots, a row that ends freeing its slot for the next (gpt2/model.py). So a
+run need not hold rows of like max_new_tokens (a row that ends early costs nothing after), and its requests are
+sorted by prompt length only: the engine prefills the requests it admits together padded to the longest of them,
+so neighbours in that order keep prefill padding low. The run's slots come from the memory budget (`run_slots`:
+slots x (longest prompt + largest max_new_tokens) cache positions within max_batch_tokens). A run is a unit of
+retry: a failing run is split in halves (transforms/generate.py).
+
+Scoring and the RunInference handler cut batches by a cost model, as below: full batches of similar prompts, cut
+only where it pays.
 
 Every request gets the same key, so one GroupByKey brings the whole job together however its lengths are
 spread (a length bucket as key split small jobs into many half-empty batches). The group is read in windows
@@ -50,6 +61,10 @@ WINDOW = 4096  # requests sorted and cut at a time: the memory bound of the cutt
 # 2.15 GB at 128. So a batch may hold 128 rows, and at most 12288 rows x (longest prompt + new tokens).
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_MAX_BATCH_TOKENS = 12288
+# A run holds up to this many requests per slot: the slots drain at a run's end (its last rows finish with fewer
+# neighbours), about one row's length of steps at falling occupancy, so the longer the run, the smaller that share
+# (with max_new_tokens spread evenly over 1..2x the mean: ~10% at 8 requests per slot).
+RUN_ROWS_PER_SLOT = 8
 # Costs in row-steps, the compute of one row through one decode step.
 STEP_FIXED_COST = 16.0  # GPT-2 124M, Sapphire Rapids: a step is 32 ms at batch 1, 64 at 8, 150 at 64 (fits 6-34 rows)
 PREFILL_TOKEN_COST = 0.4  # a prompt token in prefill costs a third to a half of a row-step (large matmuls run better)
@@ -189,7 +204,39 @@ def _no_group(r) -> None:
     return None
 
 
-GENERATION = Policy(sort_key, cut_batches, _group_of)
+def run_sort_key(r: Request) -> tuple:
+    """Prompt length, then a row's samples next to each other, in sample order."""
+    return len(r.token_ids), group_key(r), getattr(r, "sample", 0)
+
+
+def _run_group(r: Request):
+    """The key of the requests that must stay in one run (a row's samples), or None."""
+    return group_key(r) or None
+
+
+def cut_runs(requests: Iterable[Request], batch_size: int, max_batch_tokens: int) -> Iterator[list[Request]]:
+    """Consecutive runs of up to batch_size x RUN_ROWS_PER_SLOT requests (in the order given: sort them first).
+    A row's samples stay in one run (they share a prefill) unless they alone exceed it."""
+    limit = batch_size * RUN_ROWS_PER_SLOT
+    run: list[Request] = []
+    for u in _sample_units(requests, limit, 1 << 62):
+        if run and len(run) + u.rows > limit:
+            yield run
+            run = []
+        run.extend(u.items)
+    if run:
+        yield run
+
+
+def run_slots(requests: list, batch_size: int, max_batch_tokens: int) -> int:
+    """The slots of a run: batch_size, fewer where the KV cache would exceed max_batch_tokens positions (each
+    slot holds the run's longest prompt + its largest max_new_tokens), and no more than the run has rows."""
+    width = max(len(r.token_ids) for r in requests) + max(r.params.max_new_tokens for r in requests)
+    return max(1, min(batch_size, max_batch_tokens // width, len(requests)))
+
+
+GENERATION = Policy(run_sort_key, cut_runs, _run_group)
+BATCHES = Policy(sort_key, cut_batches, _group_of)  # generation requests in cost-model batches (no refill)
 SCORING = Policy(score_sort_key, cut_score_batches, _no_group)
 
 

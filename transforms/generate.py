@@ -1,4 +1,5 @@
-"""Generate completions for batches of requests with the GPT-2 generation graph.
+"""Generate completions for runs of requests with the GPT-2 generation graph (continuous batching in one
+Session.run: transforms/batching.py cuts the runs and sets their slots).
 
 A DoFn rather than RunInference over our own ModelHandler: we batch by length upstream, and a failing batch must
 be split and retried down to single rows so that one bad row costs only itself (a dead letter with its reason) and
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.batching import group_key
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, group_key, run_slots
 from transforms.progress import PROGRESS_DIR_ENV, TOKENS, Counter
 from transforms.records import ERRORS, Request, Result, row_dead_letter
 from transforms.resources import shared_model
@@ -81,17 +82,22 @@ def row_units(batch: list[Request]) -> list[list[Request]]:
 
 
 class GenerateBatches(beam.DoFn):
-    """list[Request] -> Result per row; rows that fail alone go to ERRORS."""
+    """list[Request] (a run) -> Result per row; rows that fail alone go to ERRORS.
+
+    A run is decoded `run_slots` rows at a time (batch_size, fewer where max_batch_tokens says the cache would not
+    fit); `stops` end a row in the graph as soon as its text holds one (Detokenize cuts it out after)."""
 
     def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None,
-                 logprobs: bool = False):
+                 logprobs: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, stops: Sequence[str] = ()):
         self.model = shared_model(model_dir, precision, intra_threads)
         self.logprobs = logprobs  # ask the graph for each token's log-probability (else it skips the log-sum-exp)
+        self.batch_size, self.max_batch_tokens, self.stops = batch_size, max_batch_tokens, tuple(stops)
         self.prompts = Metrics.counter("gpt2", "prompts")
         self.generated = Counter(TOKENS)
         self.padding = Metrics.counter("gpt2", "padding_tokens")
         self.rejected = Metrics.counter("gpt2", "dead_letters")
-        self.batch_size = Metrics.distribution("gpt2", "batch_size")
+        self.run_size = Metrics.distribution("gpt2", "run_size")
         self.latency = Metrics.distribution("gpt2", "batch_latency_ms")
 
     def setup(self):
@@ -103,7 +109,8 @@ class GenerateBatches(beam.DoFn):
     def process(self, batch: list[Request]):
         def generate(units: Sequence[list[Request]]):
             rows = [r for u in units for r in u]
-            return self._model.generate([r.token_ids for r in rows], [r.params for r in rows], self.logprobs)
+            return self._model.generate([r.token_ids for r in rows], [r.params for r in rows], self.logprobs,
+                                        run_slots(rows, self.batch_size, self.max_batch_tokens), self.stops)
 
         # A row's samples are retried together: a failure halves the batch between rows, never within one.
         for units, outcome, seconds in split_and_retry(generate, row_units(batch)):
@@ -117,7 +124,7 @@ class GenerateBatches(beam.DoFn):
                 continue
             rows = [r for u in units for r in u]
             self.latency.update(int(seconds * 1000))
-            self.batch_size.update(len(rows))
+            self.run_size.update(len(rows))
             self.prompts.inc(len(rows))
             longest = max(len(r.token_ids) for r in rows)
             self.padding.inc(sum(longest - len(r.token_ids) for r in rows))

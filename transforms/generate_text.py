@@ -55,13 +55,15 @@ class GenerateText(beam.PTransform):
       ignore_eos=False) are the defaults of rows that do not set them.
     seed: the run seed; a row's seed is derived from it and the row's id (unless the row has its own `seed`), so its
       completion never depends on batching, workers or runner.
-    stop: stop strings; a completion is cut before the first one found (finish_reason "stop").
+    stop: stop strings; a row ends as soon as its text holds one, and its completion is cut before the first one
+      found (finish_reason "stop").
     num_samples: completions per row (a row's `num_samples` overrides it); given (even 1), every completion
       carries `sample`. None: 1, and only the completions of rows that set num_samples carry `sample`.
     logprobs: add `logprobs` to each completion: the model's log-probability of each of its tokens (full softmax,
       before temperature, top-k and top-p), cut with the tokens when a stop string cuts the completion.
     truncate: "none" (a prompt too long for the context is an error) or "left" (keep its end).
-    batch_size, max_batch_tokens: a batch holds at most this many rows / rows x (longest prompt + max_new_tokens).
+    batch_size, max_batch_tokens: rows decoded at once (the slots of continuous batching; a row that ends frees
+      its slot for the next), at most so many that slots x (longest prompt + max_new_tokens) <= max_batch_tokens.
     streaming: None = decide by the input (unbounded: batch by size or max_wait_secs); True or False to force.
     max_wait_secs: on unbounded input, how long a row may wait for its batch to fill.
     precision, intra_op_threads: what the workers run the graph in (auto = the device's fastest) and with how many
@@ -110,7 +112,8 @@ class GenerateText(beam.PTransform):
                    | "Samples" >> beam.FlatMap(expand_samples)
                    | "Batch" >> batch
                    | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads,
-                                                                self.logprobs))
+                                                                self.logprobs, self.batch_size, self.max_batch_tokens,
+                                                                self.stops))
                    .with_outputs(ERRORS, main="ok"))
         completions = results.ok | "Detokenize" >> beam.ParDo(
             Detokenize(self.model_dir, self.model_label, self.stops, tokenizer, self.logprobs))
