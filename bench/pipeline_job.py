@@ -14,7 +14,7 @@ from gpt2.loader import GenerationModel
 from gpt2.sampling import SamplingParams
 from gpt2.tokenizer import Tokenizer
 from pipeline.sample_data import PROMPTS
-from transforms.batching import plan_batches
+from transforms.batching import BATCHES, plan_batches, run_slots
 
 WORDS = " ".join(PROMPTS).split()
 
@@ -46,8 +46,9 @@ def padding_fraction(batches: list[list[_Row]]) -> float:
 
 
 def length_aware(rows: list[_Row], batch_size: int, max_batch_tokens: int) -> list[list[_Row]]:
-    """The pipeline's batching (transforms.batching): sort each window by length, cut by the cost model."""
-    return list(plan_batches(rows, batch_size, max_batch_tokens))
+    """Length-aware static batches (transforms.batching's cost model: sort each window by length, cut where it
+    pays): the padding batching without refill would compute. The job's runs admit rows in the same order."""
+    return list(plan_batches(rows, batch_size, max_batch_tokens, policy=BATCHES))
 
 
 def arrival_order(rows: list[_Row], batch_size: int, max_batch_tokens: int) -> list[list[_Row]]:
@@ -87,8 +88,10 @@ def run(model_dir: Path, workdir: Path, rows: int, max_words: int, new_tokens: i
 
     start = time.perf_counter()
     model = GenerationModel(model_dir, intra_threads=threads)
-    engine_tokens = sum(len(c.token_ids) for b in aware
-                        for c in model.generate([r.token_ids for r in b], [r.params for r in b]))
+    runs = plan_batches(requests, batch_size, max_batch_tokens)  # the job's runs, as the job decodes them
+    engine_tokens = sum(len(c.token_ids) for b in runs
+                        for c in model.generate([r.token_ids for r in b], [r.params for r in b], logprobs=False,
+                                                slots=run_slots(b, batch_size, max_batch_tokens)))
     engine_seconds = time.perf_counter() - start
     model.close()
     return {

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import pipeline_job, run, whole_job
+from bench import pipeline_job, ragged, run, whole_job
 from gpt2.sampling import SamplingParams
 
 
@@ -21,6 +21,23 @@ def test_quick_benchmark_runs_every_side(tmp_path):
         assert "| 4 |" in table[1] and table[1].count("x |") == (2 if precision == "float32" else 1)  # naive
     assert "vector units:" in out
     assert "`pipeline.run`" in out and "Padding" in out
+
+
+def test_quick_ragged_benchmark_runs_every_side(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bench.ragged", "--quick", "--workdir", str(tmp_path)], text=True,
+                       capture_output=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    for row in ("| uniform | continuous |", "| uniform | static |", "| ragged | continuous |", "| ragged | static |",
+                "| in the graph |", "| cut after |", "| ragged |"):
+        assert row in out, row
+    assert "vector units:" in out and "the kept rows are the same on both sides: 48/48" in out
+
+
+def test_ragged_limits_spread_evenly_around_the_mean():
+    limits = ragged.max_new_tokens(512, 64, ragged=True)
+    assert min(limits) == 1 and max(limits) == 127 and sum(limits) == 512 * 64 and limits != sorted(limits)
+    assert ragged.max_new_tokens(3, 64, ragged=False) == [64] * 3
 
 
 def test_padding_fraction_and_length_aware_batches():
