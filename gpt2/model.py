@@ -1,22 +1,24 @@
-"""GPT-2 generation as one TensorFlow graph: prefill, then a `tf.while_loop` of cached decode steps.
+"""GPT-2 generation as one TensorFlow graph: a `tf.while_loop` that admits requests into slots (prefill) and
+decodes every occupied slot one token a step (continuous batching, see `generate`).
 
-Shapes: B batch, T prompt slots (prompts are left padded), N new-token slots, L = T + N cache slots,
-C n_embd, nh heads, hs head size, V vocabulary.
+Shapes: B prompts (left padded to T), R requests, S slots, N = the largest max_new_tokens, L = T + N cache
+columns, C n_embd, nh heads, hs head size, V vocabulary.
 
-The KV cache is one tensor, `past` (n_layer, 2, B, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
+The KV cache is one tensor, `past` (n_layer, 2, S, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
-bfloat16 cache halves the bytes attention reads each step).
-The prompt fills slots [0, T); decode step i writes slot T + i. It is allocated once per run and written in
-place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same whatever L is;
-`tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
-allocates its own `past` (a `Fill` whose shape depends on the batch, so never a shared constant), nothing else
-holds that buffer, and every read of a slot depends on the write before it.
+bfloat16 cache halves the bytes attention reads each step). A slot's row holds its request's prompt in columns
+[T - length, T) and its k-th new token in column T + k, as the request alone would. It is allocated once per run
+and written in place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same whatever
+L is; `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
+allocates its own `past` (a `Fill` whose shape depends on the run, so never a shared constant), nothing else
+holds that buffer, and every read of a column depends on the write before it.
 
-Sampling is per row and batch-invariant: a row's choice depends only on its own logits, parameters, seed and
-step, never on its neighbours (see `choose_tokens`). In bfloat16 that also needs every float32 value that is cast
-to bfloat16 to be the same bits whatever the batch: a last-bit difference becomes a whole bf16 step at the cast.
-So no op here may round differently with the batch's shape (see `norm`; Grappler's fusions stay off at load on
-CPUs for the same reason, gpt2.device.session_config).
+Sampling is per row: a row's choice depends only on its own logits, parameters, seed and step, never on its
+neighbours (see `choose_tokens`, `sample_tokens`). The logits themselves are the same whatever the batch in
+float32 up to last bits that do not change tokens. In bfloat16 every float32 value cast to bfloat16 would have to
+be the same bits whatever the batch (a last-bit difference becomes a whole bf16 step at the cast): no op here
+rounds differently with the batch's shape (see `norm`; Grappler's fusions stay off at load on CPUs for the same
+reason, gpt2.device.session_config), but oneDNN's bfloat16 matmuls do on AMX CPUs (BENCHMARKS.md).
 """
 from __future__ import annotations
 
