@@ -100,8 +100,9 @@ def test_batching_arguments_and_checks(model_dir):
     h.validate_inference_args({"temperature": 0.5, "seed": 9})
 
 
-def test_inference_args_and_a_batch_of_mixed_lengths_cut_by_the_cost_model(model_dir, model):
-    """A batch of very different lengths is sorted and cut into parts; the rows come back in the batch's order."""
+def test_inference_args_and_a_batch_of_mixed_lengths_in_fewer_slots(model_dir, model):
+    """A batch of very different lengths whose cache allows one slot (40 // (longest prompt + 3)): the rows go one
+    by one through it and come back in the batch's order, each as alone."""
     h = handler(model_dir, max_new_tokens=3, max_batch_tokens=40)
     engine = h.load_model()
     batch = ["a " * 30, "b", "c " * 20, "d d"]
