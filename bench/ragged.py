@@ -3,6 +3,7 @@
   python -m bench.ragged            # GPT-2 124M shape, 512 prompts, 64 new tokens on average (~12 min, 2 cores)
   python -m bench.ragged --quick    # tiny model, 48 prompts, 8 new tokens on average: a smoke run (the tests run it)
   python -m bench.ragged --write    # also write the tables into BENCHMARKS.md between its ragged markers
+  python -m bench.ragged --engine_only   # the engine tables only (~10 min)
 
 Workloads, on the same prompts (real words, 1..66 tokens, shuffled; random GPT-2 weights; greedy; ignore_eos, so a
 row runs exactly to its max_new_tokens):
@@ -15,7 +16,7 @@ Measured:
     The target: ragged at least 0.85x uniform.
   - the engine alone, in this process: continuous (one run, SLOTS rows decoded at a time, a row that ends taking the
     next) against static batching (runs of SLOTS rows in arrival order, each to its longest row: no refill).
-  - stop strings: every row sampled (temperature 1, its own seed) up to 2 x MEAN tokens with stop string STOP: rows
+  - stop strings: every row sampled (temperature 1, top-k 50, its own seed) up to 2 x MEAN tokens with stop STOP: rows
     ended in the graph as the text holds it, against rows generated to max_new_tokens and cut after (what the job
     did before). Useful tokens (those left after the cut, the same on both sides) per second.
 """
@@ -101,7 +102,8 @@ def engine(model_dir: Path, prompts: list[list[int]], mean: int, slots: int, thr
                          ("static", lambda: static(params))):
             out, seconds = timed(fn)
             results[f"{kind} {mode}"] = (seconds, sum(len(c.token_ids) for c in out))
-    params = [SamplingParams(max_new_tokens=2 * mean, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
+    params = [SamplingParams(max_new_tokens=2 * mean, temperature=1.0, top_k=50, seed=i, ignore_eos=True)
+              for i in range(n)]
     kept = {}
     for mode, stops in (("stop in the graph", [STOP]), ("stop cut after", [])):
         out, seconds = timed(lambda: model.generate(prompts, params, logprobs=False, slots=slots, stops=stops))
@@ -117,22 +119,20 @@ def engine(model_dir: Path, prompts: list[list[int]], mean: int, slots: int, thr
 def render(args: argparse.Namespace, rows: int, jobs: dict, eng: dict) -> str:
     cpu, vector = cpu_features()
     cfg = SIZES[args.size]
-    tps = {k: v[1] / v[0] for k, v in jobs.items()}
     lines = [
         f"Machine: {cpu}, {os.cpu_count()} logical CPUs, vector units: {' '.join(vector) or 'none of AVX2+'}; "
         f"{args.threads} threads.",
         f"Model: GPT-2 {args.size} shape ({cfg.n_layer} layers, {cfg.n_embd} wide), random weights, "
         f"{eng['precision']}. {rows} prompts of 1-{MAX_PROMPT_TOKENS} tokens, shuffled. Uniform: {args.mean} new "
         f"tokens per row; ragged: max_new_tokens spread evenly over 1-{2 * args.mean - 1} (mean {args.mean}).",
-        "",
-        "Whole job (`pipeline.run` at its defaults, start to exit; medians of alternated runs):",
-        "",
-        "| workload | wall s | new tokens | tok/s | / uniform |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for kind in ("uniform", "ragged"):
-        s, t = jobs[kind]
-        lines.append(f"| {kind} | {s:.1f} | {t} | {tps[kind]:.1f} | {tps[kind] / tps['uniform']:.2f}x |")
+    if jobs:
+        tps = {k: v[1] / v[0] for k, v in jobs.items()}
+        lines += ["", "Whole job (`pipeline.run` at its defaults, start to exit; medians of alternated runs):", "",
+                  "| workload | wall s | new tokens | tok/s | / uniform |", "|---|---:|---:|---:|---:|"]
+        for kind in ("uniform", "ragged"):
+            s, t = jobs[kind]
+            lines.append(f"| {kind} | {s:.1f} | {t} | {tps[kind]:.1f} | {tps[kind] / tps['uniform']:.2f}x |")
     lines += ["", f"Engine alone ({eng['slots']} slots; static: runs of {eng['slots']} rows in arrival order, "
               "each to its longest row):", "",
               "| workload | batching | s | new tokens | tok/s | / uniform continuous |", "|---|---|---:|---:|---:|---:|"]
@@ -141,7 +141,7 @@ def render(args: argparse.Namespace, rows: int, jobs: dict, eng: dict) -> str:
         for mode in ("continuous", "static"):
             s, t = eng[f"{kind} {mode}"]
             lines.append(f"| {kind} | {mode} | {s:.1f} | {t} | {t / s:.1f} | {t / s / base:.2f}x |")
-    lines += ["", f"Stop string {STOP!r}, rows sampled up to {2 * args.mean} tokens ({eng['stop rows stopped']} of "
+    lines += ["", f"Stop string {STOP!r}, rows sampled (temperature 1, top-k 50) up to {2 * args.mean} tokens ({eng['stop rows stopped']} of "
               f"{rows} rows hold it; the kept rows are the same on both sides: {eng['stop rows same']}/{rows}):", "",
               "| stop | s | tokens generated | tokens kept | kept tok/s | / cut after |", "|---|---:|---:|---:|---:|---:|"]
     after = eng["stop cut after"][1] / eng["stop cut after"][0]
@@ -169,14 +169,14 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
     inputs = {"uniform": write_inputs(workdir / "uniform", texts, None),
               "ragged": write_inputs(workdir / "ragged", texts, max_new_tokens(len(texts), args.mean, True))}
     runs: dict[str, list[tuple[float, int]]] = {"uniform": [], "ragged": []}
-    for r in range(args.repeats):
+    for r in range(0 if args.engine_only else args.repeats):
         for kind in (("uniform", "ragged") if r % 2 == 0 else ("ragged", "uniform")):
             seconds, tokens = whole_job(s.model_dir, inputs[kind], workdir / f"out-{kind}-{r}", args.mean,
                                         args.threads)
             runs[kind].append((seconds, tokens))
             print(f"whole job {kind} {r + 1}/{args.repeats}: {seconds:.1f} s, {tokens} tokens, "
                   f"{tokens / seconds:.1f} tok/s", flush=True)
-    jobs = {k: (float(np.median([s for s, _ in v])), v[0][1]) for k, v in runs.items()}
+    jobs = {k: (float(np.median([s for s, _ in v])), v[0][1]) for k, v in runs.items() if v}
     eng = engine(s.model_dir, tokenizer.encode_batch(texts), args.mean, args.slots, args.threads)
     for k, v in eng.items():
         print(f"engine {k}: {v}", flush=True)
@@ -193,6 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=2, help="whole-job rounds, alternating the order")
     p.add_argument("--workdir", help="where models, prompts and outputs go (default: a temporary directory)")
+    p.add_argument("--engine_only", action="store_true", help="skip the whole-job runs and their table")
     p.add_argument("--quick", action="store_true", help="tiny model, 48 prompts, 8 new tokens, 8 slots, 1 round")
     p.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md")
     args = p.parse_args(argv)
