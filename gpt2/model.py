@@ -16,10 +16,10 @@ holds that buffer, and every read of a column depends on the write before it.
 Sampling is per row: a row's choice depends only on its own logits, parameters, seed and step, never on its
 neighbours (see `choose_tokens`, `sample_tokens`). The logits themselves are the same whatever the batch in
 float32 up to last bits that do not change tokens. In bfloat16 every float32 value cast to bfloat16 would have to
-be the same bits whatever the batch (a last-bit difference becomes a whole bf16 step at the cast): no op here
-rounds differently with the batch's shape (see `norm`; Grappler's fusions stay off at load on CPUs for the same
-reason, gpt2.device.session_config), yet on GPT-2 124M a bfloat16 row still changes with its batch, by an op not
-found yet (BENCHMARKS.md).
+be the same bits whatever the batch (a last-bit difference becomes a whole bf16 step at the cast). The ops found
+to round differently with the batch's shape were replaced (see `norm`; Grappler's fusions stay off at load on CPUs
+for the same reason, gpt2.device.session_config), yet on GPT-2 124M a bfloat16 row still changes with its batch,
+through an op not found yet (BENCHMARKS.md).
 """
 from __future__ import annotations
 
