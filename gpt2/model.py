@@ -18,8 +18,8 @@ neighbours (see `choose_tokens`, `sample_tokens`). The logits themselves are the
 float32 up to last bits that do not change tokens. In bfloat16 every float32 value cast to bfloat16 would have to
 be the same bits whatever the batch (a last-bit difference becomes a whole bf16 step at the cast). The ops found
 to round differently with the batch's shape were replaced (see `norm`; Grappler's fusions stay off at load on CPUs
-for the same reason, gpt2.device.session_config), yet on GPT-2 124M a bfloat16 row still changes with its batch,
-through an op not found yet (BENCHMARKS.md).
+for the same reason, gpt2.device.session_config). One is left: the bfloat16 matmul of `mlp/c_proj` (3072 inputs)
+rounds a row differently above 64 rows (BENCHMARKS.md), so on GPT-2 124M a bfloat16 row can change with its batch.
 """
 from __future__ import annotations
 
