@@ -37,13 +37,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.machine import cpu_features  # noqa: E402
-from bench.whole_job import BENCHMARKS, MAX_PROMPT_TOKENS, prompt_texts, run_child, setup  # noqa: E402
+from bench.results import BENCHMARKS, write_between  # noqa: E402
+from bench.whole_job import MAX_PROMPT_TOKENS, SHARDS, prompt_texts, run_child, setup  # noqa: E402
 from gpt2.config import SIZES  # noqa: E402
 from gpt2.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
 
 MARKERS = ("<!-- ragged: written by python -m bench.ragged -->", "<!-- /ragged -->")
 STOP = "."  # in ~2% of GPT-2's tokens: sampled rows from random weights end after ~50 tokens, spread widely
-SHARDS = 4
 
 
 def max_new_tokens(n: int, mean: int, ragged: bool, seed: int = 1) -> list[int]:
@@ -153,12 +153,7 @@ def render(args: argparse.Namespace, rows: int, jobs: dict, eng: dict) -> str:
 
 
 def write_results(text: str, path: Path = BENCHMARKS) -> None:
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARKERS[0] not in doc:
-        doc = f"{doc.rstrip()}\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
-    head, rest = doc.split(MARKERS[0], 1)
-    _, tail = rest.split(MARKERS[1], 1)
-    path.write_text(f"{head}{MARKERS[0]}\n{text}\n{MARKERS[1]}{tail}")
+    write_between(text, MARKERS, path)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> str:

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench import baselines, machine, pipeline_job  # noqa: E402
+from bench.results import BENCHMARKS, write_between  # noqa: E402
 from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
 from gpt2.config import SIZES, GPT2Config  # noqa: E402
 from gpt2.device import Placement, choose_precision, cpu_flags  # noqa: E402
@@ -31,7 +32,6 @@ from gpt2.loader import GenerationModel  # noqa: E402
 from gpt2.sampling import SamplingParams  # noqa: E402
 from gpt2.tokenizer import default_vocab_dir  # noqa: E402
 
-BENCHMARKS = Path(__file__).parents[1] / "BENCHMARKS.md"
 MARKERS = ("<!-- results: written by python -m bench.run -->", "<!-- /results -->")
 FULL = dict(size="124M", Ts=(32, 128), Bs=(1, 8, 64), N=64, naive_B=8, naive_steps=6,
             pipeline=dict(rows=2000, max_words=40, new_tokens=8, batch_size=128, max_batch_tokens=12288))
@@ -140,10 +140,7 @@ def render(spec: dict, cfg: GPT2Config, threads: int, limits: machine.Machine, r
 
 
 def write_results(text: str, path: Path = BENCHMARKS) -> None:
-    doc = path.read_text() if path.exists() else f"# Benchmarks\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
-    head, rest = doc.split(MARKERS[0], 1)
-    _, tail = rest.split(MARKERS[1], 1)
-    path.write_text(f"{head}{MARKERS[0]}\n{text}\n{MARKERS[1]}{tail}")
+    write_between(text, MARKERS, path)
 
 
 def main(argv: list[str] | None = None) -> int:

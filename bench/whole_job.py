@@ -42,13 +42,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.machine import cpu_features  # noqa: E402
+from bench.results import BENCHMARKS, write_between  # noqa: E402
 from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
 from gpt2.config import SIZES  # noqa: E402
 from gpt2.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
 from pipeline.sample_data import PROMPTS  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 MARKERS = ("<!-- whole_job: written by python -m bench.whole_job -->", "<!-- /whole_job -->")
 MAX_PROMPT_TOKENS = 66
 SHARDS = 4
@@ -241,13 +241,7 @@ def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]
 
 
 def write_results(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace what is between the whole_job markers in path; append the markers at the end if missing."""
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARKERS[0] not in doc:
-        doc = f"{doc.rstrip()}\n\n{MARKERS[0]}\n{MARKERS[1]}\n"
-    head, rest = doc.split(MARKERS[0], 1)
-    _, tail = rest.split(MARKERS[1], 1)
-    path.write_text(f"{head}{MARKERS[0]}\n{text}\n{MARKERS[1]}{tail}")
+    write_between(text, MARKERS, path)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> str:

@@ -63,7 +63,7 @@ def vocabulary_bytes(vocab_dir: str | Path, n_vocab: int) -> list[bytes]:
     return [tok.token_bytes(i) if i < tok.n_vocab else b"" for i in range(n_vocab)]
 
 
-def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str, vocab_dir: str | Path,
+def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str, token_bytes: list[bytes],
                 stored: str = "float32") -> tuple[tf.Graph, dict]:
     """The generation graph with one read-only resource variable per weight, each set at load by its own assign
     op from a placeholder of the dtype the weights are stored in; the cast to `precision` is in the graph
@@ -87,8 +87,8 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
                 binding[name] = {"feed": ph.name, "assign": var.initializer.name}
                 read = var.read_value()
                 params[name] = model.Transposed(read) if stored_transposed(name, precision) else read
-        token_bytes = tf.constant(vocabulary_bytes(vocab_dir, cfg.n_vocab), name="token_bytes")  # (V,) string
-        outputs = model.generate(params, cfg, *inputs.values(), token_bytes=token_bytes)  # INPUTS' order
+        vocabulary = tf.constant(token_bytes, name="token_bytes")  # (V,) string
+        outputs = model.generate(params, cfg, *inputs.values(), token_bytes=vocabulary)  # INPUTS' order
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
         scoring = {name: tf.compat.v1.placeholder(dt, shape, name=name) for name, (dt, shape) in SCORE_INPUTS.items()}
@@ -110,11 +110,12 @@ def optimize(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.
     return tf_optimizer.OptimizeGraph(config, meta)
 
 
-def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str, vocab_dir: str | Path) -> tf.compat.v1.GraphDef:
+def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str,
+                 token_bytes: list[bytes]) -> tf.compat.v1.GraphDef:
     """The same graph with the weights as constants."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_from_session_graph
 
-    graph, binding = build_graph(cfg, {n: w.shape for n, w in weights.items()}, precision, vocab_dir, precision)
+    graph, binding = build_graph(cfg, {n: w.shape for n, w in weights.items()}, precision, token_bytes, precision)
     with tf.compat.v1.Session(graph=graph) as sess:
         for name, b in binding.items():
             sess.run(b["assign"], {b["feed"]: weights[name].astype(weight_dtype(name, precision).as_numpy_dtype)})
@@ -134,12 +135,13 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, graphs = [], {}
+    token_bytes = vocabulary_bytes(vocab_dir, cfg.n_vocab)
     if weights_mode == "frozen":
         weight_bytes = sum(w.size * weight_dtype(n, dtype).size for n, w in weights.items())
         if weight_bytes >= PROTO_LIMIT:
             raise ValueError(f"{weight_bytes / 1e9:.2f} GB of {dtype} weights cannot be frozen into one protobuf "
                              "(2 GB cap): use --weights external (the default)")
-        graph_def = optimize(frozen_graph(cfg, weights, dtype, vocab_dir), OUTPUTS + SCORE_OUTPUTS)
+        graph_def = optimize(frozen_graph(cfg, weights, dtype, token_bytes), OUTPUTS + SCORE_OUTPUTS)
         (out / GRAPH_FILES["float32"]).write_bytes(graph_def.SerializeToString())
         files.append(GRAPH_FILES["float32"])
         graphs[dtype] = GRAPH_FILES["float32"]
@@ -147,7 +149,7 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
     elif weights_mode == "external":
         shapes = {n: w.shape for n, w in weights.items()}
         for precision in PRECISIONS:
-            graph, binding = build_graph(cfg, shapes, precision, vocab_dir, dtype)  # the same op names in each
+            graph, binding = build_graph(cfg, shapes, precision, token_bytes, dtype)  # the same op names in each
             keep = OUTPUTS + SCORE_OUTPUTS + sorted({b["assign"] for b in binding.values()})
             graph_def = optimize(graph.as_graph_def(), keep)
             (out / GRAPH_FILES[precision]).write_bytes(graph_def.SerializeToString())

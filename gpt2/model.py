@@ -351,7 +351,7 @@ def write_prompts(past: tf.Tensor, cache: tf.Tensor, slot: tf.Tensor, first_colu
 def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
              want_logprobs: tf.Tensor, slots: tf.Tensor, stop_pattern: tf.Tensor, max_new_tokens: tf.Tensor,
              temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor,
-             token_bytes: tf.Tensor | None = None, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
+             token_bytes: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
     """Completions of R requests, decoded S at a time (continuous batching), all inside the graph.
 
     ids (B, T) int32 distinct left-padded prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt
@@ -378,8 +378,6 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     S = tf.clip_by_value(slots, 1, tf.maximum(R, 1))
     if not transposed_layout(params):
         params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, V) once per run, outside the loop
-    if token_bytes is None:
-        token_bytes = tf.fill([cfg.n_vocab], "")
     row_length = tf.gather(lengths, prompt_index)  # (R,) prompt length per request
     has_stops = tf.strings.length(stop_pattern) > 0
 

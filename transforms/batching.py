@@ -209,11 +209,6 @@ def run_sort_key(r: Request) -> tuple:
     return len(r.token_ids), group_key(r), getattr(r, "sample", 0)
 
 
-def _run_group(r: Request):
-    """The key of the requests that must stay in one run (a row's samples), or None."""
-    return group_key(r) or None
-
-
 def cut_runs(requests: Iterable[Request], batch_size: int, max_batch_tokens: int) -> Iterator[list[Request]]:
     """Consecutive runs of up to batch_size x RUN_ROWS_PER_SLOT requests (in the order given: sort them first).
     A row's samples stay in one run (they share a prefill) unless they alone exceed it."""
@@ -235,7 +230,7 @@ def run_slots(requests: list, batch_size: int, max_batch_tokens: int) -> int:
     return max(1, min(batch_size, max_batch_tokens // width, len(requests)))
 
 
-GENERATION = Policy(run_sort_key, cut_runs, _run_group)
+GENERATION = Policy(run_sort_key, cut_runs, _group_of)
 BATCHES = Policy(sort_key, cut_batches, _group_of)  # generation requests in cost-model batches (no refill)
 SCORING = Policy(score_sort_key, cut_score_batches, _no_group)
 
