@@ -43,9 +43,23 @@ EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dep
 
 
 def stored_transposed(name: str, precision: str) -> bool:
-    """Whether the graph of `precision` keeps this weight (out, in) (see gpt2.model.Transposed). wte is (V, C)
-    already, which is the LM head's (out, in)."""
-    return precision != "float32" and name.endswith("/w")
+    """Whether the graph of `precision` keeps this weight (chunks, out, in / chunks) (see gpt2.model.Transposed).
+    wte is (V, C) already, which is the LM head's (out, in)."""
+    return precision != "float32" and is_matrix(name)
+
+
+def graph_weight(name: str, value: tf.Tensor, cfg: GPT2Config, precision: str) -> tf.Tensor:
+    """A checkpoint weight (cast to `precision`) as the graph of `precision` holds it: wte padded to
+    model.padded_vocab rows, and bfloat16/float16 matrices (out, in) in reduction chunks (gpt2.model)."""
+    if name == "wte":
+        value = tf.pad(value, [[0, model.padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]])  # (Vp, C)
+    if not stored_transposed(name, precision):
+        return value
+    if name != "wte":
+        value = tf.transpose(value)  # (in, out) -> (out, in)
+    n_out, n_in = value.shape
+    c = model.reduction_chunks(n_in)
+    return tf.transpose(tf.reshape(value, [n_out, c, n_in // c]), [1, 0, 2])  # (c, out, in / c)
 
 
 def is_matrix(name: str) -> bool:
@@ -79,9 +93,7 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
         with tf.name_scope("weights"):
             for name, shape in shapes.items():
                 ph = tf.compat.v1.placeholder(weight_dtype(name, stored), shape, name=f"{name}/init_value")
-                value = tf.cast(ph, weight_dtype(name, precision))
-                if stored_transposed(name, precision):
-                    value = tf.transpose(value)
+                value = graph_weight(name, tf.cast(ph, weight_dtype(name, precision)), cfg, precision)
                 var = tf.compat.v1.get_variable(f"weights/{name}", initializer=value, use_resource=True,
                                                 trainable=False)
                 binding[name] = {"feed": ph.name, "assign": var.initializer.name}

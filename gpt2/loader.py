@@ -179,7 +179,7 @@ class GenerationModel:
         lengths = np.array([len(ids) for ids in distinct], np.int32)
         batch = np.full((len(distinct), lengths.max()), EOT_TOKEN, np.int32)
         for row, ids in enumerate(distinct):
-            batch[row, batch.shape[1] - len(ids):] = ids  # left padding
+            batch[row, :len(ids)] = ids  # right padding
         per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in FIELDS]
         tokens, n_new, finish, lp = self._run(batch, lengths, prompt_index, np.bool_(logprobs),
                                               np.int32(slots or len(prompts)), stop_pattern(stops), *per_row)
@@ -199,9 +199,9 @@ class GenerationModel:
         lengths = np.array([len(ids) for ids in texts], np.int32)
         batch = np.full((len(texts), lengths.max()), EOT_TOKEN, np.int32)
         for row, ids in enumerate(texts):
-            batch[row, batch.shape[1] - len(ids):] = ids  # left padding
+            batch[row, :len(ids)] = ids  # right padding
         logprobs = self._score(batch, lengths)
-        return [logprobs[r, logprobs.shape[1] - n + 1:].tolist() for r, n in enumerate(lengths)]
+        return [logprobs[r, 1:n].tolist() for r, n in enumerate(lengths)]
 
     def close(self) -> None:
         with self._lock:

@@ -12,13 +12,14 @@ import json
 from pathlib import Path, PurePosixPath
 
 FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 4  # 3: one graph per precision, weights bound at load by default; 4: continuous batching
+FORMAT_VERSION = 5  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
+# 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 # Graph inputs: name -> (dtype, shape). Per-row sampling parameters make one batch mix greedy and sampled rows.
 INPUTS = {
-    "input_ids": ("int32", [None, None]),  # (B, T) left padded
+    "input_ids": ("int32", [None, None]),  # (B, T) right padded
     "input_lengths": ("int32", [None]),  # (B,) real tokens per row, >= 1
     "prompt_index": ("int32", [None]),  # (R,) the prompt each output row continues
     "want_logprobs": ("bool", []),  # compute each token's log-probability (else zeros)
@@ -34,7 +35,7 @@ INPUTS = {
 }
 OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
 # The same graph scores given text (gpt2.model.score), sharing the weights: its own inputs and output.
-SCORE_INPUTS = {"score_ids": ("int32", [None, None]), "score_lengths": ("int32", [None])}  # (B, T) left padded
+SCORE_INPUTS = {"score_ids": ("int32", [None, None]), "score_lengths": ("int32", [None])}  # (B, T) right padded
 SCORE_OUTPUTS = ["token_logprobs"]  # (B, T) log p(token | tokens before it)
 
 # Every op our exporter emits, and nothing that touches the outside world.
@@ -47,7 +48,7 @@ ALLOWED_OPS = frozenset("""
     Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListConcatV2
     TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
     TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
-    RegexFullMatch Size StringJoin StringLength TensorScatterUpdate Tile Unique
+    RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
 """.split())
 
 

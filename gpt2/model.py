@@ -1,25 +1,43 @@
 """GPT-2 generation as one TensorFlow graph: a `tf.while_loop` that admits requests into slots (prefill) and
 decodes every occupied slot one token a step (continuous batching, see `generate`).
 
-Shapes: B prompts (left padded to T), R requests, S slots, N = the largest max_new_tokens, L = T + N cache
-columns, C n_embd, nh heads, hs head size, V vocabulary.
+Shapes: B prompts (right padded to T), R requests, S slots, N = the largest max_new_tokens, L cache columns (the
+longest prompt + max_new_tokens of any request), C n_embd, nh heads, hs head size, V vocabulary (padded, see
+below).
 
 The KV cache is one tensor, `past` (n_layer, 2, S, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
 bfloat16 cache halves the bytes attention reads each step). A slot's row holds its request's prompt in columns
-[T - length, T) and its k-th new token in column T + k, as the request alone would. It is allocated once per run
+[0, length) and its k-th new token in column length + k, as the request alone would. It is allocated once per run
 and written in place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same whatever
 L is; `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
 allocates its own `past` (a `Fill` whose shape depends on the run, so never a shared constant), nothing else
 holds that buffer, and every read of a column depends on the write before it.
 
 Sampling is per row: a row's choice depends only on its own logits, parameters, seed and step, never on its
-neighbours (see `choose_tokens`, `sample_tokens`). The logits themselves are the same whatever the batch in
-float32 up to last bits that do not change tokens. In bfloat16 every float32 value cast to bfloat16 would have to
-be the same bits whatever the batch (a last-bit difference becomes a whole bf16 step at the cast). The ops found
-to round differently with the batch's shape were replaced (see `norm`; Grappler's fusions stay off at load on CPUs
-for the same reason, gpt2.device.session_config). One is left: the bfloat16 matmul of `mlp/c_proj` (3072 inputs)
-rounds a row differently above 64 rows (BENCHMARKS.md), so on GPT-2 124M a bfloat16 row can change with its batch.
+neighbours (see `choose_tokens`, `sample_tokens`).
+
+Batch invariance. In bfloat16 and float16 a row's tokens and log-probabilities are the same bits alone, in any
+batch, at any slot, next to any neighbours. A last-bit difference anywhere would not stay small: the next cast to
+bfloat16 turns it into a whole bf16 step now and then, and a greedy token or a draw flips. So every op a row's
+values go through computes that row's values in an order that depends on nothing but the row:
+- Matmuls reduce over at most MAX_REDUCTION inputs per call (`linear`, `Transposed`): oneDNN sums up to that many
+  in one pass whatever the row count, while longer reductions (mlp/c_proj's 3072) are split in a way that
+  depends on the number of rows. Longer ones run as chunks of equal width whose float32 results are added in
+  a fixed order.
+- A row's cache is left aligned: its prompt in columns [0, length), its k-th new token in column length + k, and
+  masked (zero-weight) columns only after them, so attention reads its values at the same offsets whatever the
+  run's cache width. Left padding shifted them, and bfloat16 dot products pair adjacent inputs, so a shift
+  changed the rounding of the attention-weighted sum.
+- Element-wise kernels compute a value with vector or scalar code depending on where it falls in the flattened
+  tensor; every row is therefore a whole number of 16-float vectors wide: the vocabulary is padded to
+  VOCAB_MULTIPLE (its extra logits are -inf), the sampler's candidate lists to CANDIDATE_MULTIPLE.
+- The log-sum-exp over the vocabulary sums integers (`row_sum_exp`), which is exact in any order.
+- LayerNorm divides by sqrt, not rsqrt (Eigen's vector and scalar rsqrt round differently), and Grappler's
+  fusions stay off at load on CPUs (gpt2.device.session_config; the fused MatMul + BiasAdd rounds differently for
+  1 row than for 2).
+The tests check these at the real layer widths (tests/test_invariance.py). float32 keeps the tokens of a row
+whatever its batch; its logits may differ in last bits that never reach a token.
 """
 from __future__ import annotations
 
@@ -31,11 +49,30 @@ import tensorflow as tf
 from gpt2.config import EOT_TOKEN, GPT2Config
 
 NEG_INF = -1e9  # additive mask; finite so a fully masked (padding) query row stays finite
+MAX_REDUCTION = 768  # inputs a bfloat16/float16 matmul sums in one call (see the module docstring)
+VOCAB_MULTIPLE = 64  # the LM head's width is padded to a multiple of this (50257 -> 50304, as nanoGPT does)
+SOFTMAX_MULTIPLE = 32  # attention's softmax runs over a width padded to a multiple of this (see attend)
+CANDIDATE_MULTIPLE = 16  # the sampler's candidates per row, rounded up to whole vectors of 16 floats
+EXACT_SCALE = 2.0 ** 36  # row_sum_exp's fixed point: 2^36 * (2^16 values of at most 1) stays below 2^53
+
+
+def padded_vocab(n_vocab: int) -> int:
+    return -(-n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def reduction_chunks(n_in: int) -> int:
+    """How many equal chunks a matmul over n_in inputs runs as: the fewest of at most MAX_REDUCTION inputs each,
+    each a whole number of 16-value vectors (3072 -> 4 x 768, 1024 -> 2 x 512, 1600 -> 4 x 400)."""
+    c = -(-n_in // MAX_REDUCTION)
+    while n_in % c or (n_in // c) % 16:
+        c += 1
+    return c
 
 
 class Transposed(NamedTuple):
-    """A weight matrix stored (out, in) and multiplied with transpose_b. oneDNN's bfloat16 matmuls read weights
-    in that layout about 15% faster on AMX CPUs (BENCHMARKS.md); float32 matmuls are faster with (in, out)."""
+    """A bfloat16/float16 weight matrix stored (chunks, out, in / chunks) and multiplied with transpose_b, chunk
+    by chunk (`reduction_chunks`; one chunk for 768 inputs). oneDNN's bfloat16 matmuls read weights in the (out,
+    in) layout about 15% faster on AMX CPUs (BENCHMARKS.md); float32 matmuls are faster with (in, out)."""
     t: tf.Tensor
 
 
@@ -57,22 +94,40 @@ def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tens
 
 
 def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool = False) -> tf.Tensor:
-    """x (M, in) @ w + b (then GPT-2's tanh GELU), the matmul and bias in w's dtype (float32, float16 or
-    bfloat16), the GELU in float32 (x * x * x, not tf.nn.gelu's Pow, which cost 10-17% of a decode step).
+    """x (M, in) @ w + b (then GPT-2's tanh GELU), float32 out. The matmul runs in w's dtype (float32, float16 or
+    bfloat16); a Transposed w runs as its chunks, whose results are added in float32 in chunk order (see the
+    module docstring). The GELU is x * x * x, not tf.nn.gelu's Pow, which cost 10-17% of a decode step.
     """
-    wt = w.t if isinstance(w, Transposed) else w
-    y = tf.matmul(tf.cast(x, wt.dtype), wt, transpose_b=isinstance(w, Transposed))
-    y = tf.nn.bias_add(y, tf.cast(b, wt.dtype))
-    if not gelu:
-        return y
-    y = tf.cast(y, tf.float32)
-    y = 0.5 * y * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * (y * y * y))))  # x*x*x: no Pow op
-    return tf.cast(y, wt.dtype)
+    y = matmul_transposed(x, w) if isinstance(w, Transposed) else tf.matmul(tf.cast(x, w.dtype), w)
+    y = tf.nn.bias_add(y, b)
+    if gelu:
+        y = 0.5 * y * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * (y * y * y))))  # x*x*x: no Pow op
+    return y
+
+
+def matmul_transposed(x: tf.Tensor, w: Transposed) -> tf.Tensor:
+    """x (M, in) @ w, float32 (M, out): one matmul per chunk of w (chunks, out, in / chunks), added in order."""
+    c, _, k = w.t.shape
+    x = tf.cast(x, w.t.dtype)
+    if c == 1:
+        return tf.cast(tf.matmul(x, w.t[0], transpose_b=True), tf.float32)  # (M, out)
+    xs = tf.transpose(tf.reshape(x, [-1, c, k]), [1, 0, 2])  # (c, M, k)
+    ys = tf.cast(tf.matmul(xs, w.t, transpose_b=True), tf.float32)  # (c, M, out)
+    y = ys[0]
+    for i in range(1, c):
+        y = y + ys[i]
+    return y
+
+
+def matmul_dtype(params: Params) -> tf.DType:
+    """The dtype the matmuls, the KV cache and attention run in."""
+    wte = params["wte"]
+    return wte.t.dtype if isinstance(wte, Transposed) else wte.dtype
 
 
 def mlp(x: tf.Tensor, p: Callable[[str], tf.Tensor]) -> tf.Tensor:
-    h = linear(x, p("mlp/c_fc/w"), p("mlp/c_fc/b"), gelu=True)  # (M, 4C) in the weights' dtype
-    return tf.cast(linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b")), tf.float32)  # (M, C)
+    h = linear(x, p("mlp/c_fc/w"), p("mlp/c_fc/b"), gelu=True)  # (M, 4C)
+    return linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b"))  # (M, C)
 
 
 def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
@@ -80,30 +135,74 @@ def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tens
     (B, 1, Tq, Tk) additive mask. The matmuls run in the weights' dtype, the softmax in float32."""
     q = q * tf.constant(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) + bias  # (B, nh, Tq, Tk)
-    return tf.matmul(tf.cast(tf.nn.softmax(w, axis=-1), v.dtype), v)  # (B, nh, Tq, hs)
+    return tf.matmul(tf.cast(softmax(w), v.dtype), v)  # (B, nh, Tq, hs)
+
+
+def softmax(w: tf.Tensor) -> tf.Tensor:
+    """Softmax over the last axis, computed over a width padded to whole pairs of 16-float vectors: the kernel
+    then sums a column into the same vector lane and accumulator whatever the width, so masked columns after a
+    row's own (zeros) do not change its sum. At other widths a row's last columns fall into the scalar tail or
+    not, depending on the run's cache width."""
+    n = tf.shape(w)[-1]
+    pad = (n + SOFTMAX_MULTIPLE - 1) // SOFTMAX_MULTIPLE * SOFTMAX_MULTIPLE - n
+    paddings = tf.concat([tf.zeros([tf.rank(w) - 1, 2], tf.int32), [[0, pad]]], 0)
+    return tf.nn.softmax(tf.pad(w, paddings, constant_values=NEG_INF), axis=-1)[..., :n]
 
 
 def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
-    return tf.cast(tf.gather(params["wte"], ids), tf.float32) + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
+    """Token + position embeddings (..., C) float32 for ids and position ids of the same shape."""
+    wte = params["wte"]
+    if isinstance(wte, Transposed):  # (c, Vp, C / c): a token's embedding is its c chunks side by side
+        c, _, k = wte.t.shape
+        chunks = tf.transpose(tf.gather(wte.t, tf.reshape(ids, [-1]), axis=1), [1, 0, 2])  # (n, c, k)
+        tokens = tf.reshape(chunks, tf.concat([tf.shape(ids), [c * k]], 0))  # (..., C)
+    else:
+        tokens = tf.gather(wte, ids)
+    return tf.cast(tokens, tf.float32) + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
 
 
-def lm_head(params: Params, x: tf.Tensor) -> tf.Tensor:
-    """x (B, C) -> logits (B, V), with the output projection tied to wte (V, C).
+def lm_head(params: Params, cfg: GPT2Config, x: tf.Tensor) -> tf.Tensor:
+    """x (B, C) -> logits (B, Vp) float32, with the output projection tied to wte (see logits_of)."""
+    return logits_of(params, cfg, norm(x, params["ln_f/g"], params["ln_f/b"]))
 
-    Uses params["wte_t"] (C, V) when given: a float32 matmul with a transposed operand runs 1.3-2x slower on CPU
+
+def logits_of(params: Params, cfg: GPT2Config, x: tf.Tensor) -> tf.Tensor:
+    """Normalised hidden states x (M, C) -> logits (M, Vp) float32, Vp = padded_vocab(V), -inf past V.
+
+    Uses params["wte_t"] (C, Vp) when given: a float32 matmul with a transposed operand runs 1.3-2x slower on CPU
     than one with a contiguous (C, V) matrix (bench/), so `generate` transposes wte once per run for float32;
-    bfloat16 reads wte's own (V, C) layout faster (see Transposed).
+    bfloat16 reads wte's own (V, C) layout faster (see Transposed). The exported graphs hold wte padded to Vp rows
+    already; unpadded weights (tests) are padded here.
     """
-    return logits_of(params, norm(x, params["ln_f/g"], params["ln_f/b"]))
-
-
-def logits_of(params: Params, x: tf.Tensor) -> tf.Tensor:
-    """Normalised hidden states x (M, C) -> logits (M, V) float32 (see lm_head)."""
-    if "wte_t" in params:
+    V, Vp = cfg.n_vocab, padded_vocab(cfg.n_vocab)
+    if isinstance(params["wte"], Transposed):
+        logits = matmul_transposed(x, params["wte"])  # (M, Vp)
+    elif "wte_t" in params:
         w = params["wte_t"]
-        return tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
-    w = params["wte"]
-    return tf.cast(tf.matmul(tf.cast(x, w.dtype), w, transpose_b=True), tf.float32)
+        w = w if w.shape[1] == Vp else tf.pad(w, [[0, 0], [0, Vp - V]])
+        logits = tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
+    else:
+        w = params["wte"]
+        w = w if w.shape[0] == Vp else tf.pad(w, [[0, Vp - V], [0, 0]])
+        logits = tf.cast(tf.matmul(tf.cast(x, w.dtype), w, transpose_b=True), tf.float32)
+    vocab_mask = tf.constant([0.0] * V + [-math.inf] * (Vp - V), tf.float32)  # (Vp,) the padding is never chosen
+    return logits + vocab_mask
+
+
+def row_sum_exp(logits: tf.Tensor, top: tf.Tensor) -> tf.Tensor:
+    """sum(exp(logits - top)) per row (M,), float64, the same bits in any summation order: each term (at most 1,
+    top being the row's max) is rounded to a multiple of 2^-36 and the integers are summed, which is exact. A float
+    sum's order follows how the kernel splits the row across threads, which depends on the row count."""
+    e = tf.exp(logits - top[:, None])  # (M, Vp) in [0, 1]
+    q = tf.cast(tf.round(tf.cast(e, tf.float64) * EXACT_SCALE), tf.int64)
+    return tf.cast(tf.reduce_sum(q, axis=-1), tf.float64) / EXACT_SCALE
+
+
+def log_softmax_at(logits: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """log p(index) per row = logit - logsumexp(logits), (M,) float32 for logits (M, Vp), index (M,)."""
+    top = tf.reduce_max(logits, axis=-1)  # (M,)
+    lse = tf.cast(top, tf.float64) + tf.math.log(row_sum_exp(logits, top))
+    return tf.cast(tf.cast(tf.gather(logits, index, batch_dims=1), tf.float64) - lse, tf.float32)
 
 
 def layer_params(params: Params, i: int) -> Callable[[str], "tf.Tensor | Transposed"]:
@@ -116,48 +215,46 @@ def transposed_layout(params: Params) -> bool:
 
 def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
             new_slots: tf.Tensor | int = 0) -> tuple[tf.Tensor, tf.Tensor]:
-    """Run the left-padded prompts ids (B, T) with real lengths (B,).
+    """Run the right-padded prompts ids (B, T) with real lengths (B,).
 
-    Returns the logits of each prompt's last token (B, V) and the cache `past` (n_layer, 2, B, nh, T + new_slots,
-    hs) with the prompt's keys/values in slots [0, T).
+    Returns the logits of each prompt's last token (B, Vp) and the cache `past` (n_layer, 2, B, nh, T + new_slots,
+    hs) with the prompt's keys/values in columns [0, T).
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
-    x, past = forward(params, cfg, ids, lengths, new_slots)
-    last = tf.reshape(x, [B, T, cfg.n_embd])[:, -1]  # (B, C) left padding puts every row's last token at T-1
-    return lm_head(params, last), past
+    x, past = forward(params, cfg, ids, cache_slots=new_slots)
+    last = tf.gather(tf.reshape(x, [B, T, cfg.n_embd]), lengths - 1, batch_dims=1)  # (B, C) each row's last token
+    return lm_head(params, cfg, last), past
 
 
-def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
+def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
             cache_slots: tf.Tensor | int | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """The transformer over left-padded ids (B, T) with real lengths (B,): hidden states (B*T, C) before ln_f,
-    and with cache_slots, the cache `past` (n_layer, 2, B, nh, T + cache_slots, hs) holding the keys/values in
-    slots [0, T): allocated once and filled layer by layer in place (a list of per-layer K/V to concatenate and
-    pad held the cache three times over at its peak).
+    """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f, and with cache_slots,
+    the cache `past` (n_layer, 2, B, nh, T + cache_slots, hs) holding the keys/values in columns [0, T): allocated
+    once and filled layer by layer in place (a list of per-layer K/V to concatenate and pad held the cache three
+    times over at its peak). Padding comes after each row's tokens, so the causal mask alone keeps it out of
+    them; its own outputs are unused.
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    dtype = matmul_dtype(params)
     t = tf.range(T)
     if cache_slots is not None:
         L = T + cache_slots
-        rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], params["wte"].dtype)  # the cache, by rows
+        rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], dtype)  # the cache, by rows
         prompt_rows = tf.reshape(tf.range(2 * B * nh)[:, None] * L + t[None, :], [-1])  # (2*B*nh*T,) layer 0
-    pad = T - lengths  # (B,) padding slots on the left
-    valid = t[None, :] >= pad[:, None]  # (B, T)
-    pos = tf.maximum(t[None, :] - pad[:, None], 0)  # (B, T) position ids start at 0 on each row's first real token
-    allowed = (t[:, None] >= t[None, :])[None] & valid[:, None, :]  # (B, T, T) causal and not padding
-    bias = tf.where(allowed, 0.0, NEG_INF)[:, None]  # (B, 1, T, T)
+    bias = tf.where(t[:, None] >= t[None, :], 0.0, NEG_INF)[None, None]  # (1, 1, T, T) causal
 
-    x = tf.reshape(embed(params, ids, pos), [B * T, C])  # (B*T, C)
+    x = tf.reshape(embed(params, ids, tf.broadcast_to(t, [B, T])), [B * T, C])  # (B*T, C)
     for i in range(cfg.n_layer):
         p = layer_params(params, i)
-        qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B*T, 3C)
+        qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")), dtype)
         qkv = tf.transpose(tf.reshape(qkv, [B, T, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, T, hs)
         if cache_slots is not None:
             rows = tf.raw_ops.InplaceUpdate(x=rows, i=prompt_rows + i * 2 * B * nh * L,
                                             v=tf.reshape(qkv[1:], [-1, hs]))  # keys and values, in place
         a = attend(qkv[0], qkv[1], qkv[2], bias)  # (B, nh, T, hs)
         a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * T, C])  # (B*T, C)
-        x = x + tf.cast(linear(a, p("attn/c_proj/w"), p("attn/c_proj/b")), tf.float32)
+        x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
         x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
     return x, None if cache_slots is None else tf.reshape(rows, [cfg.n_layer, 2, B, nh, L, hs])
 
@@ -166,7 +263,7 @@ SCORE_CHUNK = 1024  # positions per LM-head chunk when scoring: (1024, V) float3
 
 
 def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
-    """log p(ids[:, t] | ids[:, <t]) under the model, (B, T) float32, for left-padded ids (B, T) with real
+    """log p(ids[:, t] | ids[:, <t]) under the model, (B, T) float32, for right-padded ids (B, T) with real
     lengths (B,); 0 at padding and at each row's first token, which has no context (prepend <|endoftext|> to
     score it). The LM head runs over SCORE_CHUNK positions at a time: memory holds one chunk's logits, never
     (B*T, V).
@@ -174,7 +271,7 @@ def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     if not transposed_layout(params):
         params = {**params, "wte_t": tf.transpose(params["wte"])}
-    x, _ = forward(params, cfg, ids, lengths)
+    x, _ = forward(params, cfg, ids)
     h = norm(x, params["ln_f/g"], params["ln_f/b"])  # (B*T, C)
     predicted = tf.reshape(tf.concat([ids[:, 1:], ids[:, -1:]], 1), [-1])  # (B*T,) the token after each position
     M = B * T
@@ -182,25 +279,24 @@ def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -
 
     def chunk(i, out):
         span = tf.range(i * SCORE_CHUNK, tf.minimum((i + 1) * SCORE_CHUNK, M))
-        logits = logits_of(params, tf.gather(h, span))  # (K, V)
-        top = tf.reduce_max(logits, axis=-1)
-        lse = top + tf.math.log(tf.reduce_sum(tf.exp(logits - top[:, None]), axis=-1))
-        return i + 1, out.write(i, tf.gather(logits, tf.gather(predicted, span), batch_dims=1) - lse)
+        logits = logits_of(params, cfg, tf.gather(h, span))  # (K, Vp)
+        return i + 1, out.write(i, log_softmax_at(logits, tf.gather(predicted, span)))
 
     _, out = tf.while_loop(lambda i, _: i < chunks, chunk,
                            (tf.constant(0), tf.TensorArray(tf.float32, size=chunks, infer_shape=False)))
     after = tf.reshape(out.concat(), [B, T])  # after[:, t] = log p(ids[:, t + 1] | ids[:, <= t])
     logprobs = tf.concat([tf.zeros([B, 1]), after[:, :-1]], 1)  # (B, T) log p(ids[:, t] | ids[:, < t])
-    return tf.where(tf.range(T)[None, :] > (T - lengths)[:, None], logprobs, 0.0)
+    t = tf.range(T)[None, :]
+    return tf.where((t > 0) & (t < lengths[:, None]), logprobs, 0.0)
 
 
 def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, column: tf.Tensor,
                 past: tf.Tensor, key_bias: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """One new token per row: token (B,), position ids (B,), the cache column each row writes (B,) -> logits
-    (B, V), updated past. Rows are independent: each writes its own column (continuous batching puts rows at
+    (B, Vp), updated past. Rows are independent: each writes its own column (continuous batching puts rows at
     different steps side by side).
 
-    key_bias (B, 1, 1, L) masks each row's padding and the columns it has not written yet.
+    key_bias (B, 1, 1, L) masks the columns a row has not written yet.
     """
     n_layer, _, B, nh, L, hs = tf.unstack(tf.shape(past))
     C = cfg.n_embd
@@ -209,15 +305,16 @@ def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tenso
     x = embed(params, token, pos)  # (B, C)
     for i in range(cfg.n_layer):
         p = layer_params(params, i)
-        qkv = linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B, 3C)
+        qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")),
+                      past.dtype)  # (B, 3C)
         qkv = tf.transpose(tf.reshape(qkv, [B, 3, nh, hs]), [1, 0, 2, 3])  # (3, B, nh, hs)
         new_kv = tf.reshape(qkv[1:], [2 * B * nh, hs])
         rows = tf.raw_ops.InplaceUpdate(x=rows, i=column_rows + i * 2 * B * nh * L, v=new_kv)  # write in place
         layer_kv = tf.reshape(rows, [n_layer, 2, B, nh, L, hs])[i]  # (2, B, nh, L, hs) a view, no copy
         a = attend(qkv[0][:, :, None], layer_kv[0], layer_kv[1], key_bias)  # (B, nh, 1, hs)
-        x = x + tf.cast(linear(tf.reshape(a, [B, C]), p("attn/c_proj/w"), p("attn/c_proj/b")), tf.float32)
+        x = x + linear(tf.reshape(a, [B, C]), p("attn/c_proj/w"), p("attn/c_proj/b"))
         x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
-    return lm_head(params, x), tf.reshape(rows, tf.shape(past))
+    return lm_head(params, cfg, x), tf.reshape(rows, tf.shape(past))
 
 
 def _mix32(x: tf.Tensor) -> tf.Tensor:
@@ -266,6 +363,7 @@ def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     V = tf.shape(logits)[1]
     k_row = tf.where(top_k > 0, tf.minimum(top_k, V), V)  # (B,)
     K = tf.reduce_max(tf.where(temperature > 0, k_row, 1))
+    K = tf.minimum(-(-K // CANDIDATE_MULTIPLE) * CANDIDATE_MULTIPLE, V)  # whole vectors (module docstring)
     scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]  # (B, V)
     vals, idx = tf.math.top_k(scaled, K)  # (B, K) descending
     rank = tf.range(K)[None, :]
@@ -284,18 +382,13 @@ def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
                   seed: tf.Tensor, step: tf.Tensor, want_logprobs: tf.Tensor | bool = True
                   ) -> tuple[tf.Tensor, tf.Tensor]:
     """Next token per row (greedy where temperature == 0) and, when wanted, its log-probability under the model
-    (B,); zeros otherwise (the log-sum-exp over the vocabulary is 6% of a batch-128 step)."""
+    (B,); zeros otherwise (the log-sum-exp over the vocabulary is 6% of a batch-128 step). logits (B, Vp)."""
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)  # (B,)
     token = tf.cond(
         tf.reduce_any(temperature > 0),
         lambda: tf.where(temperature > 0, sample_tokens(logits, temperature, top_k, top_p, seed, step), greedy),
         lambda: greedy)  # skip the sort when the whole batch is greedy
-    def logprob():  # log p(token) = logit - logsumexp(logits): two reductions, not a (B, V) LogSoftmax written out
-        top = tf.reduce_max(logits, axis=-1)  # (B,)
-        lse = top + tf.math.log(tf.reduce_sum(tf.exp(logits - top[:, None]), axis=-1))  # (B,)
-        return tf.gather(logits, token, batch_dims=1) - lse
-
-    return token, tf.cond(want_logprobs, logprob, lambda: tf.zeros_like(logits[:, 0]))
+    return token, tf.cond(want_logprobs, lambda: log_softmax_at(logits, token), lambda: tf.zeros_like(logits[:, 0]))
 
 
 LENGTH, END_OF_TEXT, STOP_STRING = 0, 1, 2  # finish_reason codes: why a row ended
@@ -333,15 +426,15 @@ def scatter(x: tf.Tensor, index: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
     return tf.tensor_scatter_nd_update(x, index[:, None], values)
 
 
-def write_prompts(past: tf.Tensor, cache: tf.Tensor, slot: tf.Tensor, first_column: tf.Tensor) -> tf.Tensor:
+def write_prompts(past: tf.Tensor, cache: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
     """past (n_layer, 2, S, nh, L, hs) with the prefill cache (n_layer, 2, k, nh, m, hs) written in place into
-    columns [first_column, first_column + m) of slots slot (k,). The slot's other columns keep what its last row
+    columns [0, m) of slots slot (k,). The slot's other columns keep what its last row
     left there: masked until the new row writes them."""
     n_layer, _, S, nh, L, hs = tf.unstack(tf.shape(past))
     m = tf.shape(cache)[4]
     layer_kv = tf.range(n_layer * 2)[:, None, None, None]
     head = tf.range(nh)[None, None, :, None]
-    column = (first_column + tf.range(m))[None, None, None, :]
+    column = tf.range(m)[None, None, None, :]
     index = ((layer_kv * S + slot[None, :, None, None]) * nh + head) * L + column  # (n_layer*2, k, nh, m)
     rows = tf.raw_ops.InplaceUpdate(x=tf.reshape(past, [-1, hs]), i=tf.reshape(index, [-1]),
                                     v=tf.reshape(cache, [-1, hs]))
@@ -354,7 +447,7 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
              token_bytes: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
     """Completions of R requests, decoded S at a time (continuous batching), all inside the graph.
 
-    ids (B, T) int32 distinct left-padded prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt
+    ids (B, T) int32 distinct right-padded prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt
     each request continues; want_logprobs () bool: compute the log-probabilities (zeros otherwise); slots ()
     int32: S, the rows decoded at once (clipped to 1..R); stop_pattern () string: an RE2 pattern that a row's
     text so far fully matches once it holds a stop string ("" = none); token_bytes (V,) string: each token's
@@ -365,20 +458,21 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     max_new_tokens, a stop string) frees its slot, and the next requests are admitted into the free slots in
     order: their prompts prefilled together (a prompt repeated among them, a row's samples, once), written
     into the slots' cache rows, their first tokens chosen. A row's cache is laid out as it would be alone
-    (prompt in columns [T - length, T), its step k's token in column T + k), its sampling noise keyed by its
-    own seed and step: its tokens are those it gets alone, whatever its neighbours and arrival order.
+    (prompt in columns [0, length), its step k's token in column length + k), its sampling noise keyed by its
+    own seed and step: its tokens are those it gets alone, whatever its neighbours and arrival order (and in
+    bfloat16 too, see the module docstring).
 
     Returns tokens (R, N) int32 (padded with eot), lengths (R,), finish_reason (R,) int32 (LENGTH,
     END_OF_TEXT, STOP_STRING) and logprobs (R, N) float32 of each chosen token; N = max(max_new_tokens).
     The loop ends when every request has ended.
     """
-    T, R = tf.shape(ids)[1], tf.shape(prompt_index)[0]
+    R = tf.shape(prompt_index)[0]
     N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
-    L = T + N
     S = tf.clip_by_value(slots, 1, tf.maximum(R, 1))
     if not transposed_layout(params):
-        params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, V) once per run, outside the loop
+        params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, Vp) once per run, outside the loop
     row_length = tf.gather(lengths, prompt_index)  # (R,) prompt length per request
+    L = tf.reduce_max(row_length + tf.maximum(max_new_tokens, 1))  # cache columns: the longest row's end
     has_stops = tf.strings.length(stop_pattern) > 0
 
     def choose(request, step, logits, n_new, text, active, out):
@@ -417,8 +511,8 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
         request = s.next_request + tf.range(k)  # (k,)
         prompts, which = tf.unique(tf.gather(prompt_index, request))  # (u,), (k,) each prompt prefilled once
         m = tf.reduce_max(tf.gather(lengths, prompts))  # prefill pads to the longest of these prompts only
-        logits, cache = prefill(params, cfg, tf.gather(ids, prompts)[:, T - m:], tf.gather(lengths, prompts))
-        past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot, T - m)  # (u, ...) -> the k slots
+        logits, cache = prefill(params, cfg, tf.gather(ids, prompts)[:, :m], tf.gather(lengths, prompts))
+        past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot)  # (u, ...) -> the k slots
         zero = tf.zeros([k], tf.int32)
         token, done, n_new, text, out = choose(request, zero, tf.gather(logits, which), zero,
                                                tf.fill([k], ""), tf.ones([k], tf.bool), s.out)
@@ -432,10 +526,9 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
         """One token for every slot: each row feeds its last token at its own column and position."""
         sl = s.slots
         length = tf.gather(row_length, tf.minimum(sl.request, R - 1))  # (S,)
-        column = tf.minimum(T + sl.step, L - 1)  # (S,) an empty slot's count runs on: clamped, and unused
-        pos = tf.minimum(length + sl.step, cfg.n_ctx - 1)  # (S,)
-        col = tf.range(L)[None, :]
-        visible = (col >= (T - length)[:, None]) & (col <= column[:, None])  # (S, L) its prompt and its tokens
+        column = tf.minimum(length + sl.step, L - 1)  # (S,) an empty slot's count runs on: clamped, and unused
+        pos = tf.minimum(column, cfg.n_ctx - 1)  # (S,)
+        visible = tf.range(L)[None, :] <= column[:, None]  # (S, L) its prompt and its tokens so far
         key_bias = tf.where(visible, 0.0, NEG_INF)[:, None, None, :]  # (S, 1, 1, L)
         logits, past = decode_step(params, cfg, sl.token, pos, column, s.past, key_bias)
         step = sl.step + 1
@@ -446,7 +539,7 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
         s = tf.cond(tf.reduce_any(s.slots.done) & (s.next_request < R), lambda: admit(s), lambda: s)
         return [tf.cond(tf.reduce_all(s.slots.done), lambda: s, lambda: decode(s))]
 
-    dtype = params["wte"].dtype
+    dtype = matmul_dtype(params)
     empty = Slots(request=tf.fill([S], R), step=tf.zeros([S], tf.int32), token=tf.fill([S], eot),
                   done=tf.ones([S], tf.bool), n_new=tf.zeros([S], tf.int32), text=tf.fill([S], ""))
     out = Outputs(tokens=tf.fill([R * N + 1], eot), logprobs=tf.zeros([R * N + 1]), lengths=tf.zeros([R + 1], tf.int32),

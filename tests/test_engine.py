@@ -32,7 +32,7 @@ def test_next_token_logits_match_hf(hf_dir, hf_model):
     T = max(map(len, PROMPTS))
     ids = np.full((len(PROMPTS), T), EOT_TOKEN, np.int32)
     for r, p in enumerate(PROMPTS):
-        ids[r, T - len(p):] = p
+        ids[r, :len(p)] = p  # right padding
     params = {k: tf.constant(v) for k, v in weights.items()}
     logits, past = gmodel.prefill(params, cfg, tf.constant(ids), tf.constant([len(p) for p in PROMPTS]), 3)
     assert past.shape == (cfg.n_layer, 2, len(PROMPTS), cfg.n_head, T + 3, cfg.head_size)
@@ -41,12 +41,13 @@ def test_next_token_logits_match_hf(hf_dir, hf_model):
         with torch.no_grad():
             out = hf_model(torch.tensor([p]), use_cache=True)
         ref = out.logits[0, -1].numpy()
-        rel = np.abs(logits[r].numpy() - ref).max() / np.abs(ref).max()
+        assert np.all(logits[r, cfg.n_vocab:].numpy() == -np.inf)  # the LM head's padding is never chosen
+        rel = np.abs(logits[r, :cfg.n_vocab].numpy() - ref).max() / np.abs(ref).max()
         assert rel < 1e-4, f"row {r}: relative error {rel:.2e}"
         for layer in (0, cfg.n_layer - 1):  # the cache holds HF's keys and values in the prompt's slots
             cache = out.past_key_values.layers[layer]
             for kv, ref_kv in ((0, cache.keys), (1, cache.values)):
-                np.testing.assert_allclose(past[layer, kv, r, :, T - len(p):T].numpy(), ref_kv[0].numpy(),
+                np.testing.assert_allclose(past[layer, kv, r, :, :len(p)].numpy(), ref_kv[0].numpy(),
                                            atol=1e-4)
 
 
@@ -237,7 +238,7 @@ def test_samples_of_one_prompt_share_its_prefill_and_equal_alone(model):
 
 def test_scores_match_hf(model, hf_model):
     """The graph's scoring output: every token's log-probability given the tokens before it, as transformers
-    computes it, for texts of different lengths in one batch (left padding must not change them)."""
+    computes it, for texts of different lengths in one batch (padding must not change them)."""
     texts = [[EOT_TOKEN] + p for p in PROMPTS]
     got = model.score(texts)
     for text, scores in zip(texts, got):

@@ -1,0 +1,185 @@
+"""Batch invariance at the real layer widths: a row's values are the same bits alone as among M rows, in bfloat16
+and float16 as in float32 tokens. Rounding depends on shapes (oneDNN picks kernels and splits reductions by the
+row count and the reduction length), so these run the engine's own ops at GPT-2's widths, 124M to 1.5B, and a
+whole 124M model; the tiny model's tests (test_continuous, test_engine) check the same at toy widths."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt2 import model as gmodel
+from gpt2.config import GPT2Config, SIZES
+from gpt2.device import session_config
+from gpt2.export import graph_weight
+from gpt2.sampling import SamplingParams
+
+ROWS = (1, 2, 7, 64, 65, 128, 300)
+# float16 is GPU-only in this sense: on CPUs without AVX512-FP16 TensorFlow runs float16 matmuls through Eigen,
+# whose blocking changes a row's sums with the row count at any width (README, Precision).
+LOW_PRECISIONS = ("bfloat16",)
+
+
+def alone_vs_together(build, width: int, rows=ROWS, seed: int = 0, scale: float = 1.0) -> dict[int, int]:
+    """{M: how many of the first M rows differ in any bit from the same row run alone}, for the graph
+    build(x (M, width) float32) in a Session configured as the engine's."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, width])
+        y = build(x)
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(0, scale, (max(rows), width)).astype(np.float32)
+    with tf.compat.v1.Session(graph=graph, config=session_config(2)) as sess:
+        alone = np.stack([sess.run(y, {x: xs[i:i + 1]})[0] for i in range(max(rows))])
+        return {m: int((sess.run(y, {x: xs[:m]}) != alone[:m]).reshape(m, -1).any(axis=1).sum()) for m in rows}
+
+
+def layer_shapes(cfg: GPT2Config) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of each weight matrix of a GPT-2 of this size."""
+    C = cfg.n_embd
+    return {"attn/c_attn/w": (C, 3 * C), "attn/c_proj/w": (C, C), "mlp/c_fc/w": (C, 4 * C),
+            "mlp/c_proj/w": (4 * C, C)}
+
+
+def engine_weight(name: str, shape: tuple[int, int], cfg: GPT2Config, precision: str, seed: int = 1):
+    """A random weight as the exported graph of `precision` holds it (layout, chunks, padding)."""
+    w = tf.constant(np.random.default_rng(seed).normal(0, 0.02, shape).astype(np.float32))
+    value = graph_weight(name, tf.cast(w, getattr(tf, precision)), cfg, precision)
+    return gmodel.Transposed(value) if isinstance(value, tf.Tensor) and precision != "float32" else value
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("size", ["124M", "355M", "774M", "1558M"])
+def test_weight_matmuls_keep_each_rows_bits(size, precision):
+    """Every weight matrix of GPT-2 124M to 1.5B (its matmul in the engine's layout and chunks, bias, GELU where
+    the model has it): each of 300 rows alone and among 2 to 300 rows, the same bits."""
+    cfg = SIZES[size]
+    for name, (n_in, n_out) in layer_shapes(cfg).items():
+        def build(x):
+            w = engine_weight(name, (n_in, n_out), cfg, precision)
+            b = tf.constant(np.random.default_rng(2).normal(0, 0.02, n_out).astype(np.float32))
+            return gmodel.linear(x, w, b, gelu=name == "mlp/c_fc/w")
+        differ = alone_vs_together(build, n_in)
+        assert not any(differ.values()), (name, n_in, n_out, differ)
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("size", ["124M", "1558M"])
+def test_lm_head_and_logprobs_keep_each_rows_bits(size, precision):
+    """The LM head over the padded vocabulary (50304 wide) and the log-probability of a token (its log-sum-exp),
+    as logits_of and log_softmax_at compute them, and ln_f before them."""
+    cfg = SIZES[size]
+    C = cfg.n_embd
+    rng = np.random.default_rng(3)
+    wte = rng.normal(0, 0.02, (cfg.n_vocab, C)).astype(np.float32)
+    g = rng.normal(1, 0.1, C).astype(np.float32)
+
+    def build(x):
+        stored = graph_weight("wte", tf.cast(tf.constant(wte), getattr(tf, precision)), cfg, precision)
+        params = {"wte": gmodel.Transposed(stored), "ln_f/g": tf.constant(g), "ln_f/b": tf.zeros([C])}
+        logits = gmodel.lm_head(params, cfg, x)  # (M, Vp)
+        chosen = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return tf.concat([logits, gmodel.log_softmax_at(logits, chosen)[:, None]], 1)
+    differ = alone_vs_together(build, C, rows=(1, 2, 7, 65, 128), scale=3.0)
+    assert not any(differ.values()), differ
+
+
+def test_attention_weights_keep_a_rows_bits_whatever_the_cache_width():
+    """A decode step's attention weights (float32, before the cast to the cache's dtype) for a row whose cache
+    holds n columns: alone in a cache 3 columns wider, and among 48 rows in a cache 32 wider (the run's longest row
+    sets the width), every n from 1 to 140 and a few up to 1000. Before the softmax's width was padded, 1 row in
+    a few hundred changed in its last bit (and then, now and then, in bfloat16)."""
+    rng = np.random.default_rng(4)
+    B, nh = 48, 12
+    graph = tf.Graph()
+    with graph.as_default():
+        w = tf.compat.v1.placeholder(tf.float32, [None, nh, 1, None])
+        p = gmodel.softmax(w)
+    with tf.compat.v1.Session(graph=graph, config=session_config(2)) as sess:
+        for n in list(range(1, 141)) + [600, 1000]:
+            scores = rng.normal(0, 3, (B, nh, 1, n)).astype(np.float32)
+
+            def run(rows, width):
+                masked = np.full((rows.stop - rows.start, nh, 1, width - n), gmodel.NEG_INF, np.float32)
+                return sess.run(p, {w: np.concatenate([scores[rows], masked], 3)})[..., :n]
+
+            alone = np.concatenate([run(slice(i, i + 1), n + 3) for i in range(B)])
+            assert np.array_equal(run(slice(0, B), min(n + 32, 1024)), alone), n
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_attention_keeps_a_rows_bits_whatever_the_cache_width(precision):
+    """The attention output of a row (q . k, softmax, weighted sum of v in the cache's dtype) alone and among 48
+    rows, in caches of different widths after the row's own columns, whose unwritten columns hold other values."""
+    rng = np.random.default_rng(5)
+    B, nh, hs = 48, 12, 64
+    graph = tf.Graph()
+    with graph.as_default():
+        q, k, v = (tf.compat.v1.placeholder(tf.float32, [None, nh, None, hs]) for _ in range(3))
+        bias = tf.compat.v1.placeholder(tf.float32, [None, 1, 1, None])
+        dtype = getattr(tf, precision)
+        out = tf.cast(gmodel.attend(tf.cast(q, dtype), tf.cast(k, dtype), tf.cast(v, dtype), bias), tf.float32)
+    with tf.compat.v1.Session(graph=graph, config=session_config(2)) as sess:
+        for n in (1, 5, 31, 32, 33, 58, 90, 130, 600, 1000):
+            q_n = rng.normal(0, 1, (B, nh, 1, hs)).astype(np.float32)
+            kv = rng.normal(0, 1, (2, B, nh, n, hs)).astype(np.float32)
+
+            def run(rows, width):
+                rest = rng.normal(0, 1, (2, rows.stop - rows.start, nh, width - n, hs)).astype(np.float32)
+                mask = np.where(np.arange(width) < n, 0.0, gmodel.NEG_INF).astype(np.float32)
+                return sess.run(out, {q: q_n[rows], k: np.concatenate([kv[0][rows], rest[0]], 2),
+                                      v: np.concatenate([kv[1][rows], rest[1]], 2),
+                                      bias: np.broadcast_to(mask, (rows.stop - rows.start, 1, 1, width))})
+
+            alone = np.concatenate([run(slice(i, i + 1), n + 3) for i in range(B)])
+            assert np.array_equal(run(slice(0, B), min(n + 32, 1024)), alone), n
+
+
+def test_layer_norm_keeps_each_rows_bits():
+    for C in (768, 1024, 1280, 1600):
+        g = np.random.default_rng(5).normal(1, 0.1, C).astype(np.float32)
+        differ = alone_vs_together(lambda x: tf.cast(gmodel.norm(x, tf.constant(g), tf.zeros([C])), tf.bfloat16),
+                                   C, scale=4.0)
+        assert not any(differ.values()), (C, differ)
+
+
+def test_reduction_chunks_cover_every_gpt2_width():
+    for cfg in SIZES.values():
+        for n_in in (cfg.n_embd, 4 * cfg.n_embd):
+            c = gmodel.reduction_chunks(n_in)
+            assert n_in % c == 0 and n_in // c <= gmodel.MAX_REDUCTION and (n_in // c) % 16 == 0, n_in
+            assert math.ceil(n_in / gmodel.MAX_REDUCTION) <= c <= 2 * math.ceil(n_in / gmodel.MAX_REDUCTION)
+
+
+@pytest.fixture(scope="module")
+def model_124m(tmp_path_factory):
+    """GPT-2 124M with random weights (GPT-2's init std), exported, in bfloat16: the default on CPUs with bf16
+    units, run here on any CPU."""
+    from gpt2.loader import GenerationModel
+    from pipeline.export import main
+
+    out = tmp_path_factory.mktemp("gpt2-124M")
+    assert main(["--random", "124M", "--output", str(out)]) == 0
+    m = GenerationModel(out, precision="bfloat16", intra_threads=2)
+    yield m
+    m.close()
+
+
+def test_124m_bfloat16_rows_are_the_same_alone_in_one_run_and_with_refills(model_124m):
+    """24 prompts of 1 to 40 tokens, half greedy, half sampled (temperature 0.8, top-k 40), 32 new tokens: each
+    row alone, all in one run, and through 7 slots with refills in another order give the same tokens and the
+    same log-probabilities, bit for bit."""
+    rng = np.random.default_rng(5)
+    n = 24
+    prompts = [rng.integers(0, 50257, k).tolist() for k in rng.integers(1, 41, n)]
+    params = [SamplingParams(max_new_tokens=32, temperature=0.8 * (i % 2), top_k=40 * (i % 2), seed=i)
+              for i in range(n)]
+    alone = [model_124m.generate([p], [q])[0] for p, q in zip(prompts, params)]
+    for slots, order in ((n, range(n)), (7, rng.permutation(n))):
+        got = model_124m.generate([prompts[i] for i in order], [params[i] for i in order], slots=slots)
+        for i, c in zip(order, got):
+            assert c.token_ids == alone[i].token_ids, (slots, i)
+            assert c.logprobs == alone[i].logprobs, (slots, i)
+    assert len({tuple(c.token_ids) for c in alone}) == n  # real, different completions
