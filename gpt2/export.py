@@ -43,7 +43,7 @@ EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dep
 
 
 def stored_transposed(name: str, precision: str) -> bool:
-    """Whether the graph of `precision` keeps this weight (chunks, out, in / chunks) (see gpt2.model.Transposed).
+    """Whether the graph of `precision` keeps this weight (out, in), in chunks if long (gpt2.model.Transposed).
     wte is (V, C) already, which is the LM head's (out, in)."""
     return precision != "float32" and is_matrix(name)
 
@@ -59,6 +59,8 @@ def graph_weight(name: str, value: tf.Tensor, cfg: GPT2Config, precision: str) -
         value = tf.transpose(value)  # (in, out) -> (out, in)
     n_out, n_in = value.shape
     c = model.reduction_chunks(n_in)
+    if c == 1:
+        return value  # (out, in)
     return tf.transpose(tf.reshape(value, [n_out, c, n_in // c]), [1, 0, 2])  # (c, out, in / c)
 
 

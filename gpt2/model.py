@@ -17,8 +17,8 @@ holds that buffer, and every read of a column depends on the write before it.
 Sampling is per row: a row's choice depends only on its own logits, parameters, seed and step, never on its
 neighbours (see `choose_tokens`, `sample_tokens`).
 
-Batch invariance. In bfloat16 and float16 a row's tokens and log-probabilities are the same bits alone, in any
-batch, at any slot, next to any neighbours. A last-bit difference anywhere would not stay small: the next cast to
+Batch invariance. In bfloat16 a row's tokens and log-probabilities are the same bits alone, in any batch, at any
+slot, next to any neighbours (float16 on CPUs runs through Eigen's matmuls, which this does not cover; README). A last-bit difference anywhere would not stay small: the next cast to
 bfloat16 turns it into a whole bf16 step now and then, and a greedy token or a draw flips. So every op a row's
 values go through computes that row's values in an order that depends on nothing but the row:
 - Matmuls reduce over at most MAX_REDUCTION inputs per call (`linear`, `Transposed`): oneDNN sums up to that many
@@ -70,8 +70,8 @@ def reduction_chunks(n_in: int) -> int:
 
 
 class Transposed(NamedTuple):
-    """A bfloat16/float16 weight matrix stored (chunks, out, in / chunks) and multiplied with transpose_b, chunk
-    by chunk (`reduction_chunks`; one chunk for 768 inputs). oneDNN's bfloat16 matmuls read weights in the (out,
+    """A bfloat16/float16 weight matrix stored (out, in) and multiplied with transpose_b; with more than
+    MAX_REDUCTION inputs, stored (chunks, out, in / chunks) and multiplied chunk by chunk (`reduction_chunks`). oneDNN's bfloat16 matmuls read weights in the (out,
     in) layout about 15% faster on AMX CPUs (BENCHMARKS.md); float32 matmuls are faster with (in, out)."""
     t: tf.Tensor
 
@@ -106,11 +106,12 @@ def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool =
 
 
 def matmul_transposed(x: tf.Tensor, w: Transposed) -> tf.Tensor:
-    """x (M, in) @ w, float32 (M, out): one matmul per chunk of w (chunks, out, in / chunks), added in order."""
-    c, _, k = w.t.shape
+    """x (M, in) @ w, float32 (M, out): one matmul, or one per chunk of w (chunks, out, in / chunks), added in
+    chunk order."""
     x = tf.cast(x, w.t.dtype)
-    if c == 1:
-        return tf.cast(tf.matmul(x, w.t[0], transpose_b=True), tf.float32)  # (M, out)
+    if w.t.shape.rank == 2:
+        return tf.cast(tf.matmul(x, w.t, transpose_b=True), tf.float32)  # (M, out)
+    c, _, k = w.t.shape
     xs = tf.transpose(tf.reshape(x, [-1, c, k]), [1, 0, 2])  # (c, M, k)
     ys = tf.cast(tf.matmul(xs, w.t, transpose_b=True), tf.float32)  # (c, M, out)
     y = ys[0]
@@ -152,12 +153,12 @@ def softmax(w: tf.Tensor) -> tf.Tensor:
 def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
     """Token + position embeddings (..., C) float32 for ids and position ids of the same shape."""
     wte = params["wte"]
-    if isinstance(wte, Transposed):  # (c, Vp, C / c): a token's embedding is its c chunks side by side
+    if isinstance(wte, Transposed) and wte.t.shape.rank == 3:  # (c, Vp, C / c): a token's c chunks side by side
         c, _, k = wte.t.shape
         chunks = tf.transpose(tf.gather(wte.t, tf.reshape(ids, [-1]), axis=1), [1, 0, 2])  # (n, c, k)
         tokens = tf.reshape(chunks, tf.concat([tf.shape(ids), [c * k]], 0))  # (..., C)
     else:
-        tokens = tf.gather(wte, ids)
+        tokens = tf.gather(wte.t if isinstance(wte, Transposed) else wte, ids)
     return tf.cast(tokens, tf.float32) + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
 
 
