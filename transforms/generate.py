@@ -1,5 +1,6 @@
-"""Generate completions for runs of requests with the GPT-2 generation graph (continuous batching in one
-Session.run: transforms/batching.py cuts the runs and sets their slots).
+"""Generate completions for runs of requests with the GPT-2 generation graph (continuous batching: transforms/
+batching.py cuts the runs and sets their slots; a worker decodes a run in parts of about TARGET_RUN_SECONDS each,
+one Session.run per part, transforms/pacing.py).
 
 A DoFn rather than RunInference over our own ModelHandler: we batch by length upstream, and a failing batch must
 be split and retried down to single rows so that one bad row costs only itself (a dead letter with its reason) and
@@ -20,6 +21,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, group_key, run_slots
+from transforms.pacing import TARGET_RUN_SECONDS, Pace, parts
 from transforms.progress import PROGRESS_DIR_ENV, TOKENS, Counter
 from transforms.records import ERRORS, Request, Result, row_dead_letter
 from transforms.resources import shared_model
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 10.0
 T = TypeVar("T")
+_PACE = Pace()  # this worker process's generation rate, shared by its threads and DoFn instances
 
 
 class _Progress:
@@ -85,14 +88,17 @@ class GenerateBatches(beam.DoFn):
     """list[Request] (a run) -> Result per row; rows that fail alone go to ERRORS.
 
     A run is decoded `run_slots` rows at a time (batch_size, fewer where max_batch_tokens says the cache would not
-    fit); `stops` end a row in the graph as soon as its text holds one (Detokenize cuts it out after)."""
+    fit), in parts of about target_seconds of work each (transforms/pacing.py), each part's rows emitted when it
+    ends; `stops` end a row in the graph as soon as its text holds one (Detokenize cuts it out after)."""
 
     def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None,
                  logprobs: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, stops: Sequence[str] = ()):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, stops: Sequence[str] = (),
+                 target_seconds: float = TARGET_RUN_SECONDS):
         self.model = shared_model(model_dir, precision, intra_threads)
         self.logprobs = logprobs  # ask the graph for each token's log-probability (else it skips the log-sum-exp)
         self.batch_size, self.max_batch_tokens, self.stops = batch_size, max_batch_tokens, tuple(stops)
+        self.target_seconds = target_seconds
         self.prompts = Metrics.counter("gpt2", "prompts")
         self.generated = Counter(TOKENS)
         self.padding = Metrics.counter("gpt2", "padding_tokens")
@@ -112,8 +118,14 @@ class GenerateBatches(beam.DoFn):
             return self._model.generate([r.token_ids for r in rows], [r.params for r in rows], self.logprobs,
                                         run_slots(rows, self.batch_size, self.max_batch_tokens), self.stops)
 
-        # A row's samples are retried together: a failure halves the batch between rows, never within one.
-        for units, outcome, seconds in split_and_retry(generate, row_units(batch)):
+        slots = run_slots(batch, self.batch_size, self.max_batch_tokens)
+        tokens = lambda unit: sum(r.params.max_new_tokens for r in unit)  # noqa: E731
+        for part in parts(row_units(batch), _PACE, slots, tokens, self.target_seconds):
+            yield from self._generate_part(generate, part)
+
+    def _generate_part(self, generate, part: list[list[Request]]):
+        # A row's samples are retried together: a failure halves the part between rows, never within one.
+        for units, outcome, seconds in split_and_retry(generate, part):
             if isinstance(outcome, Exception):
                 self.rejected.inc()
                 r = units[0][0]
@@ -129,6 +141,7 @@ class GenerateBatches(beam.DoFn):
             longest = max(len(r.token_ids) for r in rows)
             self.padding.inc(sum(longest - len(r.token_ids) for r in rows))
             tokens = sum(len(c.token_ids) for c in outcome)
+            _PACE.record(tokens, seconds)
             self.generated.inc(tokens)
             _Progress.add(len(rows), tokens)
             for r, c in zip(rows, outcome):
