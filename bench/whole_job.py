@@ -156,8 +156,8 @@ def setup(size: str, rows: int, workdir: Path) -> Setup:
                  sum(len(t) for t in tokenizer.encode_batch(texts)))
 
 
-def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run cmd to exit: (wall seconds from just before the fork to its reaping, peak RSS in MB).
+def run_child(cmd: list[str], log: Path, cwd: Path = ROOT) -> tuple[float, float]:
+    """Run cmd in cwd to exit: (wall seconds from just before the fork to its reaping, peak RSS in MB).
 
     The peak is the child's ru_maxrss from os.wait4 (the kernel's high-water mark of the process, kept after it
     exits): per child and exact, unlike RUSAGE_CHILDREN (a max over all children so far), and with no sampling
@@ -168,7 +168,7 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen

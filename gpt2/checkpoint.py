@@ -1,19 +1,24 @@
-"""Read GPT-2 weights from OpenAI's TF checkpoint or Hugging Face's safetensors directory, and write both.
+"""Read GPT-2 weights from OpenAI's TF checkpoint or Hugging Face's safetensors directory a tensor at a time,
+and write both.
 
-Weights are held as a flat dict of numpy arrays under canonical names, OpenAI's without the `model/` prefix
-and with Conv1D's leading 1 squeezed: `wte` (V, C), `wpe` (n_ctx, C), `h0/attn/c_attn/w` (C, 3C), `ln_f/g` (C,) ...
+Weights go by canonical names, OpenAI's without the `model/` prefix and with Conv1D's leading 1 squeezed:
+`wte` (V, C), `wpe` (n_ctx, C), `h0/attn/c_attn/w` (C, 3C), `ln_f/g` (C,) ... Readers yield them one at a time,
+so an export holds one tensor of a checkpoint at a time, not the model.
 Nothing here ever unpickles: a `pytorch_model.bin` is refused with a message saying how to convert it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
+from gpt2 import tensorfile
 from gpt2.config import GPT2Config
 
 Weights = dict[str, np.ndarray]
+Tensors = Iterator[tuple[str, np.ndarray]]  # (canonical name, array), one at a time
 
 # Per-layer tensors: canonical suffix -> Hugging Face suffix.
 _LAYER_KEYS = {
@@ -43,17 +48,6 @@ def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(weights: Weights, cfg: GPT2Config, source: str) -> Weights:
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(weights))
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, shape in want.items():
-        if tuple(weights[name].shape) != shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
-    return {name: weights[name] for name in want}
-
-
 def detect_format(directory: str | Path) -> str:
     """'openai' or 'hf', from the files present."""
     d = Path(directory)
@@ -73,14 +67,33 @@ def detect_format(directory: str | Path) -> str:
     raise CheckpointError(f"{d}: neither an OpenAI checkpoint (hparams.json) nor a Hugging Face one (config.json)")
 
 
-def load_checkpoint(directory: str | Path) -> tuple[GPT2Config, Weights, str]:
-    """(config, weights, format) from either checkpoint layout, auto-detected."""
+def read_checkpoint(directory: str | Path) -> tuple[GPT2Config, Tensors, str]:
+    """(config, tensors, format) from either checkpoint layout, auto-detected. `tensors` yields (canonical name,
+    float32 array) one at a time in expected_shapes' order: only one tensor of the checkpoint is in memory at a
+    time. Every tensor's presence and shape is checked before the first is read."""
     fmt = detect_format(directory)
-    cfg, weights = (_load_openai if fmt == "openai" else _load_hf)(Path(directory))
-    return cfg, check_weights(weights, cfg, str(directory)), fmt
+    cfg, tensors = (_read_openai if fmt == "openai" else _read_hf)(Path(directory))
+    return cfg, tensors, fmt
 
 
-def _load_openai(d: Path) -> tuple[GPT2Config, Weights]:
+def load_checkpoint(directory: str | Path) -> tuple[GPT2Config, Weights, str]:
+    """(config, weights, format): every tensor in memory at once (tests and small models)."""
+    cfg, tensors, fmt = read_checkpoint(directory)
+    return cfg, dict(tensors), fmt
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], cfg: GPT2Config, source: str) -> None:
+    """The checkpoint's tensors (canonical name -> shape) hold every tensor GPT-2 of `cfg` needs, in its shape."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(shapes))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, shape in want.items():
+        if tuple(shapes[name]) != shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(shapes[name])}, expected {shape}")
+
+
+def _read_openai(d: Path) -> tuple[GPT2Config, Tensors]:
     import tensorflow as tf
 
     cfg = GPT2Config.from_dict(json.loads((d / "hparams.json").read_text()))
@@ -88,58 +101,85 @@ def _load_openai(d: Path) -> tuple[GPT2Config, Weights]:
     if ckpt is None:
         raise CheckpointError(f"{d}: hparams.json but no TF checkpoint (no `checkpoint` file or model.ckpt.*)")
     reader = tf.train.load_checkpoint(ckpt)
-    weights = {}
-    for name in reader.get_variable_to_shape_map():
-        if name.startswith("model/"):
-            w = reader.get_tensor(name)
-            weights[name[len("model/"):]] = w[0] if w.ndim == 3 and w.shape[0] == 1 else w  # Conv1D: (1, in, out)
-    return cfg, weights
+    squeeze = lambda s: tuple(s[1:]) if len(s) == 3 and s[0] == 1 else tuple(s)  # noqa: E731  Conv1D: (1, in, out)
+    shapes = {name.removeprefix("model/"): squeeze(shape)
+              for name, shape in reader.get_variable_to_shape_map().items() if name.startswith("model/")}
+    _check_shapes(shapes, cfg, str(d))
+
+    def tensors() -> Tensors:
+        for name, shape in expected_shapes(cfg).items():
+            yield name, np.asarray(reader.get_tensor(f"model/{name}"), dtype=np.float32).reshape(shape)
+    return cfg, tensors()
 
 
-def _load_hf(d: Path) -> tuple[GPT2Config, Weights]:
-    from safetensors.numpy import load_file
-
+def _read_hf(d: Path) -> tuple[GPT2Config, Tensors]:
     hf = json.loads((d / "config.json").read_text())
     cfg = GPT2Config(n_vocab=hf["vocab_size"], n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
                      n_embd=hf["n_embd"], n_head=hf["n_head"], n_layer=hf["n_layer"])
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"{d}: activation_function {act!r} is not GPT-2's tanh GELU")
-    tensors = load_file(str(d / "model.safetensors"))
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    weights = {ours: tensors[theirs] for ours, theirs in _TOP_KEYS.items() if theirs in tensors}
-    for i in range(cfg.n_layer):
-        for ours, theirs in _LAYER_KEYS.items():
-            if f"h.{i}.{theirs}" in tensors:
-                weights[f"h{i}/{ours}"] = tensors[f"h.{i}.{theirs}"]
-    return cfg, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    try:
+        reader = tensorfile.Reader(d / "model.safetensors")
+    except tensorfile.TensorFileError as e:
+        raise CheckpointError(str(e)) from None
+    theirs = {k.removeprefix("transformer."): k for k in reader.keys()}  # with or without the prefix
+    keys = {ours: theirs[hf_name] for ours, hf_name in hf_names(cfg).items() if hf_name in theirs}
+    _check_shapes({ours: reader.shape(key) for ours, key in keys.items()}, cfg, str(d))
+    for key in keys.values():
+        if reader.dtype(key) not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"{d}: {key} is {reader.dtype(key)}, not a float tensor")
+
+    def tensors() -> Tensors:
+        with reader:
+            for name in expected_shapes(cfg):
+                yield name, _float32(reader.read(keys[name]), reader.dtype(keys[name]))
+    return cfg, tensors()
+
+
+def _float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A float tensor as float32; BF16 arrives as its uint16 bits, the top half of a float32's."""
+    if dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def random_tensors(cfg: GPT2Config, seed: int = 0, std: float = 0.02) -> Tensors:
+    """GPT-2-initialised random weights (for demos and tests), one tensor at a time in expected_shapes' order:
+    the same values as random_weights with the same seed."""
+    rng = np.random.default_rng(seed)
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("/g"):
+            yield name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif name.endswith("/b"):
+            yield name, (0.1 * std * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            yield name, (std * rng.standard_normal(shape)).astype(np.float32)
 
 
 def random_weights(cfg: GPT2Config, seed: int = 0, std: float = 0.02) -> Weights:
-    """GPT-2-initialised random weights (for demos and tests)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in expected_shapes(cfg).items():
-        if name.endswith("/g"):
-            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        elif name.endswith("/b"):
-            out[name] = (0.1 * std * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            out[name] = (std * rng.standard_normal(shape)).astype(np.float32)
-    return out
+    """GPT-2-initialised random weights, all in memory (tests and small models)."""
+    return dict(random_tensors(cfg, seed, std))
 
 
-def save_hf(directory: str | Path, cfg: GPT2Config, weights: Weights) -> None:
-    """Write a Hugging Face GPT-2 directory (config.json + model.safetensors); tokenizer files are the caller's."""
-    from safetensors.numpy import save_file
+def hf_names(cfg: GPT2Config) -> dict[str, str]:
+    """Canonical name -> the Hugging Face checkpoint's name, for every tensor."""
+    names = dict(_TOP_KEYS)
+    for i in range(cfg.n_layer):
+        names.update({f"h{i}/{ours}": f"h.{i}.{theirs}" for ours, theirs in _LAYER_KEYS.items()})
+    return names
 
+
+def save_hf(directory: str | Path, cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]]) -> None:
+    """Write a Hugging Face GPT-2 directory (config.json + model.safetensors), a tensor at a time from `weights`
+    (a dict, or (name, float32 array) pairs such as random_tensors yields); tokenizer files are the caller's."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {theirs: weights[ours] for ours, theirs in _TOP_KEYS.items()}
-    for i in range(cfg.n_layer):
-        tensors.update({f"h.{i}.{theirs}": weights[f"h{i}/{ours}"] for ours, theirs in _LAYER_KEYS.items()})
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
+    names = hf_names(cfg)
+    specs = {names[n]: (np.float32, s) for n, s in expected_shapes(cfg).items()}
+    items = weights.items() if isinstance(weights, dict) else weights
+    tensorfile.write(d / "model.safetensors", specs, ((names[n], np.asarray(w, np.float32)) for n, w in items),
+                     metadata={"format": "pt"})
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.n_vocab,
               "n_positions": cfg.n_ctx, "n_ctx": cfg.n_ctx, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
               "n_layer": cfg.n_layer, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,

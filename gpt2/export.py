@@ -22,15 +22,17 @@ so one export serves CPU and GPU workers.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import model
-from gpt2.checkpoint import Weights
+from gpt2 import model, tensorfile
+from gpt2.checkpoint import Weights, expected_shapes
 from gpt2.config import GPT2Config
 from gpt2.manifest import (FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS,
                            sha256_file)
@@ -137,10 +139,28 @@ def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str,
                                                                  OUTPUTS + SCORE_OUTPUTS)
 
 
-def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir: str | Path, *,
-           dtype: str = "float32", weights_mode: str = "external", source: dict | None = None,
-           name: str = "gpt2") -> dict:
-    """Write a model directory; returns its manifest.
+def stored_dtype(name: str, dtype: str) -> np.dtype:
+    """The numpy dtype weights.safetensors holds a weight in: `dtype` for matrices, float32 for the rest;
+    bfloat16 as its raw bits in uint16 (safetensors.numpy has no bfloat16 dtype)."""
+    tf_dtype = weight_dtype(name, dtype)
+    return np.dtype(np.uint16 if tf_dtype == tf.bfloat16 else tf_dtype.as_numpy_dtype)
+
+
+def write_weights(path: Path, cfg: GPT2Config, tensors: Iterable[tuple[str, np.ndarray]], dtype: str) -> None:
+    """weights.safetensors, converted and written a tensor at a time as `tensors` yields them."""
+    def stored(name: str, w: np.ndarray) -> np.ndarray:
+        return w.astype(weight_dtype(name, dtype).as_numpy_dtype, copy=False).view(stored_dtype(name, dtype))
+
+    specs = {n: (stored_dtype(n, dtype), shape) for n, shape in expected_shapes(cfg).items()}
+    tensorfile.write(path, specs, ((n, stored(n, w)) for n, w in tensors))
+
+
+def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]], output_dir: str | Path,
+           vocab_dir: str | Path, *, dtype: str = "float32", weights_mode: str = "external",
+           source: dict | None = None, name: str = "gpt2") -> dict:
+    """Write a model directory; returns its manifest. `weights`: a dict, or (name, float32 array) pairs as
+    gpt2.checkpoint's readers yield them, which the external mode consumes one at a time (an export holds one
+    tensor of the model at a time, not the model).
 
     weights_mode "external" (default): graphs for every precision, weights stored in `dtype` and cast at load.
     "frozen": one graph, the weights as constants in `dtype`.
@@ -150,18 +170,19 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
     out.mkdir(parents=True, exist_ok=True)
     files, graphs = [], {}
     token_bytes = vocabulary_bytes(vocab_dir, cfg.n_vocab)
+    shapes = expected_shapes(cfg)
+    tensors = weights.items() if isinstance(weights, dict) else weights
     if weights_mode == "frozen":
-        weight_bytes = sum(w.size * weight_dtype(n, dtype).size for n, w in weights.items())
+        weight_bytes = sum(math.prod(s) * weight_dtype(n, dtype).size for n, s in shapes.items())
         if weight_bytes >= PROTO_LIMIT:
             raise ValueError(f"{weight_bytes / 1e9:.2f} GB of {dtype} weights cannot be frozen into one protobuf "
                              "(2 GB cap): use --weights external (the default)")
-        graph_def = optimize(frozen_graph(cfg, weights, dtype, token_bytes), OUTPUTS + SCORE_OUTPUTS)
+        graph_def = optimize(frozen_graph(cfg, dict(tensors), dtype, token_bytes), OUTPUTS + SCORE_OUTPUTS)
         (out / GRAPH_FILES["float32"]).write_bytes(graph_def.SerializeToString())
         files.append(GRAPH_FILES["float32"])
         graphs[dtype] = GRAPH_FILES["float32"]
         weights_info: dict = {"mode": "frozen"}
     elif weights_mode == "external":
-        shapes = {n: w.shape for n, w in weights.items()}
         for precision in PRECISIONS:
             graph, binding = build_graph(cfg, shapes, precision, token_bytes, dtype)  # the same op names in each
             keep = OUTPUTS + SCORE_OUTPUTS + sorted({b["assign"] for b in binding.values()})
@@ -169,18 +190,10 @@ def export(cfg: GPT2Config, weights: Weights, output_dir: str | Path, vocab_dir:
             (out / GRAPH_FILES[precision]).write_bytes(graph_def.SerializeToString())
             files.append(GRAPH_FILES[precision])
             graphs[precision] = GRAPH_FILES[precision]
-        from safetensors.numpy import save_file
-
-        # bfloat16 has no numpy dtype in safetensors.numpy: its raw bits are stored as uint16.
-        tensors = {}
-        for n, w in weights.items():
-            a = w.astype(weight_dtype(n, dtype).as_numpy_dtype)
-            tensors[n] = a.view(np.uint16) if a.dtype == DTYPES["bfloat16"].as_numpy_dtype else a
-        save_file(tensors, str(out / "weights.safetensors"))
-        del tensors
+        write_weights(out / "weights.safetensors", cfg, tensors, dtype)
         files.append("weights.safetensors")
         weights_info = {"mode": "external", "file": "weights.safetensors",
-                        "dtypes": {n: weight_dtype(n, dtype).name for n in weights}, "bind": binding}
+                        "dtypes": {n: weight_dtype(n, dtype).name for n in shapes}, "bind": binding}
     else:
         raise ValueError(f"weights_mode must be external or frozen, got {weights_mode!r}")
     for f in find_vocab_files(vocab_dir):

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from gpt2 import tensorfile
 from gpt2.config import EOT_TOKEN, GPT2Config
 from gpt2.device import process_placement, resolve_precision, session_config
 from gpt2.manifest import (INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_ops, model_label,
@@ -36,18 +37,6 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
-    """`a` in a buffer aligned as TensorFlow's CPU kernels want it. A fed array that is not gets copied by
-    TensorFlow into its own allocator's pool, which keeps that memory after the run (0.5 GB for 124M)."""
-    if a.ctypes.data % alignment == 0:
-        return a
-    buf = np.empty(a.nbytes + alignment, np.uint8)
-    start = -buf.ctypes.data % alignment
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +69,15 @@ class GenerationModel:
         import tensorflow as tf
 
         start = time.perf_counter()
+        self.load_breakdown: dict[str, float] = {}  # seconds per stage of the load (bench.sizes reports them)
+
+        def stage_done(name: str) -> None:
+            self.load_breakdown[name] = time.perf_counter() - start - sum(self.load_breakdown.values())
+
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(model_dir)
         verify_files(model_dir, self.manifest)
+        stage_done("verify")
         self.config = GPT2Config.from_dict(self.manifest["config"])
         placement = process_placement()
         try:
@@ -101,8 +96,10 @@ class GenerationModel:
         self.session = tf.compat.v1.Session(graph=self.graph, config=session_config(intra_threads))
         # Close the Session when the model is garbage-collected (e.g. the last DoFn holding it torn down).
         self._close_session = weakref.finalize(self, self.session.close)
+        stage_done("graph")
         if self.manifest["weights"]["mode"] == "external":
             self._bind_weights(self.manifest["weights"])
+        stage_done("bind")
         io = self.manifest["inputs"], self.manifest["outputs"]
         self._run = self.session.make_callable([io[1][n] for n in OUTPUTS], feed_list=[io[0][n] for n in INPUTS])
         scoring = self.manifest["score"]
@@ -112,31 +109,41 @@ class GenerationModel:
         self._lock = threading.Lock()
         if warm_up:
             self.generate([[EOT_TOKEN]], SamplingParams(max_new_tokens=2))
+        stage_done("warm_up")
         self.load_seconds = time.perf_counter() - start
         log.info("model %s loaded in %.1f s: %s on %s (%s)", self.name, self.load_seconds, self.precision,
                  placement.device, why)
 
     def _bind_weights(self, info: dict) -> None:
         """The weights from the safetensors file into their variables (the graph casts them to this precision),
-        a group of about BIND_GROUP_BYTES per Session.run: the transient copies of a load stay that small, while
-        each run's own executor costs little (one run per tensor was 3 s for 124M with Grappler on)."""
+        read in file order with plain reads into aligned buffers (a mapped file's pages count as resident memory
+        for as long as it is mapped: that was the float32 file's whole size at a bfloat16 load's peak), a group of
+        about BIND_GROUP_BYTES per Session.run: the transient copies of a load stay that small, while each run's
+        own executor costs little (one run per tensor was 3 s for 124M with Grappler on)."""
         import tensorflow as tf
-        from safetensors import safe_open
 
+        path = self.model_dir / info["file"]
         feeds, assigns = {}, []
-        with safe_open(str(self.model_dir / info["file"]), framework="numpy") as f:
-            stored = set(f.keys())
-            for name, b in info["bind"].items():
-                if name not in stored:
-                    raise ModelError(f"{self.model_dir}: {info['file']} has no tensor {name!r}")
+        try:
+            reader = tensorfile.Reader(path)
+        except tensorfile.TensorFileError as e:
+            raise ModelError(str(e)) from None
+        with reader:
+            missing = sorted(set(info["bind"]) - set(reader.keys()))
+            if missing:
+                raise ModelError(f"{self.model_dir}: {info['file']} has no tensor {missing[0]!r}")
+            for name in reader.keys():
+                if name not in info["bind"]:
+                    continue
+                b = info["bind"][name]
                 feed = self.graph.get_tensor_by_name(b["feed"])
-                value = f.get_tensor(name)
+                value = reader.read(name)
                 if value.dtype == np.uint16:  # bfloat16 bits (safetensors.numpy has no bfloat16 dtype)
                     value = value.view(tf.bfloat16.as_numpy_dtype)
-                if tuple(value.shape) != tuple(feed.shape):
-                    raise ModelError(f"{self.model_dir}: tensor {name} has shape {value.shape}, graph wants "
-                                     f"{tuple(feed.shape)}")
-                feeds[feed] = aligned(value.astype(feed.dtype.as_numpy_dtype, copy=False))
+                if tuple(value.shape) != tuple(feed.shape) or value.dtype != feed.dtype.as_numpy_dtype:
+                    raise ModelError(f"{self.model_dir}: tensor {name} is {value.dtype}{value.shape}, graph wants "
+                                     f"{feed.dtype.name}{tuple(feed.shape)}")
+                feeds[feed] = value
                 assigns.append(b["assign"])
                 if sum(v.nbytes for v in feeds.values()) >= BIND_GROUP_BYTES:
                     self.session.run(assigns, feeds)

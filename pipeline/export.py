@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.random:
         cfg = SIZES[args.random]
-        weights = checkpoint.random_weights(cfg, seed=args.seed)
+        weights = checkpoint.random_tensors(cfg, seed=args.seed)  # generated a tensor at a time as written
         vocab_dir, name = default_vocab_dir(), args.name or f"gpt2-{args.random}-random"
         source = {"random": True, "size": args.random, "seed": args.seed}
     else:
         try:
-            cfg, weights, fmt = checkpoint.load_checkpoint(args.checkpoint)
+            cfg, weights, fmt = checkpoint.read_checkpoint(args.checkpoint)  # read a tensor at a time as written
         except (checkpoint.CheckpointError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = export.export(cfg, weights, args.output, vocab_dir, dtype=args.dtype,
                                  weights_mode=args.weights, source=source, name=name)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError and TensorFileError too: tensors are read here
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"output": args.output, "name": name, "weights": manifest["weights"]["mode"],

@@ -96,3 +96,16 @@ def test_whole_job_results_go_between_their_markers(tmp_path):
     whole_job.write_results("second", doc)
     assert doc.read_text() == (f"# Benchmarks\nkept\n\n{whole_job.MARKERS[0]}\nsecond\n{whole_job.MARKERS[1]}\n"
                                "## After\n")
+
+
+def test_quick_sizes_benchmark_measures_export_and_load(tmp_path):
+    """bench.sizes --quick: the tiny model exported (random and from a HF checkpoint) and loaded, each a process
+    with its peak RSS; its files are removed after."""
+    p = subprocess.run([sys.executable, "-m", "bench.sizes", "--quick", "--workdir", str(tmp_path)], text=True,
+                       capture_output=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stderr[-3000:]
+    [row] = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| tiny |")]
+    cells = [c.strip() for c in row]
+    assert all(float(cells[i]) > 0 for i in (2, 3, 5, 6, 9, 10))  # seconds and peaks of both exports and the load
+    assert "bind" in cells[12] and "warm_up" in cells[12]
+    assert "Machine: " in p.stdout and not [d for d in tmp_path.iterdir() if d.is_dir()]  # logs only are kept
