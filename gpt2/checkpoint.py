@@ -154,7 +154,9 @@ def random_tensors(cfg: GPT2Config, seed: int = 0, std: float = 0.02) -> Tensors
         elif name.endswith("/b"):
             yield name, (0.1 * std * rng.standard_normal(shape)).astype(np.float32)
         else:
-            yield name, (std * rng.standard_normal(shape)).astype(np.float32)
+            w = rng.standard_normal(shape)
+            w *= std  # in place: one float64 temporary of the tensor, not two (the same values)
+            yield name, w.astype(np.float32)
 
 
 def random_weights(cfg: GPT2Config, seed: int = 0, std: float = 0.02) -> Weights:
