@@ -66,12 +66,14 @@ def write_inputs(directory: Path, texts: list[str], limits: list[int] | None) ->
     return str(directory / "*.parquet")
 
 
-def whole_job(model_dir: Path, inputs: str, out: Path, mean: int, threads: int) -> tuple[float, int]:
-    """(wall seconds, generated tokens) of `pipeline.run` at its defaults."""
+def whole_job(model_dir: Path, inputs: str, out: Path, mean: int, threads: int,
+              extra: list[str] | tuple[str, ...] = ()) -> tuple[float, int]:
+    """(wall seconds, generated tokens) of `pipeline.run` at its defaults (and `extra` options)."""
     shutil.rmtree(out, ignore_errors=True)
     seconds, _ = run_child([sys.executable, "-m", "pipeline.run", "--input", inputs, "--output", str(out),
                             "--model_dir", str(model_dir), "--max_new_tokens", str(mean), "--ignore_eos",
-                            "--runner", "FnApiRunner", "--intra_op_threads", str(threads)], out.with_suffix(".log"))
+                            "--runner", "FnApiRunner", "--intra_op_threads", str(threads), *extra],
+                           out.with_suffix(".log"))
     tables = [pq.read_table(p, columns=["completion_tokens"]) for p in sorted((out / "completions").glob("*"))]
     return seconds, sum(sum(t.column("completion_tokens").to_pylist()) for t in tables)
 

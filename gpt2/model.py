@@ -18,26 +18,29 @@ Sampling is per row: a row's choice depends only on its own logits, parameters, 
 neighbours (see `choose_tokens`, `sample_tokens`).
 
 Batch invariance. In bfloat16 a row's tokens and log-probabilities are the same bits alone, in any batch, at any
-slot, next to any neighbours (float16 on CPUs runs through Eigen's matmuls, which this does not cover; README). A last-bit difference anywhere would not stay small: the next cast to
-bfloat16 turns it into a whole bf16 step now and then, and a greedy token or a draw flips. So every op a row's
-values go through computes that row's values in an order that depends on nothing but the row:
+slot, next to any neighbours (float16 on CPUs runs through Eigen's matmuls, which this does not cover; README). A
+last-bit difference anywhere would not stay small: the next cast to bfloat16 turns it into a whole bf16 step now
+and then, and a greedy token or a draw flips. So every op a row's values go through computes them in an order that
+depends on nothing but the row:
 - Matmuls reduce over at most MAX_REDUCTION inputs per call (`linear`, `Transposed`): oneDNN sums up to that many
-  in one pass whatever the row count, while longer reductions (mlp/c_proj's 3072) are split in a way that
-  depends on the number of rows. Longer ones run as chunks of equal width whose float32 results are added in
-  a fixed order.
+  in one pass whatever the row count (measured up to 1024), while it splits longer reductions (mlp/c_proj's 3072)
+  in a way that depends on the number of rows. Longer ones run as chunks of equal width whose float32 results
+  are added in a fixed order.
 - A row's cache is left aligned: its prompt in columns [0, length), its k-th new token in column length + k, and
   masked (zero-weight) columns only after them, so attention reads its values at the same offsets whatever the
   run's cache width. Left padding shifted them, and bfloat16 dot products pair adjacent inputs, so a shift
   changed the rounding of the attention-weighted sum.
 - Element-wise kernels compute a value with vector or scalar code depending on where it falls in the flattened
   tensor; every row is therefore a whole number of 16-float vectors wide: the vocabulary is padded to
-  VOCAB_MULTIPLE (its extra logits are -inf), the sampler's candidate lists to CANDIDATE_MULTIPLE.
+  VOCAB_MULTIPLE (its extra logits are -inf), the sampler's candidate lists to CANDIDATE_MULTIPLE, and the
+  attention softmax's width to SOFTMAX_MULTIPLE (`softmax`).
 - The log-sum-exp over the vocabulary sums integers (`row_sum_exp`), which is exact in any order.
 - LayerNorm divides by sqrt, not rsqrt (Eigen's vector and scalar rsqrt round differently), and Grappler's
   fusions stay off at load on CPUs (gpt2.device.session_config; the fused MatMul + BiasAdd rounds differently for
   1 row than for 2).
-The tests check these at the real layer widths (tests/test_invariance.py). float32 keeps the tokens of a row
-whatever its batch; its logits may differ in last bits that never reach a token.
+The tests check these at the real layer widths (tests/test_invariance.py). A consequence the same tests show: a
+row's prompt and tokens so far, prefilled, give the same next values as decoding did. float32 keeps the tokens
+of a row whatever its batch; its logits may differ in last bits that never reach a token.
 """
 from __future__ import annotations
 
@@ -71,8 +74,9 @@ def reduction_chunks(n_in: int) -> int:
 
 class Transposed(NamedTuple):
     """A bfloat16/float16 weight matrix stored (out, in) and multiplied with transpose_b; with more than
-    MAX_REDUCTION inputs, stored (chunks, out, in / chunks) and multiplied chunk by chunk (`reduction_chunks`). oneDNN's bfloat16 matmuls read weights in the (out,
-    in) layout about 15% faster on AMX CPUs (BENCHMARKS.md); float32 matmuls are faster with (in, out)."""
+    MAX_REDUCTION inputs, stored (chunks, out, in / chunks) and multiplied chunk by chunk (`reduction_chunks`).
+    oneDNN's bfloat16 matmuls read weights in the (out, in) layout about 15% faster on AMX CPUs (BENCHMARKS.md);
+    float32 matmuls are faster with (in, out)."""
     t: tf.Tensor
 
 

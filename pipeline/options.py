@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from gpt2.sampling import FIELDS, HELP, TYPES, SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+from transforms.pacing import TARGET_RUN_SECONDS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # A sampling field's help, where the run's option means more than the field (the run seed).
@@ -59,6 +60,10 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
                         "on Ampere GPUs, float16 on older GPUs, else float32); each row records the one used")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="TensorFlow threads per worker process (default: all cores)")
+    if generating:
+        b.add_argument("--run_seconds", type=float, default=TARGET_RUN_SECONDS,
+                       help="seconds of work per Session.run, from the worker's measured rate: rows done and "
+                            "progress move this often, and a failed run redoes at most this much")
 
 
 def _console_options(p: argparse.ArgumentParser) -> None:

@@ -211,7 +211,8 @@ def generation(args, manifest: dict, model: str, done: tuple[str, ...], paths: l
         defaults=sampling(args),
         seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
         id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-        precision=args.precision, intra_op_threads=args.intra_op_threads, output_format=args.output_format,
+        run_seconds=args.run_seconds, precision=args.precision, intra_op_threads=args.intra_op_threads,
+        output_format=args.output_format,
         logprobs=args.logprobs, num_samples=args.num_samples or 1, samples=samples, done_files=done))
 
 

@@ -183,3 +183,18 @@ def test_124m_bfloat16_rows_are_the_same_alone_in_one_run_and_with_refills(model
             assert c.token_ids == alone[i].token_ids, (slots, i)
             assert c.logprobs == alone[i].logprobs, (slots, i)
     assert len({tuple(c.token_ids) for c in alone}) == n  # real, different completions
+
+
+def test_124m_bfloat16_a_rows_tokens_prefilled_continue_as_decoding_did(model_124m):
+    """A row's prompt with its first k tokens appended, run as a new prompt, continues with the tokens and
+    log-probabilities the row had after k, bit for bit: prefill and decode compute a position's values alike.
+    (What a run that stops mid-row and resumes by recomputing its cache would rely on.)"""
+    rng = np.random.default_rng(9)
+    n = 16
+    prompts = [rng.integers(0, 50257, k).tolist() for k in rng.integers(1, 60, n)]
+    full = model_124m.generate(prompts, SamplingParams(max_new_tokens=24))
+    cut = [int(k) for k in rng.integers(1, 23, n)]
+    resumed = model_124m.generate([p + f.token_ids[:k] for p, f, k in zip(prompts, full, cut)],
+                                  [SamplingParams(max_new_tokens=24 - k) for k in cut])
+    for f, r, k in zip(full, resumed, cut):
+        assert (r.token_ids, r.logprobs) == (f.token_ids[k:], f.logprobs[k:]), k

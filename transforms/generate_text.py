@@ -32,6 +32,7 @@ import apache_beam as beam
 from gpt2.sampling import sampling_params
 from transforms.batching import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, BatchByLength, BatchByWait,
                                  check_batching)
+from transforms.pacing import TARGET_RUN_SECONDS
 from transforms.detokenize import Detokenize
 from transforms.generate import GenerateBatches
 from transforms.model_cache import model_identity
@@ -64,6 +65,8 @@ class GenerateText(beam.PTransform):
     truncate: "none" (a prompt too long for the context is an error) or "left" (keep its end).
     batch_size, max_batch_tokens: rows decoded at once (the slots of continuous batching; a row that ends frees
       its slot for the next), at most so many that slots x (longest prompt + max_new_tokens) <= max_batch_tokens.
+    run_seconds: the work a worker puts in one Session.run, from its measured rate (transforms/pacing.py): rows
+      come out and a failed run is retried at that granularity.
     streaming: None = decide by the input (unbounded: batch by size or max_wait_secs); True or False to force.
     max_wait_secs: on unbounded input, how long a row may wait for its batch to fill.
     precision, intra_op_threads: what the workers run the graph in (auto = the device's fastest) and with how many
@@ -75,8 +78,8 @@ class GenerateText(beam.PTransform):
 
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
                  seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, streaming: bool | None = None,
-                 max_wait_secs: float = 1.0, precision: str = "auto", intra_op_threads: int | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, run_seconds: float = TARGET_RUN_SECONDS,
+                 streaming: bool | None = None, max_wait_secs: float = 1.0, precision: str = "auto", intra_op_threads: int | None = None,
                  model_label: str | None = None, n_ctx: int | None = None, logprobs: bool = False,
                  num_samples: int | None = None, clock: Callable[[], float] = time.time, **sampling):
         super().__init__()
@@ -88,10 +91,12 @@ class GenerateText(beam.PTransform):
         if isinstance(stop, str):
             stop = [stop]
         check_batching(batch_size, max_batch_tokens, max_wait_secs)
+        if not run_seconds > 0:
+            raise ValueError(f"run_seconds must be > 0, got {run_seconds!r}")
         model_label, n_ctx = model_identity(model_dir, model_label, n_ctx)
         self.model_dir, self.model_label, self.n_ctx = model_dir, model_label, n_ctx
         self.seed, self.stops, self.truncate = seed, list(stop), truncate
-        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.batch_size, self.max_batch_tokens, self.run_seconds = batch_size, max_batch_tokens, run_seconds
         self.streaming, self.max_wait_secs, self.clock = streaming, max_wait_secs, clock
         self.precision, self.intra_op_threads, self.logprobs = precision, intra_op_threads, bool(logprobs)
         self.num_samples = num_samples
@@ -113,7 +118,7 @@ class GenerateText(beam.PTransform):
                    | "Batch" >> batch
                    | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads,
                                                                 self.logprobs, self.batch_size, self.max_batch_tokens,
-                                                                self.stops))
+                                                                self.stops, self.run_seconds))
                    .with_outputs(ERRORS, main="ok"))
         completions = results.ok | "Detokenize" >> beam.ParDo(
             Detokenize(self.model_dir, self.model_label, self.stops, tokenizer, self.logprobs))

@@ -11,6 +11,7 @@ import pyarrow as pa
 from gpt2.sampling import SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 from transforms.generate_text import GenerateText
+from transforms.pacing import TARGET_RUN_SECONDS
 from transforms.read import OVERRIDE_COLUMNS, ReadPrompts
 from transforms.records import ERRORS
 from transforms.score_text import ScoreText, scores_schema
@@ -32,6 +33,7 @@ class JobConfig:
     id_column: str = "id"
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    run_seconds: float = TARGET_RUN_SECONDS  # work per Session.run (transforms/pacing.py)
     precision: str = "auto"
     intra_op_threads: int | None = None
     output_format: str = "parquet"  # or "jsonl"
@@ -100,7 +102,7 @@ class GenerateCompletions(beam.PTransform):
         sampling = {f.name: getattr(c.defaults, f.name) for f in dataclasses.fields(c.defaults) if f.name != "seed"}
         generated = rows | "GenerateText" >> GenerateText(
             c.model_dir, stop=c.stops, truncate=c.truncate, seed=c.seed, batch_size=c.batch_size,
-            max_batch_tokens=c.max_batch_tokens, streaming=False, precision=c.precision,
+            max_batch_tokens=c.max_batch_tokens, run_seconds=c.run_seconds, streaming=False, precision=c.precision,
             intra_op_threads=c.intra_op_threads, model_label=c.model_label, n_ctx=c.n_ctx, logprobs=c.logprobs,
             num_samples=c.num_samples if c.samples else None, **sampling)
         return write_results(paths, generated.completions, errors + [generated.errors], c.output_dir,
