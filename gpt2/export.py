@@ -96,8 +96,12 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
         params = {}
         with tf.name_scope("weights"):
             for name, shape in shapes.items():
-                ph = tf.compat.v1.placeholder(weight_dtype(name, stored), shape, name=f"{name}/init_value")
-                value = graph_weight(name, tf.cast(ph, weight_dtype(name, precision)), cfg, precision)
+                # No static shape on the placeholder: Grappler (optimize) feeds every placeholder of known shape
+                # a zero tensor of that shape, which was the whole model in float32 at export (6.6 GB at 1.5B).
+                # The reshape gives the graph its static shape back at no cost (it shares the buffer).
+                ph = tf.compat.v1.placeholder(weight_dtype(name, stored), None, name=f"{name}/init_value")
+                value = tf.reshape(tf.cast(ph, weight_dtype(name, precision)), shape)
+                value = graph_weight(name, value, cfg, precision)
                 var = tf.compat.v1.get_variable(f"weights/{name}", initializer=value, use_resource=True,
                                                 trainable=False)
                 binding[name] = {"feed": ph.name, "assign": var.initializer.name}

@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from gpt2 import tensorfile
+from gpt2.checkpoint import expected_shapes
 from gpt2.config import EOT_TOKEN, GPT2Config
 from gpt2.device import process_placement, resolve_precision, session_config
-from gpt2.manifest import (INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_ops, model_label,
-                           read_manifest, verify_files)
+from gpt2.manifest import (INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_digest, check_ops,
+                           model_label, read_manifest, verify_files)
 from gpt2.sampling import FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
 BIND_GROUP_BYTES = 64 << 20
+BIND_SCOPE = "bind"  # where the weights' assigns are imported, apart from the generation graph
 
 
 def release_free_memory() -> None:
@@ -76,7 +80,11 @@ class GenerationModel:
 
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(model_dir)
-        verify_files(model_dir, self.manifest)
+        weights_file = self.manifest["weights"].get("file")
+        if self.manifest["weights"]["mode"] == "external" and weights_file not in self.manifest["files"]:
+            raise ModelError(f"{model_dir}: the weights file {weights_file!r} is not among the manifest's files")
+        # The weights' sha256 is checked as they are bound (one read of the file, hashed beside TensorFlow's work)
+        verify_files(model_dir, self.manifest, hashed_by_caller=frozenset({weights_file} - {None}))
         stage_done("verify")
         self.config = GPT2Config.from_dict(self.manifest["config"])
         placement = process_placement()
@@ -89,17 +97,26 @@ class GenerationModel:
         graph_def.ParseFromString(graph_file.read_bytes())
         check_ops(graph_def, str(graph_file))
 
+        stage_done("graph")
+
         self.graph = tf.Graph()
-        with self.graph.as_default(), tf.device(placement.device):
-            tf.compat.v1.import_graph_def(graph_def, name="")
-        del graph_def
         self.session = tf.compat.v1.Session(graph=self.graph, config=session_config(intra_threads))
         # Close the Session when the model is garbage-collected (e.g. the last DoFn holding it torn down).
         self._close_session = weakref.finalize(self, self.session.close)
-        stage_done("graph")
         if self.manifest["weights"]["mode"] == "external":
+            # Bound before the generation graph is imported, in a graph of their assigns alone: each Session.run
+            # with new feeds and fetches prunes the whole graph, which at 1.5B (46k nodes, 73 groups) was half
+            # the load. The generation graph imported next finds the variables by their shared names.
+            assigns = sorted({b["assign"] for b in self.manifest["weights"]["bind"].values()})
+            with self.graph.as_default(), tf.device(placement.device):
+                tf.compat.v1.import_graph_def(tf.compat.v1.graph_util.extract_sub_graph(graph_def, assigns),
+                                              name=BIND_SCOPE)
             self._bind_weights(self.manifest["weights"])
-        stage_done("bind")
+            stage_done("bind")
+        with self.graph.as_default(), tf.device(placement.device):
+            tf.compat.v1.import_graph_def(graph_def, name="")
+        del graph_def
+        stage_done("import")
         io = self.manifest["inputs"], self.manifest["outputs"]
         self._run = self.session.make_callable([io[1][n] for n in OUTPUTS], feed_list=[io[0][n] for n in INPUTS])
         scoring = self.manifest["score"]
@@ -116,41 +133,54 @@ class GenerationModel:
 
     def _bind_weights(self, info: dict) -> None:
         """The weights from the safetensors file into their variables (the graph casts them to this precision),
-        read in file order with plain reads into aligned buffers (a mapped file's pages count as resident memory
-        for as long as it is mapped: that was the float32 file's whole size at a bfloat16 load's peak), a group of
-        about BIND_GROUP_BYTES per Session.run: the transient copies of a load stay that small, while each run's
-        own executor costs little (one run per tensor was 3 s for 124M with Grappler on)."""
-        import tensorflow as tf
-
-        path = self.model_dir / info["file"]
-        feeds, assigns = {}, []
+        read once in file order with plain reads into aligned buffers (a mapped file's pages count as resident
+        memory for as long as it is mapped), a group of about BIND_GROUP_BYTES per Session.run: the transient
+        copies stay that small, while each run's own executor (one per distinct group) stays a small part of the
+        load. The file's sha256 is computed over the same reads, in a thread while TensorFlow assigns the group
+        (hashlib releases the GIL), and checked before the model is used: a file that does not match its manifest
+        is refused as in verify_files; until then its bytes are only values fed to the verified graph's assigns."""
+        expected = expected_shapes(self.config)
         try:
-            reader = tensorfile.Reader(path)
+            reader = tensorfile.Reader(self.model_dir / info["file"])
         except tensorfile.TensorFileError as e:
             raise ModelError(str(e)) from None
-        with reader:
+        digest = hashlib.sha256(reader.header_bytes)
+
+        def hash_group(group: list[tuple[str, np.ndarray]]) -> None:
+            for _, value in group:
+                digest.update(value.reshape(-1).view(np.uint8))
+
+        with reader, ThreadPoolExecutor(1) as hasher:
             missing = sorted(set(info["bind"]) - set(reader.keys()))
             if missing:
                 raise ModelError(f"{self.model_dir}: {info['file']} has no tensor {missing[0]!r}")
-            for name in reader.keys():
-                if name not in info["bind"]:
-                    continue
-                b = info["bind"][name]
-                feed = self.graph.get_tensor_by_name(b["feed"])
-                value = reader.read(name)
-                if value.dtype == np.uint16:  # bfloat16 bits (safetensors.numpy has no bfloat16 dtype)
-                    value = value.view(tf.bfloat16.as_numpy_dtype)
-                if tuple(value.shape) != tuple(feed.shape) or value.dtype != feed.dtype.as_numpy_dtype:
-                    raise ModelError(f"{self.model_dir}: tensor {name} is {value.dtype}{value.shape}, graph wants "
-                                     f"{feed.dtype.name}{tuple(feed.shape)}")
-                feeds[feed] = value
-                assigns.append(b["assign"])
-                if sum(v.nbytes for v in feeds.values()) >= BIND_GROUP_BYTES:
-                    self.session.run(assigns, feeds)
-                    feeds, assigns = {}, []
-        if assigns:
-            self.session.run(assigns, feeds)
+            group: list[tuple[str, np.ndarray]] = []
+            names = reader.keys()
+            for i, name in enumerate(names):
+                group.append((name, reader.read(name)))
+                if sum(v.nbytes for _, v in group) >= BIND_GROUP_BYTES or i == len(names) - 1:
+                    hashed = hasher.submit(hash_group, group)
+                    self._assign(info["bind"], [(n, v) for n, v in group if n in info["bind"]], expected)
+                    hashed.result()
+                    group = []
+        check_digest(self.model_dir, info["file"], digest.hexdigest(), self.manifest)
         release_free_memory()
+
+    def _assign(self, bind: dict, group: list[tuple[str, np.ndarray]], expected: dict) -> None:
+        """One Session.run setting the variables of `group` from their stored values."""
+        import tensorflow as tf
+
+        feeds = {}
+        for name, value in group:
+            feed = self.graph.get_tensor_by_name(f"{BIND_SCOPE}/{bind[name]['feed']}")
+            if value.dtype == np.uint16:  # bfloat16 bits (safetensors.numpy has no bfloat16 dtype)
+                value = value.view(tf.bfloat16.as_numpy_dtype)
+            if tuple(value.shape) != expected.get(name) or value.dtype != feed.dtype.as_numpy_dtype:
+                raise ModelError(f"{self.model_dir}: tensor {name} is {value.dtype}{value.shape}, the model wants "
+                                 f"{feed.dtype.name}{expected.get(name)}")
+            feeds[feed] = value
+        if feeds:
+            self.session.run([f"{BIND_SCOPE}/{bind[name]['assign']}" for name, _ in group], feeds)
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),

@@ -12,8 +12,9 @@ import json
 from pathlib import Path, PurePosixPath
 
 FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 5  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
-# 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16
+FORMAT_VERSION = 6  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
+# 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16; 6: weight placeholders of unknown shape
+# (the loader checks shapes against the config), weights.safetensors contiguous and hashed as it is bound
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -100,8 +101,9 @@ def read_manifest(model_dir: str | Path) -> dict:
     return check_manifest(manifest, str(path))
 
 
-def verify_files(model_dir: str | Path, manifest: dict) -> None:
-    """Every listed file is a regular file inside model_dir and matches its sha256."""
+def verify_files(model_dir: str | Path, manifest: dict, hashed_by_caller: frozenset[str] = frozenset()) -> None:
+    """Every listed file is a regular file inside model_dir and matches its sha256, except that the sha256 of the
+    files in `hashed_by_caller` is left to the caller, who hashes them as it reads them (check_digest)."""
     root = Path(model_dir).resolve()
     for name, digest in manifest["files"].items():
         path = root / name
@@ -109,8 +111,13 @@ def verify_files(model_dir: str | Path, manifest: dict) -> None:
             raise ModelError(f"{model_dir}: {name} is a symlink leading outside the model directory")
         if not path.is_file():
             raise ModelError(f"{model_dir}: {name} is listed in the manifest but missing")
-        if sha256_file(path) != digest:
-            raise ModelError(f"{model_dir}: {name} does not match its sha256 in the manifest (corrupt or tampered)")
+        if name not in hashed_by_caller:
+            check_digest(model_dir, name, sha256_file(path), manifest)
+
+
+def check_digest(model_dir: str | Path, name: str, digest: str, manifest: dict) -> None:
+    if digest != manifest["files"][name]:
+        raise ModelError(f"{model_dir}: {name} does not match its sha256 in the manifest (corrupt or tampered)")
 
 
 def model_label(manifest: dict) -> str:

@@ -77,7 +77,8 @@ def write(path: str | Path, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
 
 
 class Reader:
-    """A safetensors file's header, checked, and its tensors read one at a time into aligned arrays."""
+    """A safetensors file's header, checked, and its tensors read one at a time into aligned arrays.
+    `header_bytes` then every tensor's bytes in `keys()` order are the whole file (for hashing as it is read)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -118,6 +119,13 @@ class Reader:
                 raise TensorFileError(f"{self.path}: {name} has offsets {begin}..{end}, not {want} bytes inside "
                                       f"the file's {data} data bytes")
             entries[name] = (e["dtype"], tuple(e["shape"]), 8 + n + begin, want)
+        end = 8 + n  # as safetensors requires: the tensors tile the data, so reading them all reads every byte
+        for _, _, start, nbytes in sorted(entries.values(), key=lambda e: e[2]):
+            if start != end:
+                raise TensorFileError(f"{self.path}: tensor data is not contiguous (a gap or an overlap)")
+            end += nbytes
+        if end != size:
+            raise TensorFileError(f"{self.path}: {size - end} bytes after the last tensor")
         return first + raw, entries
 
     def keys(self) -> list[str]:

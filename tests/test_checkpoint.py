@@ -73,6 +73,18 @@ def test_reader_refuses_a_malformed_header(tmp_path, header, message):
         tensorfile.Reader(bad_file(tmp_path, header))
 
 
+@pytest.mark.parametrize("data, message", [(b"\0" * 12, "4 bytes after the last tensor"),
+                                           (b"\0" * 4, "not 4 bytes inside the file's 4 data")])
+def test_reader_refuses_data_the_tensors_do_not_tile(tmp_path, data, message):
+    """Reading every tensor reads every byte of the file (the loader hashes the file as it reads it)."""
+    header = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], '
+    with pytest.raises(tensorfile.TensorFileError, match=message):
+        tensorfile.Reader(bad_file(tmp_path, header + b'"data_offsets": [4, 8]}}', data))
+    gap = header + b'"data_offsets": [8, 12]}}'
+    with pytest.raises(tensorfile.TensorFileError, match="not contiguous"):
+        tensorfile.Reader(bad_file(tmp_path, gap, b"\0" * 12))
+
+
 def test_reader_refuses_a_header_longer_than_the_file(tmp_path):
     path = tmp_path / "short.safetensors"
     path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")

@@ -130,3 +130,29 @@ def test_cpu_allocator_pool_is_on_unless_the_user_says_otherwise():
     user = subprocess.run([sys.executable, "-c", code], env={**env, "TF_CPU_ALLOCATOR_USE_BFC": "false"},
                           capture_output=True, text=True, check=True)
     assert (default.stdout.strip(), user.stdout.strip()) == ("true", "false")
+
+
+def test_weights_file_outside_the_manifests_files_is_refused(copy_dir):
+    """The weights are hashed as they are bound, so the file bound must be one the manifest lists a sha256 for."""
+    shutil.copyfile(copy_dir / "weights.safetensors", copy_dir / "other.safetensors")
+    m = json.loads((copy_dir / "manifest.json").read_text())
+    rewrite_manifest(copy_dir, weights={**m["weights"], "file": "other.safetensors"})
+    with pytest.raises(ModelError, match="'other.safetensors' is not among the manifest's files"):
+        GenerationModel(copy_dir, precision="float32")
+
+
+def test_weights_with_a_tensor_of_another_shape_are_refused(copy_dir, model_dir):
+    """A weights file whose header declares another shape (same bytes) is refused, whatever the graph allows."""
+    from gpt2 import tensorfile
+
+    with tensorfile.Reader(copy_dir / "weights.safetensors") as r:
+        tensors = {n: r.read(n) for n in r.keys()}
+    tensors["wpe"] = tensors["wpe"].reshape(-1, 2 * tensors["wpe"].shape[1])
+    tensorfile.write(copy_dir / "weights.safetensors", {n: (a.dtype, a.shape) for n, a in tensors.items()},
+                     tensors.items())
+    m = json.loads((copy_dir / "manifest.json").read_text())
+    from gpt2.manifest import sha256_file
+
+    rewrite_manifest(copy_dir, files={**m["files"], "weights.safetensors": sha256_file(copy_dir / "weights.safetensors")})
+    with pytest.raises(ModelError, match="tensor wpe is float32"):
+        GenerationModel(copy_dir, precision="float32")
