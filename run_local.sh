@@ -20,7 +20,6 @@ if ! "$PY" -c "import gpt2, apache_beam, tensorflow, tiktoken" 2>/dev/null; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q -e .
 fi
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
 input="" output="" model_dir=""
 args=("$@")

@@ -23,6 +23,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from gpt2 import show_tensorflow_logs
 from gpt2.manifest import ModelError, model_label
 from pipeline import progress
 from pipeline.options import UsageError, parse, sampling
@@ -41,7 +42,10 @@ LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "Bundle
 
 
 def configure_logging(level: str) -> None:
-    """Our loggers from `level`; Beam's, TensorFlow's and everyone else's from WARNING (from INFO with DEBUG)."""
+    """Our loggers from `level`; Beam's, TensorFlow's and everyone else's from WARNING (from INFO with DEBUG, and
+    TensorFlow's C++ start-up lines only then)."""
+    if level == "DEBUG":
+        show_tensorflow_logs()
     logging.basicConfig(format=LOG_FORMAT, force=True)
     logging.getLogger().setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
     for name in OUR_LOGGERS:

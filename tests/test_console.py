@@ -48,6 +48,28 @@ def test_the_console_shows_the_jobs_lines_not_beams_internals(shards, model_dir,
     assert p.stdout == ""
 
 
+TF_STARTUP = ("cuInit", "oneDNN custom operations", "absl::InitializeLog", "rebuild TensorFlow")
+
+
+@pytest.mark.parametrize("log_level", ["INFO", "DEBUG"])
+def test_tensorflows_startup_lines_only_with_debug(shards, model_dir, tmp_path, log_level):
+    """A job on the launcher and 2 worker processes, in an environment that does not set TF_CPP_MIN_LOG_LEVEL:
+    TensorFlow's C++ start-up lines (its oneDNN notice, and "failed call to cuInit" on every CPU machine) are shown
+    with --log_level DEBUG only."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    p = subprocess.run([sys.executable, "-m", "pipeline.run", "--input", str(shards / "*.parquet"),
+                        "--output", str(tmp_path / "o"), "--model_dir", str(model_dir), "--max_new_tokens", "2",
+                        "--log_level", log_level, "--direct_num_workers", "2",
+                        "--direct_running_mode", "multi_processing"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    shown = [line for line in p.stderr.splitlines() if any(s in line for s in TF_STARTUP)]
+    if log_level == "DEBUG":
+        assert any("oneDNN custom operations" in line for line in shown), p.stderr[-3000:]
+    else:
+        assert shown == [], shown
+
+
 def test_progress_lines_with_worker_processes(model_dir, tmp_path, caplog):
     """multi_processing: the workers are other processes, and the launcher still sees their counts."""
     write_shards(tmp_path / "in", 3, 40)  # 30 batches of 4: long enough for counts to show before the end
