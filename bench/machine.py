@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.config import GPT2Config
+from gpt2.device import VECTOR_FLAGS, cpu_flags, cpu_name
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -71,18 +71,12 @@ def measure() -> Machine:
     return Machine(gflops=matmul_gflops(), gbs=bandwidth_gbs())
 
 
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what fp32 / bf16 kernels can use
-
-
 def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, list[str]]:
-    """(CPU model name, the VECTOR_FLAGS it has, in that order), read from /proc/cpuinfo (the first CPU listed).
-
-    Without /proc/cpuinfo (not Linux): platform's processor name and no flags."""
+    """(CPU model name, the gpt2.device.VECTOR_FLAGS it has, in that order), from /proc/cpuinfo (the first CPU
+    listed). Without /proc/cpuinfo (not Linux): platform's processor name and no flags."""
     path = Path(cpuinfo)
     if not path.exists():
         return platform.processor() or platform.machine(), []
     info = path.read_text()
-    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
-    present = set(flags.group(1).split()) if flags else set()
-    return (name.group(1).strip() if name else platform.machine()), [f for f in VECTOR_FLAGS if f in present]
+    present = cpu_flags(info)
+    return cpu_name(info), [f for f in VECTOR_FLAGS if f in present]

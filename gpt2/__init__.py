@@ -1,4 +1,4 @@
-"""GPT-2 as a frozen TensorFlow graph: checkpoints, tokenizer, generation graph, export and safe loading."""
+"""GPT-2 as one TensorFlow generation graph: checkpoints, tokenizer, the graph, export and safe loading."""
 
 import os
 import sys

@@ -17,7 +17,7 @@ from gpt2.manifest import PRECISIONS
 # (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). On AVX2-only CPUs TensorFlow's bfloat16
 # matmuls run about 2x slower than float32 (BENCHMARKS.md), so those stay float32.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")  # named with figures
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""Entry points: `python -m pipeline.export` (make a model directory) and `python -m pipeline.run` (the job)."""
+"""Entry points: `python -m pipeline.export` (make a model directory), `python -m pipeline.run` (the generation
+job) and `python -m pipeline.score` (the scoring job)."""

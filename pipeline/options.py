@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _io_options(p: argparse.ArgumentParser, outputs: str, skip_what: str) -> argparse._ArgumentGroup:
+def _io_options(p: argparse.ArgumentParser, outputs: str) -> argparse._ArgumentGroup:
     io = p.add_argument_group("input and output")
     io.add_argument("--input", required=True,
                     help="glob of input shards, local or gs://: Parquet, or JSON Lines (names ending in .jsonl)")
@@ -42,7 +42,7 @@ def _io_options(p: argparse.ArgumentParser, outputs: str, skip_what: str) -> arg
                          "<shard name>:<line> (JSON Lines, from 1)")
     io.add_argument("--skip_existing", action="store_true",
                     help=f"skip input shards whose {outputs} and errors files already exist, and rows whose id "
-                         f"already has an output row in --output (incremental runs and re-runs){skip_what}")
+                         "already has an output row in --output (incremental runs and re-runs)")
     return io
 
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline.run",
         description="Batch text generation with GPT-2 (one TensorFlow graph) on Apache Beam. "
                     "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
-    io = _io_options(p, "completions", "")
+    io = _io_options(p, "completions")
     io.add_argument("--prompt_column", default="prompt")
     io.add_argument("--logprobs", action="store_true",
                     help="completions get `logprobs`: each token's log-probability under the model")
@@ -108,7 +108,7 @@ def build_score_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline.score",
         description="Log-likelihood of given text under GPT-2 (the same model directory and graph) on Apache Beam. "
                     "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
-    io = _io_options(p, "scores", "")
+    io = _io_options(p, "scores")
     io.add_argument("--text_column", default=None, help="the column of the text to score (default: text)")
     io.add_argument("--prompt_column", default=None,
                     help="with --completion_column: the prompt's column (default: prompt), its tokens the context")

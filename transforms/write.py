@@ -56,10 +56,6 @@ def output_path(output_dir: str, kind: str, source: str, output_format: str = "p
     return FileSystems.join(output_dir, kind, f"{shard_name(source)}.{output_format}")
 
 
-def completions_path(output_dir: str, source: str, output_format: str = "parquet") -> str:
-    return output_path(output_dir, "completions", source, output_format)
-
-
 def errors_path(output_dir: str, source: str, output_format: str = "parquet") -> str:
     return output_path(output_dir, "errors", source, output_format)
 
