@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import hashlib
 import logging
+import math
 import threading
 import time
 import weakref
@@ -21,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gpt2 import tensorfile
+from gpt2 import import_tensorflow, tensorfile
 from gpt2.checkpoint import expected_shapes
 from gpt2.config import EOT_TOKEN, GPT2Config
 from gpt2.device import process_placement, resolve_precision, session_config
@@ -70,7 +71,7 @@ class GenerationModel:
 
     def __init__(self, model_dir: str | Path, *, precision: str = "auto", intra_threads: int | None = None,
                  warm_up: bool = True):
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         start = time.perf_counter()
         self.load_breakdown: dict[str, float] = {}  # seconds per stage of the load (bench.sizes reports them)
@@ -146,21 +147,28 @@ class GenerationModel:
             raise ModelError(str(e)) from None
         digest = hashlib.sha256(reader.header_bytes)
 
-        def hash_group(group: list[tuple[str, np.ndarray]]) -> None:
-            for _, value in group:
-                digest.update(value.reshape(-1).view(np.uint8))
+        def hash_group(group: list[tuple[str, np.ndarray | None]]) -> None:
+            for name, value in group:
+                for chunk in ([value.reshape(-1).view(np.uint8)] if value is not None else reader.chunks(name)):
+                    digest.update(chunk)
 
         with reader, ThreadPoolExecutor(1) as hasher:
             missing = sorted(set(info["bind"]) - set(reader.keys()))
             if missing:
                 raise ModelError(f"{self.model_dir}: {info['file']} has no tensor {missing[0]!r}")
-            group: list[tuple[str, np.ndarray]] = []
+            # The largest tensor first (wte): TensorFlow's CPU pool keeps every buffer it has held, so the
+            # transients of its cast and layout (0.5 GB at 1.5B) are reused by the variables bound after it
+            # rather than added on top of them. Its bytes are hashed again in file order, a chunk at a time.
+            largest = max(info["bind"], key=lambda n: math.prod(reader.shape(n)))
+            self._assign(info["bind"], [(largest, reader.read(largest))], expected)
+            group: list[tuple[str, np.ndarray | None]] = []
             names = reader.keys()
             for i, name in enumerate(names):
-                group.append((name, reader.read(name)))
-                if sum(v.nbytes for _, v in group) >= BIND_GROUP_BYTES or i == len(names) - 1:
+                group.append((name, None if name == largest else reader.read(name)))
+                if sum(v.nbytes for _, v in group if v is not None) >= BIND_GROUP_BYTES or i == len(names) - 1:
                     hashed = hasher.submit(hash_group, group)
-                    self._assign(info["bind"], [(n, v) for n, v in group if n in info["bind"]], expected)
+                    self._assign(info["bind"], [(n, v) for n, v in group if n in info["bind"] and v is not None],
+                                 expected)
                     hashed.result()
                     group = []
         check_digest(self.model_dir, info["file"], digest.hexdigest(), self.manifest)

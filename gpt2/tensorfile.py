@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -142,15 +143,26 @@ class Reader:
         """The tensor as a new aligned array of its numpy dtype (BF16: its uint16 bits)."""
         dtype, shape, start, nbytes = self._entry(name)
         out = aligned_empty(shape, DTYPES[dtype])
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        self._file.seek(start)
+        self._read_into(memoryview(out.reshape(-1).view(np.uint8)), start, name)
+        return out
+
+    def chunks(self, name: str, size: int = 16 << 20) -> Iterator[memoryview]:
+        """The tensor's bytes in chunks of `size` through one reused buffer (to hash it without holding it)."""
+        _, _, start, nbytes = self._entry(name)
+        buf = memoryview(bytearray(min(size, nbytes)))
+        for offset in range(0, nbytes, size):
+            view = buf[:min(size, nbytes - offset)]
+            self._read_into(view, start + offset, name)
+            yield view
+
+    def _read_into(self, view: memoryview, start: int, name: str) -> None:
+        """Positional reads (no shared file position: safe from several threads)."""
         done = 0
-        while done < nbytes:
-            got = self._file.readinto(view[done:])
+        while done < len(view):
+            got = os.preadv(self._file.fileno(), [view[done:]], start + done)
             if not got:
                 raise TensorFileError(f"{self.path}: ends inside {name}")
             done += got
-        return out
 
     def _entry(self, name: str):
         if name not in self.entries:
