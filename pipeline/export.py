@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from gpt2 import import_tensorflow
+
+    import_tensorflow()  # before gpt2.export imports it: quietly (gpt2/__init__.py)
     from gpt2 import checkpoint, export
     from gpt2.config import SIZES
     from gpt2.tokenizer import default_vocab_dir
