@@ -62,6 +62,24 @@ def stop_pattern(stops: Sequence[str]) -> bytes:
     return ("\\C*(?:" + "|".join("".join(map(escape, s)) for s in stops) + ")\\C*").encode()
 
 
+def sub_graph(graph_def, outputs: Sequence[str]):
+    """The nodes `outputs` need (their inputs, transitively) as a GraphDef of its own: what TensorFlow's
+    deprecated extract_sub_graph does, without its warning on every load."""
+    nodes = {n.name: n for n in graph_def.node}
+    keep: set[str] = set()
+    todo = list(outputs)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(i.lstrip("^").split(":")[0] for i in nodes[name].input)
+    out = type(graph_def)()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    out.node.extend(n for n in graph_def.node if n.name in keep)
+    return out
+
+
 class GenerationModel:
     """A verified model in its own tf.compat.v1.Session; `generate` is safe to call from many threads.
 
@@ -110,7 +128,7 @@ class GenerationModel:
             # the load. The generation graph imported next finds the variables by their shared names.
             assigns = sorted({b["assign"] for b in self.manifest["weights"]["bind"].values()})
             with self.graph.as_default(), tf.device(placement.device):
-                tf.compat.v1.import_graph_def(tf.compat.v1.graph_util.extract_sub_graph(graph_def, assigns),
+                tf.compat.v1.import_graph_def(sub_graph(graph_def, assigns),
                                               name=BIND_SCOPE)
             self._bind_weights(self.manifest["weights"])
             stage_done("bind")
