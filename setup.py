@@ -17,5 +17,8 @@ setup(
         # run time.
         "test": ["pytest>=7", "torch==2.13.0", "transformers>=4.40", "tokenizers>=0.15", "gcp-storage-emulator",
                  "build"],
+        # The CPU engines bench.whole_job compares with (bench/peers.py); never at run time.
+        "peers": ["ctranslate2", "openvino-genai", "openvino-tokenizers", "optimum-intel[openvino]", "torch==2.13.0",
+                  "transformers>=4.40"],
     },
 )

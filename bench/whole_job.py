@@ -4,6 +4,8 @@
   python -m bench.whole_job --quick    # tiny model, 24 prompts, 4 new tokens, 1 repeat: a smoke run (the tests run it)
   python -m bench.whole_job --write    # also write the table into BENCHMARKS.md between its whole_job markers
   python -m bench.whole_job --ours_args "--precision bfloat16"   # extra options for our side
+  python -m bench.whole_job --peers ct2-int8 ct2-float32 ov-bf16 ov-int8   # the CPU engines too (bench/peers.py;
+                                       # the `peers` extra, or --peers_python from an environment that has them)
 
 What is measured: the product promise, a whole job (start to exit: imports, model load, reading Parquet,
 tokenizing, generating, decoding, writing Parquet) against the plain transformers script a competent user would
@@ -42,6 +44,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.machine import cpu_features  # noqa: E402
+from bench.peers import PEERS, convert  # noqa: E402
 from bench.results import BENCHMARKS, write_between  # noqa: E402
 from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
 from gpt2.config import SIZES  # noqa: E402
@@ -199,6 +202,20 @@ def run_hf(side: str, dtype: str, s: Setup, out: Path, new_tokens: int, batch_si
     return Run(side, seconds, rss, sum(table.column("completion_tokens").to_pylist()), completions(table))
 
 
+def run_peer(side: str, key: str, s: Setup, out: Path, new_tokens: int, threads: int, python: str,
+             models: Path) -> Run:
+    peer = PEERS[key]
+    model = convert(peer, python, s.hf_dir, models / key)
+    script = out.parent / f"{key}_generate.py"
+    script.write_text(peer.script)
+    output = out.with_suffix(".parquet")
+    seconds, rss = run_child([python, str(script), str(model), str(s.hf_dir), s.prompts_glob, str(output),
+                              str(new_tokens), str(threads), peer.option], out.with_suffix(".log"))
+    table = pq.read_table(output, columns=["id", "completion", "completion_tokens"])
+    assert table.num_rows == s.rows, f"{side} wrote {table.num_rows} of {s.rows} rows"
+    return Run(side, seconds, rss, sum(table.column("completion_tokens").to_pylist()), completions(table))
+
+
 def completions(table: pa.Table) -> dict[str, str]:
     return dict(zip(table.column("id").to_pylist(), table.column("completion").to_pylist()))
 
@@ -248,8 +265,11 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
     print(f"setup: GPT-2 {args.size}, {args.prompts} prompts in {workdir}", flush=True)
     s = setup(args.size, args.prompts, workdir)
     hf = f"transformers script, batch {args.batch_size}"
-    dtypes = {f"{hf}, {dtype}": dtype for dtype in ("float32", "bfloat16")}
-    sides = ["ours: pipeline.run", *dtypes]
+    dtypes = {} if args.no_hf else {f"{hf}, {dtype}": dtype for dtype in ("float32", "bfloat16")}
+    peers = {PEERS[k].name: k for k in args.peers}
+    sides = ["ours: pipeline.run", *dtypes, *peers]
+    models = workdir / "peer-models"
+    models.mkdir(exist_ok=True)
     runs_dir = workdir / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir()
@@ -259,6 +279,9 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
             out = runs_dir / f"{r}-{i}"
             if side == sides[0]:
                 result = run_ours(side, s, out, args.new_tokens, args.threads, args.ours_args)
+            elif side in peers:
+                result = run_peer(side, peers[side], s, out, args.new_tokens, args.threads, args.peers_python,
+                                  models)
             else:
                 result = run_hf(side, dtypes[side], s, out, args.new_tokens, args.batch_size, args.threads)
             runs.append(result)
@@ -278,6 +301,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="rounds of all sides, alternating the order")
     p.add_argument("--workdir", help="where models, prompts and outputs go (default: a temporary directory)")
     p.add_argument("--ours_args", default="", help='extra options for pipeline.run, e.g. "--precision bfloat16"')
+    p.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS), help="CPU engines to run too")
+    p.add_argument("--peers_python", default=sys.executable, help="the Python that has the peers installed")
+    p.add_argument("--no_hf", action="store_true", help="skip the transformers sides")
     p.add_argument("--quick", action="store_true", help="tiny model, 24 prompts, 4 new tokens, 1 repeat")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args(argv)
