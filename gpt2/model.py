@@ -59,8 +59,13 @@ CANDIDATE_MULTIPLE = 16  # the sampler's candidates per row, rounded up to whole
 EXACT_SCALE = 2.0 ** 36  # row_sum_exp's fixed point: 2^36 * (2^16 values of at most 1) stays below 2^53
 
 
+def round_up(n, multiple: int):
+    """n (an int or an int tensor) rounded up to a multiple of `multiple`."""
+    return (n + multiple - 1) // multiple * multiple
+
+
 def padded_vocab(n_vocab: int) -> int:
-    return -(-n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return round_up(n_vocab, VOCAB_MULTIPLE)
 
 
 def reduction_chunks(n_in: int) -> int:
@@ -149,7 +154,7 @@ def softmax(w: tf.Tensor) -> tf.Tensor:
     row's own (zeros) do not change its sum. At other widths a row's last columns fall into the scalar tail or
     not, depending on the run's cache width."""
     n = tf.shape(w)[-1]
-    pad = (n + SOFTMAX_MULTIPLE - 1) // SOFTMAX_MULTIPLE * SOFTMAX_MULTIPLE - n
+    pad = round_up(n, SOFTMAX_MULTIPLE) - n
     paddings = tf.concat([tf.zeros([tf.rank(w) - 1, 2], tf.int32), [[0, pad]]], 0)
     return tf.nn.softmax(tf.pad(w, paddings, constant_values=NEG_INF), axis=-1)[..., :n]
 
@@ -368,7 +373,7 @@ def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     V = tf.shape(logits)[1]
     k_row = tf.where(top_k > 0, tf.minimum(top_k, V), V)  # (B,)
     K = tf.reduce_max(tf.where(temperature > 0, k_row, 1))
-    K = tf.minimum(-(-K // CANDIDATE_MULTIPLE) * CANDIDATE_MULTIPLE, V)  # whole vectors (module docstring)
+    K = tf.minimum(round_up(K, CANDIDATE_MULTIPLE), V)  # whole vectors (module docstring)
     scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]  # (B, V)
     vals, idx = tf.math.top_k(scaled, K)  # (B, K) descending
     rank = tf.range(K)[None, :]

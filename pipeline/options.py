@@ -161,6 +161,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
         raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if not args.run_seconds > 0:
+        raise UsageError(f"--run_seconds must be > 0, got {args.run_seconds}")
     try:
         sampling(args).validate()
     except ValueError as e:  # "top_p must be in (0, 1], got 1.5"

@@ -214,6 +214,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, shards, model_dir, capsys):
     assert "--max_new_tokens must be >= 1, got -1" in user_error(capsys, *ok, "--max_new_tokens", "-1")
     assert "--temperature must be a finite number >= 0, got nan" in user_error(capsys, *ok, "--temperature", "nan")
     assert "--top_p must be in (0, 1], got 1.5" in user_error(capsys, *ok, "--top_p", "1.5")
+    assert "--run_seconds must be > 0, got 0.0" in user_error(capsys, *ok, "--run_seconds", "0")
     assert "--direct_num_workers: invalid int value: 'two'" in user_error(capsys, *ok, "--direct_num_workers",
                                                                           "two")
     (tmp_path / "afile").write_text("")

@@ -14,7 +14,7 @@ is what bench.ragged measures against even rows.
 from __future__ import annotations
 
 import threading
-from typing import Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 TARGET_RUN_SECONDS = 30.0
 FIRST_PART_ROWS = 16  # the first part of a process: a few seconds at 124M, about a minute at 1.5B
@@ -55,7 +55,7 @@ def part_rows(rate: float | None, slots: int, tokens_per_row: float, rows_left: 
     return rows_left if rows_left - n < slots else n
 
 
-def parts(units: Sequence[list[T]], pace: Pace, slots: int, tokens: callable,
+def parts(units: Sequence[list[T]], pace: Pace, slots: int, tokens: Callable[[list[T]], int],
           target_seconds: float = TARGET_RUN_SECONDS) -> Iterator[list[list[T]]]:
     """The units (a row's samples stay together) in consecutive parts sized by `part_rows` from the pace as it is
     when each part is taken (the caller records each part's rate before taking the next). tokens(unit): the tokens
