@@ -46,7 +46,7 @@ def padding_fraction(batches: list[list[_Row]]) -> float:
 
 
 def length_aware(rows: list[_Row], batch_size: int, max_batch_tokens: int) -> list[list[_Row]]:
-    """Length-aware static batches (transforms.batching's cost model: sort each window by length, cut where it
+    """Length-aware static batches (transforms.batching's cost model: sort each block by length, cut where it
     pays): the padding batching without refill would compute. The job's runs admit rows in the same order."""
     return list(plan_batches(rows, batch_size, max_batch_tokens, policy=BATCHES))
 

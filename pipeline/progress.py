@@ -19,13 +19,16 @@ those since rows were first done (start-up and model loading would make them loo
 """
 from __future__ import annotations
 
+import glob
+import json
 import logging
+import os
 import threading
 import time
 
 from apache_beam.metrics.metric import MetricsFilter
 
-from transforms.progress import NAMESPACE, ROWS_DONE, ROWS_SKIPPED, TOKENS, read_totals
+from transforms.progress import NAMESPACE, ROWS_DONE, ROWS_SKIPPED, TOKENS
 
 log = logging.getLogger(__name__)
 Counts = dict[str, int]
@@ -44,28 +47,49 @@ def counter_values(result) -> Counts | None:
     return values
 
 
+def read_totals(directory: str) -> Counts:
+    """The sum of the counters over the worker processes' files in `directory` (transforms/progress.py)."""
+    totals: Counts = {}
+    for path in glob.glob(os.path.join(directory, "*.json")):
+        try:
+            with open(path) as f:
+                counts = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for name, n in counts.items():
+            totals[name] = totals.get(name, 0) + n
+    return totals
+
+
 class LocalCounts:
     """The counters of a local run's workers, from their files in `directory`."""
 
     def __init__(self, directory: str):
-        self.directory, self.result = directory, None
+        self.directory = directory
 
     def __call__(self) -> Counts | None:
         return read_totals(self.directory)
 
 
 class MetricCounts:
-    """The running job's counters, once `result` (what Pipeline.run returned) is set."""
+    """The running job's counters, once `result` (what Pipeline.run returned) is set; says once that there are
+    none while the job runs when its runner gives none."""
 
     def __init__(self):
         self.result = None
+        self.told = False
 
     def __call__(self) -> Counts | None:
         from apache_beam.runners.portability.portable_runner import PipelineResult as PortableResult
 
-        if self.result is None or isinstance(self.result, PortableResult):
-            return None  # not started yet; or a result that would keep a mid-run answer (see the module's doc)
-        return counter_values(self.result)
+        if self.result is None:
+            return None  # not started yet
+        # a portable result would keep a mid-run answer for good (see the module's doc): not asked
+        counts = None if isinstance(self.result, PortableResult) else counter_values(self.result)
+        if counts is None and not self.told:
+            self.told = True
+            log.info("progress: not reported by this runner while the job runs; the summary follows at the end")
+        return counts
 
 
 def duration(seconds: float) -> str:
@@ -116,7 +140,7 @@ class Reporter:
             self._thread.join()
 
     def _run(self) -> None:
-        told, first = False, None  # first: (time, counts) when rows were first done, once they were
+        first = None  # first: (time, counts) when rows were first done, once they were
         while not self._stop.wait(self.interval):
             counts, now = self.counts(), time.monotonic()
             if counts is not None:
@@ -126,6 +150,3 @@ class Reporter:
                 log.info("%s", progress_line(counts, self.total, now - start, since, self.tokens_counter))
                 if first is None and counts.get(ROWS_DONE, 0):
                     first = (now, counts)
-            elif not told and self.counts.result is not None:
-                told = True  # the job runs, and its runner gives no numbers until it ends
-                log.info("progress: not reported by this runner while the job runs; the summary follows at the end")

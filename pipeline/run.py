@@ -201,7 +201,8 @@ def run_pipeline(paths: list[str], transform: beam.PTransform, options: Pipeline
         stack.enter_context(environment(PROGRESS_DIR_ENV, directory))
         stack.enter_context(progress.Reporter(total, progress_seconds, counts, tokens_counter))
         result = p.run()
-        counts.result = result
+        if not local:
+            counts.result = result
         result.wait_until_finish()
     return progress.counter_values(result)
 

@@ -64,7 +64,7 @@ def test_batches_stay_within_both_bounds_and_oversized_requests_run_alone():
     rng = random.Random(1)
     requests = [req(i, rng.randint(1, 400), rng.choice([8, 64, 200])) for i in range(500)]
     requests.append(req(500, 3000, 64))  # bigger than max_batch_tokens on its own
-    batches = list(plan_batches(requests, 16, 2000, window=128, policy=BATCHES))
+    batches = list(plan_batches(requests, 16, 2000, block=128, policy=BATCHES))
     assert_each_once(requests, batches)
     for b in batches:
         assert len(b) <= 16
@@ -73,15 +73,15 @@ def test_batches_stay_within_both_bounds_and_oversized_requests_run_alone():
     assert [b for b in batches if any(r.id == "r500" for r in b)] == [[requests[500]]]
 
 
-def test_every_request_once_across_window_boundaries():
+def test_every_request_once_across_block_boundaries():
     requests = random_requests(103, 1, 50, seed=2)
-    batches = list(plan_batches(requests, 5, BIG, window=7, policy=BATCHES))
+    batches = list(plan_batches(requests, 5, BIG, block=7, policy=BATCHES))
     assert_each_once(requests, batches)
-    assert [len(b) for b in batches[:-1]] == [5] * 20 and len(batches[-1]) == 3  # a window's open batch carries over
+    assert [len(b) for b in batches[:-1]] == [5] * 20 and len(batches[-1]) == 3  # a block's open batch carries over
 
     rng = random.Random(3)
     mixed = [req(i, rng.randint(1, 900), rng.choice([1, 4, 64, 512])) for i in range(1001)]
-    assert_each_once(mixed, list(plan_batches(mixed, 8, 4096, window=10, policy=BATCHES)))
+    assert_each_once(mixed, list(plan_batches(mixed, 8, 4096, block=10, policy=BATCHES)))
     assert list(plan_batches([], 8, 4096, policy=BATCHES)) == []
 
 
@@ -125,13 +125,13 @@ def test_beam_transform_emits_every_request_once():
         assert sorted(len(b) for b in batches) == [4] + [16] * 6, [len(b) for b in batches]
 
     with beam.Pipeline(runner="FnApiRunner") as p:
-        batches = p | beam.Create(requests) | BatchByLength(16, BIG, window=32, policy=BATCHES)
+        batches = p | beam.Create(requests) | BatchByLength(16, BIG, block=32, policy=BATCHES)
         assert_that(batches, check)
 
 
 def test_runs_sort_by_prompt_length_and_hold_a_fixed_number_of_requests_per_slot():
     """Generation's runs (continuous batching): sorted by prompt length only (max_new_tokens may differ within a
-    run: a row that ends frees its slot), RUN_ROWS_PER_SLOT x batch_size requests each, across windows."""
+    run: a row that ends frees its slot), RUN_ROWS_PER_SLOT x batch_size requests each, across blocks."""
     rng = random.Random(3)
     requests = [req(i, rng.randint(1, 66), rng.randint(1, 128)) for i in range(1000)]
     runs = list(plan_batches(requests, 16, BIG))
@@ -139,11 +139,11 @@ def test_runs_sort_by_prompt_length_and_hold_a_fixed_number_of_requests_per_slot
     per_run = 16 * RUN_ROWS_PER_SLOT
     assert [len(r) for r in runs] == [per_run] * (1000 // per_run) + [1000 % per_run]
     lengths = [len(r.token_ids) for run in runs for r in run]
-    assert lengths == sorted(lengths)  # one window: the whole job in prompt-length order
+    assert lengths == sorted(lengths)  # one block: the whole job in prompt-length order
     assert len({r.params.max_new_tokens for r in runs[0]}) > 10
-    windows = list(plan_batches(requests, 16, BIG, window=300))
-    assert_each_once(requests, windows)
-    assert all(len(r) <= per_run for r in windows) and sum(len(r) < per_run for r in windows) <= 1
+    runs = list(plan_batches(requests, 16, BIG, block=300))
+    assert_each_once(requests, runs)
+    assert all(len(r) <= per_run for r in runs) and sum(len(r) < per_run for r in runs) <= 1
 
 
 def test_run_slots_come_from_the_memory_budget():

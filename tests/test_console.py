@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.progress import duration, progress_line
+from pipeline.progress import duration, progress_line, read_totals
 from pipeline.run import configure_logging, run
 from tests.helpers import write_shards
 from transforms import progress as progress_counters
@@ -121,7 +121,7 @@ def test_a_closed_totals_file_is_written_once_and_never_after(tmp_path, monkeypa
     counter.inc(2)
     counter.inc(3)  # due in 0.3 s
     progress_counters.close_local_totals()
-    assert progress_counters.read_totals(str(tmp_path)) == {ROWS_DONE: 5}  # written at once
+    assert read_totals(str(tmp_path)) == {ROWS_DONE: 5}  # written at once
     for f in tmp_path.iterdir():
         f.unlink()
     time.sleep(0.6)

@@ -33,7 +33,7 @@ def test_samples_stay_together_unless_they_alone_exceed_a_batch():
     samples = [s for r in rows for s in expand_samples(r)]
     assert [s.sample for s in samples[:3]] == [0, 1, 2]
     assert [s.params.seed for s in samples[:3]] == [1, sample_seed(1, 1), sample_seed(1, 2)]
-    batches = list(plan_batches(samples, 8, 1 << 30, window=7, policy=BATCHES))  # windows end mid-row: read on
+    batches = list(plan_batches(samples, 8, 1 << 30, block=7, policy=BATCHES))  # blocks end mid-row: read on
     assert sorted(s.id for b in batches for s in b) == sorted(s.id for s in samples)
     assert all(len(b) <= 8 for b in batches) and len(batches) == 5  # 2 rows (6 samples) a batch of 8
     for b in batches:

@@ -1,47 +1,38 @@
-"""Batching: runs of requests for continuous batching (generation), and cost-model batches (scoring, RunInference).
+"""Batching: runs of requests for continuous batching (generation), cost-model batches of texts (scoring).
 
-Generation (policy GENERATION) hands the engine runs: one Session.run each, up to RUN_ROWS_PER_SLOT x batch_size
-requests decoded batch_size at a time in slots, a row that ends freeing its slot for the next (gpt2/model.py). So a
-run need not hold rows of like max_new_tokens (a row that ends early costs nothing after), and its requests are
-sorted by prompt length only: the engine prefills the requests it admits together padded to the longest of them,
-so neighbours in that order keep prefill padding low. The run's slots come from the memory budget (`run_slots`:
-slots x (longest prompt + largest max_new_tokens) cache positions within max_batch_tokens). A run is a unit of
-retry: a failing run is split in halves (transforms/generate.py).
+Generation (policy RUNS) hands the engine runs: up to RUN_ROWS_PER_SLOT x batch_size requests, decoded batch_size
+at a time in slots, a row that ends freeing its slot for the next (gpt2/model.py). So a run need not hold rows of
+like max_new_tokens (a row that ends early costs nothing after), and its requests are sorted by prompt length only:
+the engine prefills the requests it admits together padded to the longest of them, so neighbours in that order keep
+prefill padding low. The run's slots come from the memory budget (`run_slots`: slots x (longest prompt + largest
+max_new_tokens) cache positions within max_batch_tokens). A worker decodes a run in parts bounded in time
+(transforms/pacing.py), each a unit of retry: a failing part is split in halves (transforms/work.py). A row's
+samples (num_samples > 1) share their prompt, which the engine prefills once for the rows of a run that repeat it:
+the sort key keeps them adjacent, and a run holds them all unless they alone exceed it.
 
-Scoring and the RunInference handler cut batches by a cost model, as below: full batches of similar prompts, cut
-only where it pays.
+Scoring (policy SCORE_BATCHES) cuts batches of texts by a cost model, each of a text's windows
+(transforms/score_text.py) a row, a text's windows in one batch. Walking the sorted texts, the next joins the open
+batch if the batch stays within `batch_size` windows and `max_batch_tokens` (windows x longest window), and if the
+batch's cost (`score_cost`: one forward pass, which reads every weight once, worth STEP_FIXED_COST rows) grows by
+no more than the text would cost as a batch of its own; otherwise the batch is emitted and the text opens the next.
+On sorted input a text almost always joins, so batches come out full, cut only at a large jump in length.
+`BATCHES` is the same rule for generation requests with `batch_cost` (decode steps, prefill counted once for a
+row's samples): batches without refill, what bench.pipeline_job compares runs against.
 
-Every request gets the same key, so one GroupByKey brings the whole job together however its lengths are
-spread (a length bucket as key split small jobs into many half-empty batches). The group is read in windows
-of at most `WINDOW` requests, so memory is bounded by one window, not by the group. Each window is sorted by
-(max_new_tokens, prompt length) and cut into consecutive batches by a greedy rule over `batch_cost`:
+Bounded input: every request gets the same key, so one GroupByKey brings the whole job together however its lengths
+are spread (a length bucket as key would split small jobs into many half-empty batches). The group is read `BLOCK`
+requests at a time, so memory is bounded by one block, not by the group; each block is sorted and cut by the
+policy, its last, open batch carried into the next block and sorted with it, so only the job's last batch may be
+short. The Reshuffle after it spreads the batches over all workers; cutting is a sort of a few thousand requests,
+nothing next to running them.
 
-    walking the sorted window, the next request joins the open batch if the batch stays within `batch_size`
-    rows and `max_batch_tokens` (rows x (longest prompt + largest max_new_tokens)), and if the batch's cost
-    grows by no more than the request would cost as a batch of its own (the same useful tokens, no worse cost
-    per useful token); otherwise the batch is emitted and the request opens the next one.
+That GroupByKey fires when its input ends: right for files, never for a stream (in the global window, a stream does
+not end). Unbounded input goes through `BatchByWait` instead: `GroupIntoBatches` on one key per worker process (as
+Beam's own BatchElements does with a maximum wait) emits a batch when it holds `batch_size` requests or its first
+request has waited `max_wait_secs`; each such batch is then sorted and cut by the same policy.
 
-A decode step's fixed cost (every weight read once) is worth `STEP_FIXED_COST` rows, so on sorted input a
-request almost always joins and batches come out full; a cut happens only at a large jump in prompt length
-(the padding it would add to every row costs more than another batch) or in max_new_tokens (every row would
-run the extra steps). A window's last, open batch is carried into the next window and sorted with it, so
-only the job's last batch may be short, besides such cuts. The Reshuffle after it spreads the batches over
-all workers; cutting is a sort of a few thousand requests, nothing next to generating them.
-
-Samples (num_samples > 1): a row's N requests share their prompt, which the engine prefills once for the rows of
-a batch that repeat it. The sort key keeps them adjacent (after max_new_tokens and prompt length: the prompt's
-tokens and the row), and the rule above treats them as one unit that joins the open batch whole or opens the next
-one, prefill counted once (`batch_cost`'s `prompts`); a row's samples are split across batches only where they
-alone exceed `batch_size` or `max_batch_tokens`.
-
-Scoring (policy SCORING) batches texts by the same rule with `score_cost`: one forward pass, no decode steps, each
-of a text's windows (transforms/score_text.py) a row; a text's windows stay in one batch.
-
-That GroupByKey fires when its input ends: right for files, never for a stream (in the global window, a stream
-does not end). Unbounded input goes through `BatchByWait` instead: `GroupIntoBatches` on one key per worker process
-(as Beam's own BatchElements does with a maximum wait) emits a batch when it holds `batch_size` requests or its
-first request has waited `max_wait_secs`; each such batch is then sorted and cut by the same rule as above, so
-`max_batch_tokens` holds and long and short prompts are not padded together.
+The RunInference handler (transforms/handler.py) batches by RunInference's BatchElements; each of its batches is one
+run, sorted and given slots as here (`run_sort_key`, `run_slots`).
 """
 from __future__ import annotations
 
@@ -54,7 +45,7 @@ import apache_beam as beam
 
 from transforms.records import Request
 
-WINDOW = 4096  # requests sorted and cut at a time: the memory bound of the cutting step
+BLOCK = 4096  # requests sorted and cut at a time: the memory bound of the cutting step
 # Defaults from the measured throughput curve within the memory goal (a worker under 2 GB for 124M), GPT-2 124M
 # bfloat16 on Sapphire Rapids (BENCHMARKS.md): 64 new tokens after 32-token prompts make ~400 tok/s at batch 32,
 # ~550 at 64, ~665 at 128, ~740 at 256; peak RSS with 66 + 64 tokens per row 1.6 GB at 64 rows, 1.9 GB at 96,
@@ -69,15 +60,6 @@ RUN_ROWS_PER_SLOT = 8
 STEP_FIXED_COST = 16.0  # GPT-2 124M, Sapphire Rapids: a step is 32 ms at batch 1, 64 at 8, 150 at 64 (fits 6-34 rows)
 PREFILL_TOKEN_COST = 0.4  # a prompt token in prefill costs a third to a half of a row-step (large matmuls run better)
 ATTENTION_COST = 2e-4  # per cached token a row attends to: 4 x n_layer x n_embd flops vs 2 x 124M a row-step, 1.5e-4 up
-
-
-def check_batching(batch_size: int, max_batch_tokens: int, max_wait_secs: float) -> None:
-    """ValueError naming the first bad batching argument of GenerateText / ScoreText."""
-    for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not max_wait_secs > 0:
-        raise ValueError(f"max_wait_secs must be > 0, got {max_wait_secs!r}")
 
 
 def batch_cost(rows: int, longest_prompt: int, steps: int, prompts: int | None = None) -> float:
@@ -128,16 +110,17 @@ class _Unit(NamedTuple):
 
 
 def _cut_units(units: Iterable[_Unit], batch_size: int, max_batch_tokens: int,
-               cost: Callable[..., float]) -> Iterator[list]:
+               cost: Callable[..., float] | None) -> Iterator[list]:
     """The greedy rule of the module docstring over units instead of single requests: a unit joins the open batch
-    whole or opens the next one; a unit larger than a batch on its own still gets a batch of its own."""
+    whole or opens the next one; a unit larger than a batch on its own still gets a batch of its own. cost None: cut
+    by the bounds alone."""
     batch: list = []
     rows = prompts = longest = steps = 0
     for u in units:
         grown_longest, grown_steps = max(longest, u.longest), max(steps, u.steps)
         if batch and (rows + u.rows > batch_size
                       or (rows + u.rows) * (grown_longest + grown_steps) > max_batch_tokens
-                      or cost(rows + u.rows, grown_longest, grown_steps, prompts + u.prompts)
+                      or cost is not None and cost(rows + u.rows, grown_longest, grown_steps, prompts + u.prompts)
                       - cost(rows, longest, steps, prompts) > cost(u.rows, u.longest, u.steps, u.prompts)):
             yield batch
             batch, rows, prompts, grown_longest, grown_steps = [], 0, 0, u.longest, u.steps
@@ -192,9 +175,15 @@ def cut_score_batches(requests: Iterable, batch_size: int, max_batch_tokens: int
     return _cut_units(units, batch_size, max_batch_tokens, score_cost)
 
 
+def cut_windows(windows: Iterable[tuple], batch_size: int, max_batch_tokens: int) -> Iterator[list]:
+    """Consecutive runs of windows (tuples whose second item is the window's token ids) of at most batch_size
+    windows and max_batch_tokens (windows x longest): one Session.run each."""
+    return _cut_units((_Unit([w], 1, 1, len(w[1]), 0) for w in windows), batch_size, max_batch_tokens, None)
+
+
 class Policy(NamedTuple):
     """How one kind of work is sorted and cut into batches; group: the key of requests that must stay adjacent
-    across a window's boundary (None: none)."""
+    across a block's boundary (None: none)."""
     sort_key: Callable
     cut: Callable[[Iterable, int, int], Iterator[list]]
     group: Callable
@@ -209,7 +198,7 @@ def run_sort_key(r: Request) -> tuple:
     return len(r.token_ids), group_key(r), getattr(r, "sample", 0)
 
 
-def cut_runs(requests: Iterable[Request], batch_size: int, max_batch_tokens: int) -> Iterator[list[Request]]:
+def cut_runs(requests: Iterable[Request], batch_size: int) -> Iterator[list[Request]]:
     """Consecutive runs of up to batch_size x RUN_ROWS_PER_SLOT requests (in the order given: sort them first).
     A row's samples stay in one run (they share a prefill) unless they alone exceed it."""
     limit = batch_size * RUN_ROWS_PER_SLOT
@@ -230,21 +219,22 @@ def run_slots(requests: list, batch_size: int, max_batch_tokens: int) -> int:
     return max(1, min(batch_size, max_batch_tokens // width, len(requests)))
 
 
-GENERATION = Policy(run_sort_key, cut_runs, _group_of)
+# A run's memory bound is its slots' (run_slots), set where it is decoded: cut_runs does not need max_batch_tokens.
+RUNS = Policy(run_sort_key, lambda requests, batch_size, _max_batch_tokens: cut_runs(requests, batch_size), _group_of)
 BATCHES = Policy(sort_key, cut_batches, _group_of)  # generation requests in cost-model batches (no refill)
-SCORING = Policy(score_sort_key, cut_score_batches, _no_group)
+SCORE_BATCHES = Policy(score_sort_key, cut_score_batches, _no_group)
 
 
 def plan_batches(requests: Iterable[Request], batch_size: int, max_batch_tokens: int,
-                 window: int = WINDOW, policy: Policy = GENERATION) -> Iterator[list[Request]]:
-    """All batches of a stream of requests: read `window` at a time (and on to the end of the last one's row: a
-    row's samples arrive together), each sorted (with the open batch carried over from the window before) and cut
-    by `cut_batches` (or the policy's sort and cut)."""
+                 block: int = BLOCK, policy: Policy = RUNS) -> Iterator[list[Request]]:
+    """All batches of a stream of requests: read `block` at a time (and on to the end of the last one's row: a
+    row's samples arrive together), each sorted (with the open batch carried over from the block before) and cut
+    by the policy."""
     it, carry, held = iter(requests), [], None
     while True:
         chunk = [] if held is None else [held]
         held = None
-        chunk.extend(itertools.islice(it, window - len(chunk)))
+        chunk.extend(itertools.islice(it, block - len(chunk)))
         if not chunk:
             break
         key = policy.group(chunk[-1])
@@ -261,23 +251,23 @@ def plan_batches(requests: Iterable[Request], batch_size: int, max_batch_tokens:
         yield carry
 
 
-def _plan_group(kv, batch_size: int, max_batch_tokens: int, window: int, policy: Policy) -> Iterator[list[Request]]:
-    return plan_batches(kv[1], batch_size, max_batch_tokens, window, policy)
+def _plan_group(kv, batch_size: int, max_batch_tokens: int, block: int, policy: Policy) -> Iterator[list[Request]]:
+    return plan_batches(kv[1], batch_size, max_batch_tokens, block, policy)
 
 
 class BatchByLength(beam.PTransform):
-    """Request -> list[Request] (policy SCORING: texts to score -> batches of them)."""
+    """Request -> list[Request] for bounded input (policy SCORE_BATCHES: texts to score -> batches of them)."""
 
-    def __init__(self, batch_size: int, max_batch_tokens: int, window: int = WINDOW, policy: Policy = GENERATION):
+    def __init__(self, batch_size: int, max_batch_tokens: int, block: int = BLOCK, policy: Policy = RUNS):
         super().__init__()
-        self.batch_size, self.max_batch_tokens, self.window = batch_size, max_batch_tokens, window
+        self.batch_size, self.max_batch_tokens, self.block = batch_size, max_batch_tokens, block
         self.policy = policy
 
     def expand(self, requests):
         return (requests
                 | "KeyAll" >> beam.Map(lambda r: (0, r))
                 | "GroupAll" >> beam.GroupByKey()
-                | "CutBatches" >> beam.FlatMap(_plan_group, self.batch_size, self.max_batch_tokens, self.window,
+                | "CutBatches" >> beam.FlatMap(_plan_group, self.batch_size, self.max_batch_tokens, self.block,
                                                   self.policy)
                 | "SpreadBatches" >> beam.Reshuffle())
 
@@ -300,7 +290,7 @@ class BatchByWait(beam.PTransform):
     GroupIntoBatches's."""
 
     def __init__(self, batch_size: int, max_batch_tokens: int, max_wait_secs: float,
-                 clock: Callable[[], float] = time.time, policy: Policy = GENERATION):
+                 clock: Callable[[], float] = time.time, policy: Policy = RUNS):
         super().__init__()
         if not max_wait_secs > 0:  # GroupIntoBatches reads 0 as "no limit": a stream's batch would wait forever
             raise ValueError(f"max_wait_secs must be > 0, got {max_wait_secs!r}")

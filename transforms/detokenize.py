@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from transforms.records import Result, origin, with_keys
+from transforms.records import Result, with_keys
 from transforms.resources import SharedResource, shared_tokenizer
 
 # The fields of a completion row, in the order of the job's completions schema; with logprobs, `logprobs` follows
@@ -73,4 +73,4 @@ class Detokenize(beam.DoFn):
         row = completion_row(self._tok, r.id, r.prompt, len(r.token_ids), result.token_ids, result.finish_reason,
                              self.stops, self.model_label, result.precision,
                              result.logprobs if self.logprobs else None, r.sample if r.with_sample else None)
-        yield with_keys(row, origin(r))
+        yield with_keys(row, r.origin())

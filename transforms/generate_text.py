@@ -19,8 +19,9 @@ manifest when the transform is built. Ids need not be unique: deduplication is t
 UniqueIds), not this transform's, because on a stream it would hold every id ever seen; rows with the same id and
 prompt get the same completion (`beam.Deduplicate` drops repeats when you want that).
 
-Bounded input is batched by transforms/batching.py's cost model over the whole input; unbounded input (a streaming
-pipeline, or streaming=True) by size or by a maximum wait, never waiting for the input to end.
+Generation is a task of the batch skeleton (transforms/work.py): bounded input is cut into runs over the whole input
+(transforms/batching.py); unbounded input (a streaming pipeline, or streaming=True) by size or by a maximum wait,
+never waiting for the input to end.
 """
 from __future__ import annotations
 
@@ -30,15 +31,15 @@ from typing import Callable, NamedTuple
 import apache_beam as beam
 
 from gpt2.sampling import sampling_params
-from transforms.batching import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, BatchByLength, BatchByWait,
-                                 check_batching)
-from transforms.pacing import TARGET_RUN_SECONDS
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 from transforms.detokenize import Detokenize
-from transforms.generate import GenerateBatches
+from transforms.generate import GenerateBatches, Generation
 from transforms.model_cache import model_identity
+from transforms.pacing import TARGET_RUN_SECONDS
 from transforms.records import ERRORS
 from transforms.resources import shared_tokenizer
 from transforms.validate import Tokenize, ValidateRows, expand_samples, resolve_num_samples
+from transforms.work import Batching
 
 TRUNCATE = ("none", "left")
 
@@ -90,14 +91,13 @@ class GenerateText(beam.PTransform):
             raise ValueError(f"truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
         if isinstance(stop, str):
             stop = [stop]
-        check_batching(batch_size, max_batch_tokens, max_wait_secs)
+        self.batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
         if not run_seconds > 0:
             raise ValueError(f"run_seconds must be > 0, got {run_seconds!r}")
         model_label, n_ctx = model_identity(model_dir, model_label, n_ctx)
         self.model_dir, self.model_label, self.n_ctx = model_dir, model_label, n_ctx
         self.seed, self.stops, self.truncate = seed, list(stop), truncate
-        self.batch_size, self.max_batch_tokens, self.run_seconds = batch_size, max_batch_tokens, run_seconds
-        self.streaming, self.max_wait_secs, self.clock = streaming, max_wait_secs, clock
+        self.run_seconds = run_seconds
         self.precision, self.intra_op_threads, self.logprobs = precision, intra_op_threads, bool(logprobs)
         self.num_samples = num_samples
 
@@ -108,16 +108,12 @@ class GenerateText(beam.PTransform):
             ERRORS, main="ok")
         tokens = valid.ok | "Tokenize" >> beam.ParDo(
             Tokenize(self.model_dir, self.n_ctx, self.truncate, tokenizer)).with_outputs(ERRORS, main="ok")
-        streaming = (not rows.is_bounded) if self.streaming is None else self.streaming
-        if streaming:
-            batch = BatchByWait(self.batch_size, self.max_batch_tokens, self.max_wait_secs, self.clock)
-        else:
-            batch = BatchByLength(self.batch_size, self.max_batch_tokens)
+        b = self.batching
         results = (tokens.ok
                    | "Samples" >> beam.FlatMap(expand_samples)
-                   | "Batch" >> batch
+                   | "Batch" >> b.transform(Generation.policy, rows.is_bounded)
                    | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads,
-                                                                self.logprobs, self.batch_size, self.max_batch_tokens,
+                                                                self.logprobs, b.batch_size, b.max_batch_tokens,
                                                                 self.stops, self.run_seconds))
                    .with_outputs(ERRORS, main="ok"))
         completions = results.ok | "Detokenize" >> beam.ParDo(

@@ -14,10 +14,10 @@ completion_token_ids, prompt_tokens, completion_tokens, finish_reason, model, pr
 As Beam's ModelHandler: `load_model` loads the engine and tokenizer once per worker process (RunInference shares
 them across its threads), `run_inference` completes one batch. Batching is RunInference's (BatchElements: the
 keyword arguments min_batch_size, max_batch_size (default 128 here), max_batch_duration_secs, ... of
-ModelHandler). Within a batch, what is better here than a plain model call is kept: the batch is one
-continuous-batching run sorted by prompt length, with as many slots as max_batch_tokens allows (a row that ends
-frees its slot for the next; stop strings end rows in the graph), and a run that fails is split and retried down to
-single rows. A batch with a bad example (not a string, empty, too long for the context, bad
+ModelHandler). Within a batch, what is better here than a plain model call is kept: the batch is one run of the
+generation task (transforms/generate.py), sorted by prompt length, with as many slots as max_batch_tokens allows
+(a row that ends frees its slot for the next; stop strings end rows in the graph), and a run that fails is split
+and retried down to single rows. A batch with a bad example (not a string, empty, too long for the context, bad
 sampling value) or a row that fails alone raises, naming the example and why: with
 `RunInference(...).with_exception_handling()`, Beam routes that batch to `failed_inferences`, as it documents (use
 `max_batch_size=1` to have single examples routed, or GenerateText for a per-row dead-letter output).
@@ -33,14 +33,15 @@ from typing import Any, Iterable, Sequence
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from gpt2.sampling import FIELDS, SamplingParams, sampling_params
-from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, run_slots, run_sort_key
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 from transforms.detokenize import completion_row
-from transforms.generate import split_and_retry
+from transforms.generate import Generation
 from transforms.generate_text import TRUNCATE
 from transforms.model_cache import local_model_dir
 from transforms.records import Request
 from transforms.resources import load_model, load_tokenizer
 from transforms.validate import fit_context, prompt_error, resolve_params
+from transforms.work import split_and_retry
 
 # ModelHandler's own keyword arguments (batching, model sharing), passed through to it.
 BEAM_ARGS = frozenset(inspect.signature(ModelHandler.__init__).parameters) - {"self", "kwargs"} | {"env_vars"}
@@ -66,8 +67,8 @@ class GPT2Engine:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids)
 
-    def generate(self, prompts, params, slots=None, stops=()):
-        return self._model.generate(prompts, params, False, slots, stops)
+    def generate(self, prompts, params, logprobs=False, slots=None, stops=()):
+        return self._model.generate(prompts, params, logprobs, slots, stops)
 
 
 class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
@@ -135,11 +136,9 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
         requests = [self._request(i, example, model, n_ctx, defaults, seed) for i, example in enumerate(batch)]
         index = {id(r): i for i, r in enumerate(requests)}
         rows: list[dict | None] = [None] * len(batch)
-        # One run, as GenerateText's: sorted by prompt length, as many slots as the memory budget allows (a row
-        # that ends, at a stop string too, frees its slot for the next).
-        generate = lambda part: model.generate([r.token_ids for r in part], [r.params for r in part],  # noqa
-                                               run_slots(part, len(part), self.max_batch_tokens), self.stops)
-        for done, outcome, _ in split_and_retry(generate, sorted(requests, key=run_sort_key)):
+        task = Generation(len(batch), self.max_batch_tokens, self.stops)  # one run: a slot per row, memory allowing
+        run = lambda part: task.run(model, part)  # noqa: E731
+        for done, outcome, _ in split_and_retry(run, sorted(requests, key=task.policy.sort_key)):
             if isinstance(outcome, Exception):
                 i = index[id(done[0])]
                 raise RuntimeError(f"example {i} ({_show(batch[i])}): generation failed: "

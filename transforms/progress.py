@@ -1,17 +1,21 @@
-"""The job's progress counters: Beam counters (namespace gpt2) that the launcher can also read while a local run runs.
+"""A worker's progress: the job's progress counters, and the worker's own progress log line.
 
-The launcher shows rows done, tokens/s and an ETA from these counters (pipeline/progress.py). On Dataflow it asks the
+The counters are Beam counters (namespace gpt2) that the launcher can also read while a local run runs. The launcher
+shows rows done, tokens/s and an ETA from these counters (pipeline/progress.py). On Dataflow it asks the
 running job for its metrics. The DirectRunner's in-process engine (FnApiRunner) blocks in `run()` and has no metrics
 until the end, so for runs on this machine (in-process or `--direct_running_mode multi_processing`) the launcher
 names a directory in the environment variable PROGRESS_DIR_ENV before it runs the pipeline: each worker process (the
 launcher itself, or its subprocesses, which inherit its environment) then also keeps its totals of these counters
-in a small JSON file of its own there, replaced at most once a second, which the launcher sums. Workers elsewhere
-never see the variable, and nothing is written.
+in a small JSON file of its own there, replaced at most once a second, which the launcher sums
+(pipeline/progress.py). Workers elsewhere never see the variable, and nothing is written.
+
+Each worker process also logs its rows and tokens every LOG_SECONDS (`log_done`): at INFO where it runs apart from
+the launcher, at DEBUG on a local run, whose launcher shows the whole job's progress.
 """
 from __future__ import annotations
 
-import glob
 import json
+import logging
 import os
 import threading
 import time
@@ -19,10 +23,13 @@ import uuid
 
 from apache_beam.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 NAMESPACE = "gpt2"
 PROGRESS_DIR_ENV = "GPT2_BEAM_PROGRESS_DIR"
 FLUSH_SECONDS = 1.0
 COALESCE_SECONDS = 0.1
+LOG_SECONDS = 10.0
 ROWS_DONE = "rows_done"  # rows with their completion or dead letter on the way to be written
 ROWS_SKIPPED = "rows_skipped_existing"  # rows skipped by --skip_existing: their id already has an output row
 TOKENS = "generated_tokens"
@@ -99,15 +106,29 @@ def close_local_totals() -> None:
     _tally.close()
 
 
-def read_totals(directory: str) -> dict[str, int]:
-    """The sum of the counters over the worker processes' files in `directory`."""
-    totals: dict[str, int] = {}
-    for path in glob.glob(os.path.join(directory, "*.json")):
-        try:
-            with open(path) as f:
-                counts = json.load(f)
-        except (OSError, ValueError):
-            continue
-        for name, n in counts.items():
-            totals[name] = totals.get(name, 0) + n
-    return totals
+class _WorkerLog:
+    """Rows and tokens done by this worker process, shared by its threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.start = self.last = time.monotonic()
+        self.rows = self.tokens = 0
+
+    def add(self, rows: int, tokens: int) -> None:
+        with self.lock:
+            self.rows += rows
+            self.tokens += tokens
+            now = time.monotonic()
+            if now - self.last >= LOG_SECONDS:
+                self.last = now
+                level = logging.DEBUG if os.environ.get(PROGRESS_DIR_ENV) else logging.INFO
+                log.log(level, "worker %d: %d rows, %d tokens, %.1f tokens/s", os.getpid(), self.rows, self.tokens,
+                        self.tokens / max(now - self.start, 1e-9))
+
+
+_worker_log = _WorkerLog()
+
+
+def log_done(rows: int, tokens: int) -> None:
+    """Add to this worker process's rows and tokens, logging them every LOG_SECONDS."""
+    _worker_log.add(rows, tokens)

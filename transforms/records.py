@@ -1,10 +1,10 @@
 """The records that flow between the transforms, and the dead-letter record every stage can emit.
 
-A row read from a file knows where it came from (`source`, `row_index`: a Parquet file's row number from 0, a JSONL
-file's line number from 1): its error messages name the file and row or line, and its output rows carry both so that
-the writer puts them in that file's outputs. A row given to
-`GenerateText` as a dict has no source; its keys other than id, prompt and the sampling overrides are `extra`,
-passed through to its output row untouched.
+Every record of a row, whatever the work, is a `Record`: its id, its text (the prompt, or the text scored), where
+it was read (`source`, `row_index`: a Parquet file's row number from 0, a JSONL file's line number from 1) and its
+passthrough keys (`extra`). Its error messages name the file and row or line, and its output rows carry both so that
+the writer puts them in that file's outputs. A row given to `GenerateText` or `ScoreText` as a dict has no source;
+its keys other than those the work reads are `extra`, passed through to its output row untouched.
 """
 from __future__ import annotations
 
@@ -18,19 +18,42 @@ NUM_SAMPLES = "num_samples"  # completions per prompt: a per-row column or key l
 ROW_OPTIONS = FIELDS + (NUM_SAMPLES,)  # the per-row columns and keys of a generation row besides id and prompt
 
 
+class Record:
+    """What every record of an input row carries; each dataclass below declares these fields in its own order."""
+    id: Any
+    prompt: Any  # the row's text as given (the prompt, or the text scored): its dead letter keeps it
+    source: str | None  # input file (None: not read from a file)
+    row_index: int  # row number within a Parquet file (from 0), line number within a JSONL file (from 1)
+    extra: dict  # passthrough keys
+
+    def located(self, message: str) -> str:
+        """A message about the row, naming its file and row (or line) when it was read from a file."""
+        return message if self.source is None else f"{position(self.source, self.row_index)}: {message}"
+
+    def origin(self) -> dict:
+        """The keys an output row carries besides its own fields: the passthrough keys, and a file row's origin."""
+        if self.source is None:
+            return dict(self.extra)
+        return {**self.extra, "source": self.source, "row_index": self.row_index}
+
+    def dead_letter(self, error: str) -> dict:
+        """The row's dead letter: `error` located, the row's passthrough keys and origin kept."""
+        return dead_letter(self.id, self.prompt, self.located(error), self.source, self.row_index, self.extra)
+
+
 @dataclasses.dataclass
-class PromptRow:
+class PromptRow(Record):
     """One input row as read: the prompt value is not checked yet."""
     id: Any
     prompt: Any
     overrides: dict  # sampling field -> value (None = use the run's default)
-    source: str | None = None  # input file (None: not read from a file)
-    row_index: int = -1  # row number within a Parquet file (from 0), line number within a JSONL file (from 1)
-    extra: dict = dataclasses.field(default_factory=dict)  # passthrough keys
+    source: str | None = None
+    row_index: int = -1
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
-class Request:
+class Request(Record):
     """A valid prompt, tokenized, with its resolved sampling parameters: one sample of its row (`sample` of
     `num_samples`; params.seed is that sample's seed)."""
     id: Any
@@ -64,18 +87,6 @@ def position(source: str, row_index: int) -> str:
     return f"{'line' if is_jsonl(source) else 'row'} {row_index} of {source}"
 
 
-def located(row: PromptRow | Request, message: str) -> str:
-    """A message about a row, naming its file and row (or line) when it was read from a file."""
-    return message if row.source is None else f"{position(row.source, row.row_index)}: {message}"
-
-
-def origin(row: PromptRow | Request) -> dict:
-    """The keys an output row carries besides its own fields: the passthrough keys, and a file row's origin."""
-    if row.source is None:
-        return dict(row.extra)
-    return {**row.extra, "source": row.source, "row_index": row.row_index}
-
-
 def dead_letter(id: Any, prompt: Any, error: str, source: str | None, row_index: int = -1,
                 extra: dict | None = None) -> dict:
     """A row that cannot be generated (or scored), and why. `prompt` keeps the original value as text (None stays
@@ -93,7 +104,3 @@ def with_keys(row: dict, extra: dict) -> dict:
     row.update((k, v) for k, v in extra.items() if k not in row)
     return row
 
-
-def row_dead_letter(row: PromptRow | Request, error: str) -> dict:
-    """The dead letter of a row: `error` located, the row's passthrough keys and origin kept."""
-    return dead_letter(row.id, row.prompt, located(row, error), row.source, row.row_index, row.extra)

@@ -18,9 +18,10 @@ Hugging Face's perplexity guide: windows of at most n_ctx tokens starting every 
 each scoring only the tokens the windows before it did not, so that every token is scored once, with at least
 n_ctx - stride tokens of context once the first window is past. A row's numbers sum over its windows.
 
-Bounded input is batched by transforms/batching.py's cost model (policy SCORING: one forward pass, no decode steps,
-a window counting as a row; a row's windows stay in one batch), unbounded input by size or a maximum wait, as
-GenerateText's. A batch that fails is split and retried down to single rows, as in generation.
+Scoring is a task of the batch skeleton (transforms/work.py), as generation is: bounded input is batched by
+transforms/batching.py's cost model (policy SCORE_BATCHES: one forward pass, no decode steps, a window counting as a
+row; a row's windows stay in one batch), unbounded input by size or a maximum wait, and a batch that fails is split
+and retried down to single rows. What is scoring's own is here: the windows.
 
 The job (`python -m pipeline.score`) is read | ScoreText | write: its rows are transforms.records.PromptRow, whose
 `prompt` is the text (or the prompt) and whose `extra` holds the completion under its column's name; its dead
@@ -32,21 +33,20 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from gpt2.config import EOT_TOKEN
-from transforms.batching import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, SCORING, BatchByLength, BatchByWait,
-                                 check_batching)
-from transforms.generate import _Progress, split_and_retry
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, SCORE_BATCHES, cut_windows
 from transforms.model_cache import model_identity
-from transforms.progress import SCORED_TOKENS, Counter
-from transforms.records import ERRORS, PromptRow, dead_letter, located, with_keys
+from transforms.progress import SCORED_TOKENS
+from transforms.records import ERRORS, PromptRow, Record, with_keys
 from transforms.resources import shared_model, shared_tokenizer
 from transforms.validate import prompt_error
+from transforms.work import Batching, RunBatches, Task
 
 SCORE_FIELDS = ("id", "tokens", "logprob_sum", "mean_logprob", "perplexity", "model", "precision")
 TOKEN_FIELDS = ("token_ids", "token_logprobs")  # with token_logprobs, after perplexity
@@ -81,8 +81,7 @@ def score_windows(n: int, start: int, n_ctx: int, stride: int) -> list[tuple[int
     <|endoftext|> put first) has no context and is never scored. Positions before `start` (completion mode: the
     prompt) are not scored, and a window that would score none of the others is left out.
     """
-    if not 1 <= stride < n_ctx:
-        raise ValueError(f"stride must be in [1, {n_ctx - 1}] (below the context of {n_ctx}), got {stride}")
+    check_stride(stride, n_ctx)
     windows, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + n_ctx, n)
@@ -95,22 +94,38 @@ def score_windows(n: int, start: int, n_ctx: int, stride: int) -> list[tuple[int
     return windows
 
 
+def check_stride(stride, n_ctx: int) -> None:
+    """ValueError unless stride is an integer in [1, n_ctx - 1]: windows must overlap by at least one token."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
+    if stride >= n_ctx:
+        raise ValueError(f"stride must be below the model's context of {n_ctx} (windows must overlap by at least "
+                         f"one token), got {stride}")
+
+
 @dataclasses.dataclass
-class ScoreRequest:
-    """A row to score, tokenized and cut into windows: each window's scores from index `keep[i]` on are its
-    tokens' (window position keep[i] + 1 onwards)."""
+class ScoreRequest(Record):
+    """A row to score (`prompt`: its text, in completion mode its prompt), tokenized and cut into windows: each
+    window's scores from index `keep[i]` on are its tokens' (window position keep[i] + 1 onwards)."""
     id: Any
-    value: Any  # the text (completion mode: the prompt), for a dead letter
+    prompt: Any
     windows: list[list[int]]
     keep: list[int]
     source: str | None = None
     row_index: int = -1
     extra: dict = dataclasses.field(default_factory=dict)
-    is_dict: bool = False  # came as a dict (GenerateText's convention for its errors) rather than a file's row
+    is_dict: bool = False  # came as a dict rather than a file's row: its dead letter has no prompt field
 
     @property
     def token_ids(self) -> list[int]:
         return [t for w, k in zip(self.windows, self.keep) for t in w[k + 1:]]
+
+    def dead_letter(self, error: str) -> dict:
+        """A dict row's: id, error, then its other keys untouched; a file row's: the job's (id, prompt: its text or
+        prompt, error, source, row_index)."""
+        if self.is_dict:
+            return with_keys({"id": self.id, "error": error}, self.extra)
+        return super().dead_letter(error)
 
 
 @dataclasses.dataclass
@@ -118,14 +133,6 @@ class ScoreResult:
     request: ScoreRequest
     logprobs: list[float]
     precision: str
-
-
-def score_dead_letter(row, error: str) -> dict:
-    """A dict row's dead letter: id, error, then its other keys untouched; a file row's: the job's
-    (id, prompt: its text or prompt, error, source, row_index)."""
-    if row.is_dict:
-        return with_keys({"id": row.id, "error": error}, row.extra)
-    return dead_letter(row.id, row.value, located(row, error), row.source, row.row_index, row.extra)
 
 
 def score_row(id, token_ids: list[int], logprobs: Sequence[float], model_label: str, precision: str,
@@ -144,16 +151,6 @@ def score_row(id, token_ids: list[int], logprobs: Sequence[float], model_label: 
     return row
 
 
-class _Row(NamedTuple):
-    id: Any
-    value: Any  # text mode: the text; completion mode: the prompt
-    completion: Any
-    source: str | None
-    row_index: int
-    extra: dict
-    is_dict: bool
-
-
 class PrepareScores(beam.DoFn):
     """PromptRow or dict row -> ScoreRequest; a row that cannot be scored is a dead letter (ERRORS)."""
 
@@ -170,115 +167,83 @@ class PrepareScores(beam.DoFn):
     def teardown(self):
         self._tok = None
 
-    def to_row(self, element) -> _Row:
+    def to_request(self, element) -> tuple[ScoreRequest, Any]:
+        """The row as a ScoreRequest not yet cut into windows, and its completion (None in text mode)."""
         if isinstance(element, PromptRow):  # the job's: prompt = the text (or prompt), the completion in extra
             extra = {k: v for k, v in element.extra.items() if k != self.completion_key}
             completion = element.extra.get(self.completion_key) if self.completion_key else None
-            return _Row(element.id, element.prompt, completion, element.source, element.row_index, extra, False)
+            return ScoreRequest(element.id, element.prompt, [], [], element.source, element.row_index, extra), completion
         if not isinstance(element, Mapping):
             keys = "text" if self.completion_key is None else "prompt and completion"
             raise ValueError(f"a row must be a dict with id and {keys}, not {type(element).__name__}")
         main = self.text_key if self.completion_key is None else self.prompt_key
         completion = element.get(self.completion_key) if self.completion_key else None
-        return _Row(element.get("id"), element.get(main), completion, None, -1,
-                    {k: v for k, v in element.items() if k != "id"}, True)
+        extra = {k: v for k, v in element.items() if k != "id"}
+        return ScoreRequest(element.get("id"), element.get(main), [], [], extra=extra, is_dict=True), completion
 
-    def error(self, row: _Row) -> str | None:
+    def error(self, row: ScoreRequest, completion) -> str | None:
         if row.id is None:
             return "id is null"
         if self.completion_key is None:
-            return prompt_error(row.value, "text", blank_ok=True)
-        if row.value is None:
+            return prompt_error(row.prompt, "text", blank_ok=True)
+        if row.prompt is None:
             return "prompt is null: a completion is scored given its prompt (an empty one is \"\")"
-        if row.value != "":
-            error = prompt_error(row.value, "prompt", blank_ok=True)
+        if row.prompt != "":
+            error = prompt_error(row.prompt, "prompt", blank_ok=True)
             if error:
                 return error
-        return prompt_error(row.completion, "completion", blank_ok=True)
+        return prompt_error(completion, "completion", blank_ok=True)
 
     def process(self, element):
         try:
-            row = self.to_row(element)
+            row, completion = self.to_request(element)
         except ValueError as e:
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(ERRORS, {"id": None, "error": str(e)})
             return
-        error = self.error(row)
+        error = self.error(row, completion)
         if error is not None:
             self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, score_dead_letter(row, error))
+            yield beam.pvalue.TaggedOutput(ERRORS, row.dead_letter(error))
             return
         if self.completion_key is None:
-            seq = [EOT_TOKEN] + self._tok.encode(row.value)
+            seq = [EOT_TOKEN] + self._tok.encode(row.prompt)
             start = 1
         else:
-            prompt = self._tok.encode(row.value) if row.value else []
-            seq = [EOT_TOKEN] + prompt + self._tok.encode(row.completion)
+            prompt = self._tok.encode(row.prompt) if row.prompt else []
+            seq = [EOT_TOKEN] + prompt + self._tok.encode(completion)
             start = 1 + len(prompt)
         windows = score_windows(len(seq), start, self.n_ctx, self.stride)
-        yield ScoreRequest(row.id, row.value, [seq[b:e] for b, e, _ in windows], [f - b - 1 for b, e, f in windows],
-                           row.source, row.row_index, row.extra, row.is_dict)
+        yield dataclasses.replace(row, windows=[seq[b:e] for b, e, _ in windows],
+                                  keep=[f - b - 1 for b, e, f in windows])
 
 
-def window_chunks(windows: list, batch_size: int, max_batch_tokens: int) -> Iterator[list]:
-    """Consecutive runs of windows (token id lists, or tuples whose second item is one) of at most batch_size
-    windows and max_batch_tokens (windows x longest): one Session.run each."""
-    chunk: list = []
-    longest = 0
-    for w in windows:
-        n = len(w[1])
-        if chunk and (len(chunk) >= batch_size or (len(chunk) + 1) * max(longest, n) > max_batch_tokens):
-            yield chunk
-            chunk, longest = [], 0
-        chunk.append(w)
-        longest = max(longest, n)
-    if chunk:
-        yield chunk
+class Scoring(Task):
+    """Texts -> each scored token's log-probability, a batch's windows scored up to batch_size windows and
+    max_batch_tokens (windows x longest) per Session.run."""
+    policy = SCORE_BATCHES
+    name = "scoring"
+    requests_counter = "texts"
+    tokens_counter = SCORED_TOKENS
+    size_metric = "batch_size"
 
-
-class ScoreBatches(beam.DoFn):
-    """list[ScoreRequest] -> ScoreResult per row; rows that fail alone go to ERRORS."""
-
-    def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
-        self.model = shared_model(model_dir, precision, intra_threads)
+    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
-        self.texts = Metrics.counter("gpt2", "texts")
-        self.scored = Counter(SCORED_TOKENS)
-        self.rejected = Metrics.counter("gpt2", "dead_letters")
-        self.batch_windows = Metrics.distribution("gpt2", "batch_size")
-        self.latency = Metrics.distribution("gpt2", "batch_latency_ms")
 
-    def setup(self):
-        self._model = self.model.get()
-
-    def teardown(self):
-        self._model = None
-
-    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-        """Each request's kept log-probabilities, in token order, its windows scored a chunk at a time."""
+    def run(self, model, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """Each request's kept log-probabilities, in token order."""
         out: list[list[float]] = [[] for _ in requests]
         windows = [(i, w, k) for i, r in enumerate(requests) for w, k in zip(r.windows, r.keep)]
-        for chunk in window_chunks(windows, self.batch_size, self.max_batch_tokens):
-            for (i, _, k), logprobs in zip(chunk, self._model.score([w for _, w, _ in chunk])):
+        for chunk in cut_windows(windows, self.batch_size, self.max_batch_tokens):
+            for (i, _, k), logprobs in zip(chunk, model.score([w for _, w, _ in chunk])):
                 out[i].extend(logprobs[k:])
         return out
 
-    def process(self, batch: list[ScoreRequest]):
-        for requests, outcome, seconds in split_and_retry(self.score, batch):
-            if isinstance(outcome, Exception):
-                self.rejected.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, score_dead_letter(
-                    requests[0], f"scoring failed: {type(outcome).__name__}: {outcome}"))
-                continue
-            self.latency.update(int(seconds * 1000))
-            self.batch_windows.update(sum(len(r.windows) for r in requests))
-            self.texts.inc(len(requests))
-            tokens = sum(len(lp) for lp in outcome)
-            self.scored.inc(tokens)
-            _Progress.add(len(requests), tokens)
-            for r, logprobs in zip(requests, outcome):
-                yield ScoreResult(r, logprobs, self._model.precision)
+    def result(self, request: ScoreRequest, logprobs: list[float], precision: str) -> ScoreResult:
+        return ScoreResult(request, logprobs, precision)
+
+    def account(self, requests: list[ScoreRequest], outcomes: list, seconds: float) -> tuple[int, int]:
+        return sum(len(r.windows) for r in requests), sum(len(lp) for lp in outcomes)
 
 
 class FormatScores(beam.DoFn):
@@ -290,8 +255,7 @@ class FormatScores(beam.DoFn):
     def process(self, result: ScoreResult):
         r = result.request
         row = score_row(r.id, r.token_ids, result.logprobs, self.model_label, result.precision, self.token_logprobs)
-        extra = dict(r.extra) if r.source is None else {**r.extra, "source": r.source, "row_index": r.row_index}
-        yield with_keys(row, extra)
+        yield with_keys(row, r.origin())
 
 
 class ScoreTextResult(NamedTuple):
@@ -319,33 +283,24 @@ class ScoreText(beam.PTransform):
                  intra_op_threads: int | None = None, model_label: str | None = None, n_ctx: int | None = None,
                  clock: Callable[[], float] = time.time):
         super().__init__()
-        check_batching(batch_size, max_batch_tokens, max_wait_secs)
+        self.batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
         model_label, n_ctx = model_identity(model_dir, model_label, n_ctx)
         stride = n_ctx // 2 if stride is None else stride
-        if not (isinstance(stride, int) and 1 <= stride < n_ctx):
-            raise ValueError(f"stride must be an integer in [1, {n_ctx - 1}] (below the context of {n_ctx}), "
-                             f"got {stride!r}")
+        check_stride(stride, n_ctx)
         self.model_dir, self.model_label, self.n_ctx, self.stride = model_dir, model_label, n_ctx, stride
         self.text_key, self.prompt_key, self.completion_key = text_key, prompt_key, completion_key
         self.token_logprobs = bool(token_logprobs)
-        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
-        self.streaming, self.max_wait_secs, self.clock = streaming, max_wait_secs, clock
         self.precision, self.intra_op_threads = precision, intra_op_threads
 
     def expand(self, rows) -> ScoreTextResult:
         prepared = rows | "Prepare" >> beam.ParDo(PrepareScores(
             self.model_dir, self.n_ctx, self.stride, self.text_key, self.prompt_key, self.completion_key)
         ).with_outputs(ERRORS, main="ok")
-        streaming = (not rows.is_bounded) if self.streaming is None else self.streaming
-        if streaming:
-            batch = BatchByWait(self.batch_size, self.max_batch_tokens, self.max_wait_secs, self.clock, SCORING)
-        else:
-            batch = BatchByLength(self.batch_size, self.max_batch_tokens, policy=SCORING)
+        b = self.batching
         results = (prepared.ok
-                   | "Batch" >> batch
-                   | "Score" >> beam.ParDo(ScoreBatches(self.model_dir, self.precision, self.intra_op_threads,
-                                                        self.batch_size, self.max_batch_tokens))
-                   .with_outputs(ERRORS, main="ok"))
+                   | "Batch" >> b.transform(Scoring.policy, rows.is_bounded)
+                   | "Score" >> beam.ParDo(RunBatches(Scoring(b.batch_size, b.max_batch_tokens), shared_model(
+                       self.model_dir, self.precision, self.intra_op_threads))).with_outputs(ERRORS, main="ok"))
         scores = results.ok | "Format" >> beam.ParDo(FormatScores(self.model_label, self.token_logprobs))
         errors = (prepared[ERRORS], results[ERRORS]) | "Errors" >> beam.Flatten()
         return ScoreTextResult(scores, errors)

@@ -15,8 +15,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from gpt2.sampling import SamplingParams, coerce
-from transforms.records import (ERRORS, NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request, dead_letter,
-                                row_dead_letter)
+from transforms.records import ERRORS, NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request, dead_letter
 from transforms.resources import SharedResource, shared_tokenizer
 
 ROW_KEYS = ("id", "prompt")  # besides the per-row options (ROW_OPTIONS), the keys a dict row's generation reads
@@ -131,7 +130,7 @@ class ValidateRows(beam.DoFn):
             except ValueError as e:
                 error = str(e)
         self.rejected.inc()
-        yield beam.pvalue.TaggedOutput(ERRORS, row_dead_letter(row, error))
+        yield beam.pvalue.TaggedOutput(ERRORS, row.dead_letter(error))
 
 
 class Tokenize(beam.DoFn):
@@ -162,7 +161,7 @@ class Tokenize(beam.DoFn):
                           num_samples=num_samples, with_sample=with_sample)
         else:
             self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, row_dead_letter(row, error))
+            yield beam.pvalue.TaggedOutput(ERRORS, row.dead_letter(error))
 
 
 def expand_samples(request: Request) -> Iterator[Request]:

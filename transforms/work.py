@@ -1,0 +1,156 @@
+"""The skeleton of batch work against the shared model: generation and scoring are each a `Task` run by it.
+
+    rows -> requests (or dead letters) -> batches (the task's policy) -> RunBatches(task) -> results -> output rows
+
+A task says what is its own: how its requests are batched (`policy`), how a batch runs on the model (`run`) and
+what a request done becomes (`result`); making requests of rows and output rows of results are its transform's
+DoFns (transforms/generate_text.py, transforms/score_text.py). `RunBatches` runs any task's batches on the worker:
+the model loaded once per worker process (Beam's `Shared`, one Session for all its threads), metrics, progress and
+split-and-retry. `Batching` is the batching in front of it, for bounded or unbounded input.
+
+A DoFn rather than RunInference over our own ModelHandler: we batch by length upstream, and a failing batch must be
+split and retried down to single rows so that one bad row costs only itself (a dead letter with its reason) and never
+the batch, where RunInference dead-letters a failing batch whole. `GPT2ModelHandler` (transforms/handler.py) runs the
+generation task behind Beam's `RunInference`, with the same split-and-retry inside a batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, BatchByLength, BatchByWait, Policy
+from transforms.progress import NAMESPACE, Counter, log_done
+from transforms.records import ERRORS
+from transforms.resources import SharedResource
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def split_and_retry(run: Callable[[Sequence[T]], list], batch: Sequence[T]) -> Iterator[tuple]:
+    """Run `run` on the batch; if it raises (e.g. out of memory), on each half, down to single items.
+    Yields (items, outcomes, seconds) for each part that worked and (items, exception, None) for each item that
+    failed alone, in the batch's order."""
+    start = time.perf_counter()
+    try:
+        outcomes = run(batch)
+    except Exception as e:  # noqa: BLE001 - any failure: halve the batch and try again
+        if len(batch) > 1:
+            log.warning("batch of %d failed (%s); retrying in halves", len(batch), e)
+            half = len(batch) // 2
+            yield from split_and_retry(run, batch[:half])
+            yield from split_and_retry(run, batch[half:])
+        else:
+            yield batch, e, None
+        return
+    yield batch, outcomes, time.perf_counter() - start
+
+
+class Task:
+    """One kind of batch work, as RunBatches runs it: `policy`, `run` and `result` are the task's own.
+
+    name: a failure's dead letter says "<name> failed: ...". requests_counter, tokens_counter (a progress counter,
+    transforms/progress.py), size_metric: the Beam metrics of the requests and tokens done and of each run's size.
+    """
+    policy: Policy
+    name = "work"
+    requests_counter = "requests"
+    tokens_counter = "tokens"
+    size_metric = "batch_size"
+
+    def run(self, model, requests: list) -> list:
+        """One outcome per request, from the model: one batch's worth, or a part of one (`parts`)."""
+        raise NotImplementedError
+
+    def result(self, request, outcome, precision: str) -> Any:
+        """What RunBatches emits for a request done (precision: what the model ran in)."""
+        raise NotImplementedError
+
+    def account(self, requests: list, outcomes: list, seconds: float) -> tuple[int, int]:
+        """(size, tokens) of a part done in `seconds`: its value of the size metric, and the tokens it did."""
+        raise NotImplementedError
+
+    def units(self, batch: list) -> list[list]:
+        """The batch as units retried whole: a failure halves a part between units, never within one."""
+        return [[r] for r in batch]
+
+    def parts(self, units: list[list]) -> Iterable[list[list]]:
+        """The units in consecutive parts, each run and retried on its own, its results emitted when it ends
+        (taken one at a time: `account` has seen a part before the next is taken)."""
+        return [units]
+
+    def failure(self, unit: list, error: Exception) -> str:
+        """The dead letter's message of a unit that failed alone."""
+        return f"{self.name} failed: {type(error).__name__}: {error}"
+
+
+class RunBatches(beam.DoFn):
+    """A batch of a task's requests -> the task's result per request; a unit that fails alone is a dead letter
+    (ERRORS) of its first request."""
+
+    def __init__(self, task: Task, model: SharedResource):
+        self.task, self.model = task, model
+        self.done = Metrics.counter(NAMESPACE, task.requests_counter)
+        self.tokens = Counter(task.tokens_counter)
+        self.rejected = Metrics.counter(NAMESPACE, "dead_letters")
+        self.size = Metrics.distribution(NAMESPACE, task.size_metric)
+        self.latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
+
+    def setup(self):
+        self._model = self.model.get()
+
+    def teardown(self):
+        self._model = None  # the last reference going closes the model's Session (GenerationModel's finalizer)
+
+    def process(self, batch: list):
+        task = self.task
+
+        def run(units: Sequence[list]) -> list:
+            return task.run(self._model, [r for u in units for r in u])
+
+        for part in task.parts(task.units(batch)):
+            for units, outcomes, seconds in split_and_retry(run, part):
+                if isinstance(outcomes, Exception):
+                    self.rejected.inc()
+                    yield beam.pvalue.TaggedOutput(ERRORS, units[0][0].dead_letter(task.failure(units[0], outcomes)))
+                    continue
+                requests = [r for u in units for r in u]
+                size, tokens = task.account(requests, outcomes, seconds)
+                self.latency.update(int(seconds * 1000))
+                self.size.update(size)
+                self.done.inc(len(requests))
+                self.tokens.inc(tokens)
+                log_done(len(requests), tokens)
+                for r, outcome in zip(requests, outcomes):
+                    yield task.result(r, outcome, self._model.precision)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How GenerateText's and ScoreText's requests are batched. batch_size, max_batch_tokens: the task's bounds.
+    streaming: None = decide by the input (unbounded: by size or a maximum wait of max_wait_secs, by `clock`)."""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    streaming: bool | None = None
+    max_wait_secs: float = 1.0
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_batch_tokens"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.max_wait_secs > 0:
+            raise ValueError(f"max_wait_secs must be > 0, got {self.max_wait_secs!r}")
+
+    def transform(self, policy: Policy, bounded: bool) -> beam.PTransform:
+        """Requests -> batches by `policy`: bounded input in one group, unbounded by size or wait (unless
+        `streaming` says otherwise; transforms/batching.py)."""
+        if (not bounded) if self.streaming is None else self.streaming:
+            return BatchByWait(self.batch_size, self.max_batch_tokens, self.max_wait_secs, self.clock, policy)
+        return BatchByLength(self.batch_size, self.max_batch_tokens, policy=policy)
