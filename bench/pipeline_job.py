@@ -25,7 +25,7 @@ class _Row:  # what plan_batches reads of a Request
     params: SamplingParams
 
 
-def write_prompts(directory: Path, rows: int, shards: int, max_words: int, seed: int = 0) -> list[str]:
+def write_prompt_shards(directory: Path, rows: int, shards: int, max_words: int, seed: int = 0) -> list[str]:
     """Prompts of 1..max_words words, uniformly mixed lengths, in arrival (file) order."""
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(WORDS, rng.integers(1, max_words + 1))) for _ in range(rows)]
@@ -69,7 +69,7 @@ def run(model_dir: Path, workdir: Path, rows: int, max_words: int, new_tokens: i
         max_batch_tokens: int, threads: int) -> dict:
     from pipeline.run import main as run_pipeline
 
-    texts = write_prompts(workdir / "prompts", rows, shards=4, max_words=max_words)
+    texts = write_prompt_shards(workdir / "prompts", rows, shards=4, max_words=max_words)
     params = SamplingParams(max_new_tokens=new_tokens)
     tok = Tokenizer(model_dir)
     requests = [_Row(ids, params) for ids in tok.encode_batch(texts)]

@@ -186,6 +186,4 @@ def parse_score(argv: list[str]) -> tuple[argparse.Namespace, PipelineOptions]:
         args.prompt_column = args.prompt_column or "prompt"
         if args.prompt_column == args.completion_column:
             raise UsageError(f"--prompt_column and --completion_column are both {args.prompt_column!r}")
-    if args.stride is not None and args.stride < 1:
-        raise UsageError(f"--stride must be >= 1, got {args.stride}")
     return args, _check_common(args, beam_args, "python -m pipeline.score")

@@ -104,7 +104,7 @@ def build_report(paths: list[str], rows: dict[str, int | None], output: str, arg
 
     rows_written counts output rows (a row's samples each); rows_completed the input rows among them (their ids:
     the writer writes a row whole, all its samples, or not at all), which is what the accounting adds up."""
-    job = job or GENERATION
+    job = job or GENERATE_JOB
     fmt = args.output_format
     read = written = completed = dead = tokens = 0
     unreadable, precisions = [], set()
@@ -221,7 +221,7 @@ def generation(args, manifest: dict, model: str, done: tuple[str, ...], paths: l
         logprobs=args.logprobs, num_samples=args.num_samples or 1, samples=samples, done_files=done))
 
 
-GENERATION = Job("completions", "completion_tokens", TOKENS, generation)
+GENERATE_JOB = Job("completions", "completion_tokens", TOKENS, generation)
 
 
 def run(argv: list[str]) -> dict:
@@ -229,7 +229,7 @@ def run(argv: list[str]) -> dict:
     return run_job(args, options)
 
 
-def run_job(args, options: PipelineOptions, job: Job = GENERATION) -> dict:
+def run_job(args, options: PipelineOptions, job: Job = GENERATE_JOB) -> dict:
     args.input, args.output, args.model_dir = map(absolute, (args.input, args.output, args.model_dir))
     start = time.time()
     paths = match_inputs(args.input)
@@ -270,7 +270,7 @@ def run_job(args, options: PipelineOptions, job: Job = GENERATION) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None, parse_argv: Callable = parse, job: Job = GENERATION) -> int:
+def main(argv: list[str] | None = None, parse_argv: Callable = parse, job: Job = GENERATE_JOB) -> int:
     """The command line of a job (this one's by default; pipeline.score gives its own parser and Job)."""
     try:
         args, options = parse_argv(sys.argv[1:] if argv is None else argv)
@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None, parse_argv: Callable = parse, job: Job =
 def exit_process(code: int) -> NoReturn:
     """Exit with the job's code once its output and report are written, skipping Python's shutdown: threads that
     Beam's runners leave behind (the PortableRunner's gRPC streams to its job service) can abort it after a job
-    that succeeded ("terminate called without an active exception", exit -6, seen in CI), and waiting on them
-    delayed the exit by seconds."""
+    that succeeded ("terminate called without an active exception", exit -6), and waiting on them delays the exit
+    by seconds."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -9,22 +9,23 @@ with DIR/scores/ instead of DIR/completions/ and scored tokens instead of genera
 """
 from __future__ import annotations
 
-
 import apache_beam as beam
 
 from pipeline.options import UsageError, parse_score
 from pipeline.run import Job, exit_process, main as run_main, run_job
 from transforms.job import ScoreJobConfig, ScoreTexts
 from transforms.progress import SCORED_TOKENS
+from transforms.score_text import check_stride
 
 
 def scoring(args, manifest: dict, model: str, done: tuple[str, ...], paths: list[str]) -> beam.PTransform:
     """The scoring job's transform; --stride checked against the model's context."""
     n_ctx = manifest["config"]["n_ctx"]
     stride = n_ctx // 2 if args.stride is None else args.stride
-    if not 1 <= stride < n_ctx:
-        raise UsageError(f"--stride must be below the model's context of {n_ctx} (windows must overlap by at "
-                         f"least one token), got {stride}")
+    try:
+        check_stride(stride, n_ctx)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     options = ({args.text_column: "--text_column"} if args.completion_column is None else
                {args.prompt_column: "--prompt_column", args.completion_column: "--completion_column"})
     return ScoreTexts(ScoreJobConfig(
@@ -36,16 +37,16 @@ def scoring(args, manifest: dict, model: str, done: tuple[str, ...], paths: list
         done_files=done, options=tuple(options.items())))
 
 
-SCORING = Job("scores", "tokens", SCORED_TOKENS, scoring)
+SCORE_JOB = Job("scores", "tokens", SCORED_TOKENS, scoring)
 
 
 def run(argv: list[str]) -> dict:
     args, options = parse_score(argv)
-    return run_job(args, options, SCORING)
+    return run_job(args, options, SCORE_JOB)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(argv, parse_score, SCORING)
+    return run_main(argv, parse_score, SCORE_JOB)
 
 
 if __name__ == "__main__":

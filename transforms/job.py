@@ -20,48 +20,42 @@ from transforms.write import WriteResults, completions_schema, read_ids
 
 
 @dataclasses.dataclass(frozen=True)
-class JobConfig:
+class FileJobConfig:
+    """What both jobs are configured by."""
     output_dir: str
     model_dir: str  # local, or gs://: each worker machine copies it once to its cache (transforms/model_cache.py)
     model_label: str | None = None  # name@sha256 prefix, written in every row; None: from the model's manifest
     n_ctx: int | None = None  # None: from the model's manifest
-    defaults: SamplingParams = SamplingParams()
-    seed: int = 0
-    stops: tuple[str, ...] = ()
-    truncate: str = "none"
-    prompt_column: str = "prompt"
     id_column: str = "id"
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
-    run_seconds: float = TARGET_RUN_SECONDS  # work per Session.run (transforms/pacing.py)
     precision: str = "auto"
     intra_op_threads: int | None = None
     output_format: str = "parquet"  # or "jsonl"
-    logprobs: bool = False  # completions get `logprobs`
-    num_samples: int = 1  # completions per row (a num_samples column overrides it)
-    samples: bool = False  # completions get `sample` (--num_samples given, or a num_samples column in the input)
     # Output files of earlier runs whose ids are done (--skip_existing): rows with those ids are skipped. Never a
     # file this run writes.
     done_files: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreJobConfig:
-    output_dir: str
-    model_dir: str
-    model_label: str | None = None
-    n_ctx: int | None = None
+class JobConfig(FileJobConfig):
+    defaults: SamplingParams = SamplingParams()
+    seed: int = 0
+    stops: tuple[str, ...] = ()
+    truncate: str = "none"
+    prompt_column: str = "prompt"
+    run_seconds: float = TARGET_RUN_SECONDS  # work per Session.run (transforms/pacing.py)
+    logprobs: bool = False  # completions get `logprobs`
+    num_samples: int = 1  # completions per row (a num_samples column overrides it)
+    samples: bool = False  # completions get `sample` (--num_samples given, or a num_samples column in the input)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreJobConfig(FileJobConfig):
     text_column: str = "text"  # the text to score; or, with completion_column, the prompt's column
     completion_column: str | None = None  # score this column's text given text_column's (the prompt)
-    id_column: str = "id"
     stride: int | None = None  # None: n_ctx // 2
     token_logprobs: bool = False
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
-    precision: str = "auto"
-    intra_op_threads: int | None = None
-    output_format: str = "parquet"
-    done_files: tuple[str, ...] = ()
     options: tuple[tuple[str, str], ...] = ()  # column -> the option that named it, for error messages
 
 
