@@ -18,7 +18,8 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import gpt2, apache_beam, tensorflow, tiktoken" 2>/dev/null; then
   echo "installing the project into $VENV (first run only)" >&2
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -e .
+  # setuptools' build backend warns "Editable installation ..." on every editable install: a note, not a problem
+  PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q -e .
 fi
 
 input="" output="" model_dir=""
