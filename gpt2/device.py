@@ -127,6 +127,9 @@ def resolve_precision(requested: str, available: Sequence[str], placement: Place
         return choose_precision(available, placement, cpu_flags() if flags is None else flags)
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "int8" and placement.device.startswith("/GPU"):
+        raise ValueError("int8 runs on CPUs only (TensorFlow's quantized matmul has no GPU kernel); use auto, "
+                         "bfloat16 or float16 on a GPU")
     if requested not in available:
         raise ValueError(f"this model was exported with {', '.join(available)} graphs only, not {requested}; "
                          f"export it again with external weights (the default) for every precision")

@@ -40,30 +40,29 @@ from gpt2.tokenizer import Tokenizer, find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
-GRAPH_FILES = {"float32": "model.pb", "bfloat16": "model-bfloat16.pb", "float16": "model-float16.pb"}
+GRAPH_FILES = {"float32": "model.pb", "bfloat16": "model-bfloat16.pb", "float16": "model-float16.pb",
+               "int8": "model-int8.pb"}
 EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dependency", "loop"]
 
 
-def stored_transposed(name: str, precision: str) -> bool:
-    """Whether the graph of `precision` keeps this weight (out, in), in chunks if long (gpt2.model.Transposed).
-    wte is (V, C) already, which is the LM head's (out, in)."""
-    return precision != "float32" and is_matrix(name)
-
-
-def graph_weight(name: str, value: tf.Tensor, cfg: GPT2Config, precision: str) -> tf.Tensor:
-    """A checkpoint weight (cast to `precision`) as the graph of `precision` holds it: wte padded to
-    model.padded_vocab rows, and bfloat16/float16 matrices (out, in) in reduction chunks (gpt2.model)."""
+def graph_weight(name: str, value: tf.Tensor, cfg: GPT2Config, precision: str) -> model.Weight:
+    """A checkpoint weight (cast to `precision`'s dtype) in the form the graph of `precision` uses it
+    (gpt2.model.matmul): wte padded to model.padded_vocab rows; float32 matrices as they are, (in, out);
+    bfloat16/float16 matrices Transposed, (out, in), in reduction chunks when long; int8 matrices Quantized,
+    (in, out), wte as its transpose (C, Vp), the LM head's (in, out)."""
     if name == "wte":
         value = tf.pad(value, [[0, model.padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]])  # (Vp, C)
-    if not stored_transposed(name, precision):
+    if not is_matrix(name) or precision == "float32":
         return value
+    if precision == "int8":
+        return model.quantize(tf.transpose(value) if name == "wte" else value)
     if name != "wte":
-        value = tf.transpose(value)  # (in, out) -> (out, in)
+        value = tf.transpose(value)  # (in, out) -> (out, in); wte (Vp, C) is the LM head's (out, in) already
     n_out, n_in = value.shape
     c = model.reduction_chunks(n_in)
     if c == 1:
-        return value  # (out, in)
-    return tf.transpose(tf.reshape(value, [n_out, c, n_in // c]), [1, 0, 2])  # (c, out, in / c)
+        return model.Transposed(value)  # (out, in)
+    return model.Transposed(tf.transpose(tf.reshape(value, [n_out, c, n_in // c]), [1, 0, 2]))  # (c, out, in / c)
 
 
 def is_matrix(name: str) -> bool:
@@ -72,7 +71,8 @@ def is_matrix(name: str) -> bool:
 
 
 def weight_dtype(name: str, precision: str) -> tf.DType:
-    return DTYPES[precision] if is_matrix(name) else tf.float32
+    """The dtype a weight is cast to before graph_weight (int8 quantizes from float32)."""
+    return DTYPES.get(precision, tf.float32) if is_matrix(name) else tf.float32
 
 
 def vocabulary_bytes(vocab_dir: str | Path, n_vocab: int) -> list[bytes]:
@@ -101,12 +101,15 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
                 # The reshape gives the graph its static shape back at no cost (it shares the buffer).
                 ph = tf.compat.v1.placeholder(weight_dtype(name, stored), None, name=f"{name}/init_value")
                 value = tf.reshape(tf.cast(ph, weight_dtype(name, precision)), shape)
-                value = graph_weight(name, value, cfg, precision)
-                var = tf.compat.v1.get_variable(f"weights/{name}", initializer=value, use_resource=True,
-                                                trainable=False)
-                binding[name] = {"feed": ph.name, "assign": var.initializer.name}
-                read = var.read_value()
-                params[name] = model.Transposed(read) if stored_transposed(name, precision) else read
+                form = graph_weight(name, value, cfg, precision)
+                parts = form if isinstance(form, tuple) else (form,)  # a Transposed or Quantized: their tensors
+                variables = [tf.compat.v1.get_variable(f"weights/{name}" + (f"/{i}" if i else ""), initializer=v,
+                                                       use_resource=True, trainable=False)
+                             for i, v in enumerate(parts)]
+                assign = tf.group(*(v.initializer for v in variables), name=f"{name}/assign")
+                binding[name] = {"feed": ph.name, "assign": assign.name}
+                reads = [v.read_value() for v in variables]
+                params[name] = type(form)(*reads) if isinstance(form, tuple) else reads[0]
         vocabulary = tf.constant(token_bytes, name="token_bytes")  # (V,) string
         outputs = model.generate(params, cfg, *inputs.values(), token_bytes=vocabulary)  # INPUTS' order
         for name in OUTPUTS:

@@ -16,7 +16,7 @@ FORMAT_VERSION = 6  # 3: one graph per precision, weights bound at load by defau
 # 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16; 6: weight placeholders of unknown shape
 # (the loader checks shapes against the config), weights.safetensors contiguous and hashed as it is bound
 MANIFEST = "manifest.json"
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 
 # Graph inputs: name -> (dtype, shape). Per-row sampling parameters make one batch mix greedy and sampled rows.
 INPUTS = {
@@ -49,7 +49,7 @@ ALLOWED_OPS = frozenset("""
     Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListConcatV2
     TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
     TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
-    RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
+    QuantizedMatMulWithBiasAndDequantize RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
 """.split())
 
 

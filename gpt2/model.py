@@ -85,7 +85,17 @@ class Transposed(NamedTuple):
     t: tf.Tensor
 
 
-Params = dict[str, "tf.Tensor | Transposed"]  # canonical weight name -> tensor (a variable read, or a constant)
+class Quantized(NamedTuple):
+    """An int8 weight matrix (in, out), quantized per output column: weight ~= q * scale. Its matmul quantizes
+    each input row with the row's own scale and accumulates in int32 (`matmul_int8`), which is exact in any order,
+    so a row's result is the same bits in any batch, and long reductions need no chunks."""
+    q: tf.Tensor  # (in, out) int8
+    scale: tf.Tensor  # (out,) float32
+    offset: tf.Tensor  # (out,) int32: -128 * the column sums of q (activations go in as unsigned, q_x + 128)
+
+
+Weight = "tf.Tensor | Transposed | Quantized"
+Params = dict[str, "tf.Tensor | Transposed | Quantized"]  # canonical weight name -> tensor (a variable read, or a constant)
 
 
 def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
@@ -107,11 +117,43 @@ def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool =
     bfloat16); a Transposed w runs as its chunks, whose results are added in float32 in chunk order (see the
     module docstring). The GELU is x * x * x, not tf.nn.gelu's Pow, which cost 10-17% of a decode step.
     """
-    y = matmul_transposed(x, w) if isinstance(w, Transposed) else tf.matmul(tf.cast(x, w.dtype), w)
-    y = tf.nn.bias_add(y, b)
+    y = tf.nn.bias_add(matmul(x, w), b)
     if gelu:
         y = 0.5 * y * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * (y * y * y))))  # x*x*x: no Pow op
     return y
+
+
+def matmul(x: tf.Tensor, w: Weight) -> tf.Tensor:
+    """x (M, in) @ w, float32 (M, out), in the weight's own form: float32 (in, out), Transposed or Quantized."""
+    if isinstance(w, Quantized):
+        return matmul_int8(x, w)
+    if isinstance(w, Transposed):
+        return matmul_transposed(x, w)
+    return tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
+
+
+def quantize(w: tf.Tensor) -> Quantized:
+    """A float32 matrix (in, out) as int8 with one scale per output column (its largest |value| -> 127)."""
+    scale = tf.maximum(tf.reduce_max(tf.abs(w), axis=0), 1e-30) / 127.0  # (out,) zero columns stay zero
+    q = tf.cast(tf.round(w / scale), tf.int8)  # (in, out)
+    return Quantized(q, scale, -128 * tf.reduce_sum(tf.cast(q, tf.int32), axis=0))
+
+
+def matmul_int8(x: tf.Tensor, w: Quantized) -> tf.Tensor:
+    """x (M, in) @ w, float32 (M, out), through oneDNN's int8 matmul (VNNI or AMX where the CPU has them).
+
+    Each row is quantized with its own scale (its largest |value| -> 127), never one shared by the batch, so a
+    row's integers, and with them its exact int32 sums, do not depend on its neighbours. The kernel takes the
+    activations unsigned: u = q_x + 128, with w.offset (-128 * column sums of q) as its int32 bias, so its
+    output is sum(q_x * q) exactly (scales of 1); the row's and the column's scales are applied after, per element.
+    """
+    s = tf.maximum(tf.reduce_max(tf.abs(x), axis=1, keepdims=True), 1e-30)  # (M, 1) a zero row stays zero
+    u = tf.cast(tf.round(x * (127.0 / s)) + 128.0, tf.uint8)  # (M, in) in [1, 255]
+    y = tf.raw_ops.QuantizedMatMulWithBiasAndDequantize(
+        a=tf.bitcast(u, tf.quint8), b=tf.bitcast(w.q, tf.qint8), bias=tf.bitcast(w.offset, tf.qint32),
+        min_a=0.0, max_a=255.0, min_b=-127.0, max_b=127.0, min_freezed_output=-1.0, max_freezed_output=1.0,
+        Toutput=tf.float32, input_quant_mode="MIN_FIRST")  # (M, out) the integer sums, as float32
+    return y * (s * (1.0 / 127.0)) * w.scale
 
 
 def matmul_transposed(x: tf.Tensor, w: Transposed) -> tf.Tensor:
@@ -130,8 +172,10 @@ def matmul_transposed(x: tf.Tensor, w: Transposed) -> tf.Tensor:
 
 
 def matmul_dtype(params: Params) -> tf.DType:
-    """The dtype the matmuls, the KV cache and attention run in."""
+    """The dtype the KV cache and attention run in: the weights' (float32 for int8 weights)."""
     wte = params["wte"]
+    if isinstance(wte, Quantized):
+        return tf.float32
     return wte.t.dtype if isinstance(wte, Transposed) else wte.dtype
 
 
@@ -166,6 +210,10 @@ def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
         c, _, k = wte.t.shape
         chunks = tf.transpose(tf.gather(wte.t, tf.reshape(ids, [-1]), axis=1), [1, 0, 2])  # (n, c, k)
         tokens = tf.reshape(chunks, tf.concat([tf.shape(ids), [c * k]], 0))  # (..., C)
+    elif isinstance(wte, Quantized):  # (C, Vp): a token's column, times its scale
+        flat = tf.reshape(ids, [-1])
+        columns = tf.transpose(tf.cast(tf.gather(wte.q, flat, axis=1), tf.float32))  # (n, C)
+        tokens = tf.reshape(columns * tf.gather(wte.scale, flat)[:, None], tf.concat([tf.shape(ids), [-1]], 0))
     else:
         tokens = tf.gather(wte.t if isinstance(wte, Transposed) else wte, ids)
     return tf.cast(tokens, tf.float32) + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
@@ -185,8 +233,8 @@ def logits_of(params: Params, cfg: GPT2Config, x: tf.Tensor) -> tf.Tensor:
     already; unpadded weights (tests) are padded here.
     """
     V, Vp = cfg.n_vocab, padded_vocab(cfg.n_vocab)
-    if isinstance(params["wte"], Transposed):
-        logits = matmul_transposed(x, params["wte"])  # (M, Vp)
+    if isinstance(params["wte"], (Transposed, Quantized)):
+        logits = matmul(x, params["wte"])  # (M, Vp)
     elif "wte_t" in params:
         w = params["wte_t"]
         w = w if w.shape[1] == Vp else tf.pad(w, [[0, 0], [0, Vp - V]])
@@ -220,7 +268,8 @@ def layer_params(params: Params, i: int) -> Callable[[str], "tf.Tensor | Transpo
 
 
 def transposed_layout(params: Params) -> bool:
-    return isinstance(params["h0/attn/c_attn/w"], Transposed)
+    """Whether the LM head reads wte as stored (else `generate` and `score` transpose it once per run)."""
+    return isinstance(params["wte"], (Transposed, Quantized))
 
 
 def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,

@@ -55,9 +55,11 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
     b.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="slots x (longest prompt + max_new_tokens) at most: the KV cache's bound" if generating
                    else f"{rows} x (longest window) per batch at most")
-    b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
                    help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
-                        "on Ampere GPUs, float16 on older GPUs, else float32); each row records the one used")
+                        "on Ampere GPUs, float16 on older GPUs, else float32); int8 (CPUs only) quantizes the weight "
+                        "matrices, faster and slightly less accurate, never chosen by auto; each row records the one "
+                        "used")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="TensorFlow threads per worker process (default: all cores)")
     if generating:

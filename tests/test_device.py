@@ -57,7 +57,7 @@ def test_the_graph_is_imported_on_the_chosen_device(model):
 AVX2 = {"fma", "avx2"}
 ZEN4 = AVX2 | {"avx512f", "avx512_bf16"}
 SPR = ZEN4 | {"amx_bf16", "amx_tile"}
-ALL = ["float32", "bfloat16", "float16"]
+ALL = ["float32", "bfloat16", "float16", "int8"]
 CPU = Placement("/CPU:0")
 
 
@@ -80,7 +80,15 @@ def test_requested_precision_wins_and_is_checked():
     with pytest.raises(ValueError, match="float32 graphs only, not bfloat16"):
         resolve_precision("bfloat16", ["float32"], CPU, SPR)
     with pytest.raises(ValueError, match="precision must be auto or one of"):
-        resolve_precision("int8", ALL, CPU, SPR)
+        resolve_precision("int4", ALL, CPU, SPR)
+
+
+def test_int8_only_when_asked_and_only_on_cpus():
+    for flags in (AVX2, ZEN4, SPR):
+        assert choose_precision(ALL, CPU, flags)[0] != "int8"  # it changes outputs: never picked by auto
+    assert resolve_precision("int8", ALL, CPU, AVX2) == ("int8", "requested")
+    with pytest.raises(ValueError, match="int8 runs on CPUs only"):
+        resolve_precision("int8", ALL, Placement("/GPU:0", None, (8, 0)), set())
 
 
 def test_cpu_flags_are_read_from_cpuinfo():

@@ -13,13 +13,14 @@ import tensorflow as tf
 from gpt2 import model as gmodel
 from gpt2.config import GPT2Config, SIZES
 from gpt2.device import session_config
-from gpt2.export import graph_weight
+from gpt2.export import graph_weight, weight_dtype
 from gpt2.sampling import SamplingParams
 
 ROWS = (1, 2, 7, 64, 65, 128, 300)
 # float16 is GPU-only in this sense: on CPUs without AVX512-FP16 TensorFlow runs float16 matmuls through Eigen,
 # whose blocking changes a row's sums with the row count at any width (README, Precision).
-LOW_PRECISIONS = ("bfloat16",)
+# int8 quantizes each row with its own scale and sums integers: exact by construction (gpt2.model.matmul_int8).
+LOW_PRECISIONS = ("bfloat16", "int8")
 
 
 def alone_vs_together(build, width: int, rows=ROWS, seed: int = 0, scale: float = 1.0) -> dict[int, int]:
@@ -46,8 +47,7 @@ def layer_shapes(cfg: GPT2Config) -> dict[str, tuple[int, int]]:
 def engine_weight(name: str, shape: tuple[int, int], cfg: GPT2Config, precision: str, seed: int = 1):
     """A random weight as the exported graph of `precision` holds it (layout, chunks, padding)."""
     w = tf.constant(np.random.default_rng(seed).normal(0, 0.02, shape).astype(np.float32))
-    value = graph_weight(name, tf.cast(w, getattr(tf, precision)), cfg, precision)
-    return gmodel.Transposed(value) if isinstance(value, tf.Tensor) and precision != "float32" else value
+    return graph_weight(name, tf.cast(w, weight_dtype(name, precision)), cfg, precision)
 
 
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
@@ -77,8 +77,8 @@ def test_lm_head_and_logprobs_keep_each_rows_bits(size, precision):
     g = rng.normal(1, 0.1, C).astype(np.float32)
 
     def build(x):
-        stored = graph_weight("wte", tf.cast(tf.constant(wte), getattr(tf, precision)), cfg, precision)
-        params = {"wte": gmodel.Transposed(stored), "ln_f/g": tf.constant(g), "ln_f/b": tf.zeros([C])}
+        stored = graph_weight("wte", tf.cast(tf.constant(wte), weight_dtype("wte", precision)), cfg, precision)
+        params = {"wte": stored, "ln_f/g": tf.constant(g), "ln_f/b": tf.zeros([C])}
         logits = gmodel.lm_head(params, cfg, x)  # (M, Vp)
         chosen = tf.argmax(logits, axis=-1, output_type=tf.int32)
         return tf.concat([logits, gmodel.log_softmax_at(logits, chosen)[:, None]], 1)
@@ -109,7 +109,7 @@ def test_attention_weights_keep_a_rows_bits_whatever_the_cache_width():
             assert np.array_equal(run(slice(0, B), min(n + 32, 1024)), alone), n
 
 
-@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])  # the cache of bfloat16 and of int8 weights
 def test_attention_keeps_a_rows_bits_whatever_the_cache_width(precision):
     """The attention output of a row (q . k, softmax, weighted sum of v in the cache's dtype) alone and among 48
     rows, in caches of different widths after the row's own columns, whose unwritten columns hold other values."""
@@ -154,20 +154,26 @@ def test_reduction_chunks_cover_every_gpt2_width():
 
 
 @pytest.fixture(scope="module")
-def model_124m(tmp_path_factory):
-    """GPT-2 124M with random weights (GPT-2's init std), exported, in bfloat16: the default on CPUs with bf16
-    units, run here on any CPU."""
-    from gpt2.loader import GenerationModel
+def dir_124m(tmp_path_factory):
+    """GPT-2 124M with random weights (GPT-2's init std), exported."""
     from pipeline.export import main
 
     out = tmp_path_factory.mktemp("gpt2-124M")
     assert main(["--random", "124M", "--output", str(out)]) == 0
-    m = GenerationModel(out, precision="bfloat16", intra_threads=2)
+    return out
+
+
+@pytest.fixture(scope="module", params=LOW_PRECISIONS)
+def model_124m(request, dir_124m):
+    """The 124M model in bfloat16 (the default on CPUs with bf16 units) and in int8, run here on any CPU."""
+    from gpt2.loader import GenerationModel
+
+    m = GenerationModel(dir_124m, precision=request.param, intra_threads=2)
     yield m
     m.close()
 
 
-def test_124m_bfloat16_rows_are_the_same_alone_in_one_run_and_with_refills(model_124m):
+def test_124m_rows_are_the_same_alone_in_one_run_and_with_refills(model_124m):
     """24 prompts of 1 to 40 tokens, half greedy, half sampled (temperature 0.8, top-k 40), 32 new tokens: each
     row alone, all in one run, and through 7 slots with refills in another order give the same tokens and the
     same log-probabilities, bit for bit."""
@@ -185,7 +191,9 @@ def test_124m_bfloat16_rows_are_the_same_alone_in_one_run_and_with_refills(model
     assert len({tuple(c.token_ids) for c in alone}) == n  # real, different completions
 
 
-def test_124m_bfloat16_a_rows_tokens_prefilled_continue_as_decoding_did(model_124m):
+def test_124m_a_rows_tokens_prefilled_continue_as_decoding_did(model_124m):
+    if model_124m.precision == "int8":
+        pytest.skip("int8 runs attention in float32, whose prefill (T x T) and decode (1 x L) matmuls round apart")
     """A row's prompt with its first k tokens appended, run as a new prompt, continues with the tokens and
     log-probabilities the row had after k, bit for bit: prefill and decode compute a position's values alike.
     (What a run that stops mid-row and resumes by recomputing its cache would rely on.)"""
