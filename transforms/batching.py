@@ -1,38 +1,27 @@
 """Batching: runs of requests for continuous batching (generation), cost-model batches of texts (scoring).
 
-Generation (policy RUNS) hands the engine runs: up to RUN_ROWS_PER_SLOT x batch_size requests, decoded batch_size
-at a time in slots, a row that ends freeing its slot for the next (gpt2/model.py). So a run need not hold rows of
-like max_new_tokens (a row that ends early costs nothing after), and its requests are sorted by prompt length only:
-the engine prefills the requests it admits together padded to the longest of them, so neighbours in that order keep
-prefill padding low. The run's slots come from the memory budget (`run_slots`: slots x (longest prompt + largest
-max_new_tokens) cache positions within max_batch_tokens). A worker decodes a run in parts bounded in time
-(transforms/pacing.py), each a unit of retry: a failing part is split in halves (transforms/work.py). A row's
-samples (num_samples > 1) share their prompt, which the engine prefills once for the rows of a run that repeat it:
-the sort key keeps them adjacent, and a run holds them all unless they alone exceed it.
+Generation (policy RUNS) hands the engine runs of up to RUN_ROWS_PER_SLOT x batch_size requests, decoded in slots, a
+row that ends freeing its slot for the next (gpt2/model.py). So a run need not hold rows of like max_new_tokens, and
+it is sorted by prompt length only: the engine prefills the requests it admits together padded to the longest, so
+neighbours in that order keep padding low. Its slots come from the memory budget (`run_slots`). A row's samples
+share a prompt, prefilled once: the sort keeps them adjacent, and a run holds them all unless they alone exceed it.
 
-Scoring (policy SCORE_BATCHES) cuts batches of texts by a cost model, each of a text's windows
-(transforms/score_text.py) a row, a text's windows in one batch. Walking the sorted texts, the next joins the open
-batch if the batch stays within `batch_size` windows and `max_batch_tokens` (windows x longest window), and if the
-batch's cost (`score_cost`: one forward pass, which reads every weight once, worth STEP_FIXED_COST rows) grows by
-no more than the text would cost as a batch of its own; otherwise the batch is emitted and the text opens the next.
-On sorted input a text almost always joins, so batches come out full, cut only at a large jump in length.
-`BATCHES` is the same rule for generation requests with `batch_cost` (decode steps, prefill counted once for a
-row's samples): batches without refill, what bench.pipeline_job compares runs against.
+Scoring (policy SCORE_BATCHES) cuts sorted texts greedily, each of a text's windows (transforms/score_text.py) a row:
+the next text joins the open batch if the batch stays within `batch_size` windows and `max_batch_tokens` (windows x
+longest) and its cost (`score_cost`: a forward pass reads every weight once, worth STEP_FIXED_COST rows) grows by no
+more than the text would cost alone. So batches come out full, cut only at a large jump in length. `BATCHES` is the
+same rule for generation requests (`batch_cost`): batches without refill, which bench.pipeline_job compares with.
 
-Bounded input: every request gets the same key, so one GroupByKey brings the whole job together however its lengths
-are spread (a length bucket as key would split small jobs into many half-empty batches). The group is read `BLOCK`
-requests at a time, so memory is bounded by one block, not by the group; each block is sorted and cut by the
-policy, its last, open batch carried into the next block and sorted with it, so only the job's last batch may be
-short. The Reshuffle after it spreads the batches over all workers; cutting is a sort of a few thousand requests,
-nothing next to running them.
-
-That GroupByKey fires when its input ends: right for files, never for a stream (in the global window, a stream does
-not end). Unbounded input goes through `BatchByWait` instead: `GroupIntoBatches` on one key per worker process (as
-Beam's own BatchElements does with a maximum wait) emits a batch when it holds `batch_size` requests or its first
-request has waited `max_wait_secs`; each such batch is then sorted and cut by the same policy.
+Bounded input: one key for every request, so one GroupByKey brings the whole job together however its lengths are
+spread (a length bucket as key would split small jobs into half-empty batches). The group is read `BLOCK` requests at
+a time, so memory is bounded by one block; each block is sorted and cut, its open batch carried into the next, so
+only the job's last batch may be short. A Reshuffle then spreads the batches over the workers. Unbounded input never
+ends (a GroupByKey in the global window would never fire): `BatchByWait` groups by one key per worker process with
+`GroupIntoBatches` (a batch at `batch_size` requests or when its first has waited `max_wait_secs`), then sorts and
+cuts each group by the same policy.
 
 The RunInference handler (transforms/handler.py) batches by RunInference's BatchElements; each of its batches is one
-run, sorted and given slots as here (`run_sort_key`, `run_slots`).
+run, sorted and given slots as here.
 """
 from __future__ import annotations
 
@@ -189,10 +178,6 @@ class Policy(NamedTuple):
     group: Callable
 
 
-def _no_group(r) -> None:
-    return None
-
-
 def run_sort_key(r: Request) -> tuple:
     """Prompt length, then a row's samples next to each other, in sample order."""
     return len(r.token_ids), group_key(r), getattr(r, "sample", 0)
@@ -222,7 +207,7 @@ def run_slots(requests: list, batch_size: int, max_batch_tokens: int) -> int:
 # A run's memory bound is its slots' (run_slots), set where it is decoded: cut_runs does not need max_batch_tokens.
 RUNS = Policy(run_sort_key, lambda requests, batch_size, _max_batch_tokens: cut_runs(requests, batch_size), _group_of)
 BATCHES = Policy(sort_key, cut_batches, _group_of)  # generation requests in cost-model batches (no refill)
-SCORE_BATCHES = Policy(score_sort_key, cut_score_batches, _no_group)
+SCORE_BATCHES = Policy(score_sort_key, cut_score_batches, lambda r: None)
 
 
 def plan_batches(requests: Iterable[Request], batch_size: int, max_batch_tokens: int,

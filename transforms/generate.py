@@ -48,17 +48,19 @@ class Generation(Task):
         self.logprobs, self.run_seconds = logprobs, run_seconds
         self.padding = Metrics.counter(NAMESPACE, "padding_tokens")
 
-    def run(self, model, requests: list[Request]) -> list:
+    def generate(self, model, requests: list[Request]) -> list:
+        """The model's completions of the requests, as one run."""
         return model.generate([r.token_ids for r in requests], [r.params for r in requests], self.logprobs,
                               run_slots(requests, self.batch_size, self.max_batch_tokens), self.stops)
 
-    def result(self, request: Request, completion, precision: str) -> Result:
-        return Result(request, completion.token_ids, completion.finish_reason, precision, completion.logprobs)
+    def run(self, model, requests: list[Request]) -> list[Result]:
+        done = self.generate(model, requests)
+        return [Result(r, c.token_ids, c.finish_reason, model.precision, c.logprobs) for r, c in zip(requests, done)]
 
-    def account(self, requests: list[Request], completions: list, seconds: float) -> tuple[int, int]:
+    def account(self, requests: list[Request], results: list[Result], seconds: float) -> tuple[int, int]:
         longest = max(len(r.token_ids) for r in requests)
         self.padding.inc(sum(longest - len(r.token_ids) for r in requests))
-        tokens = sum(len(c.token_ids) for c in completions)
+        tokens = sum(len(c.token_ids) for c in results)
         _PACE.record(tokens, seconds)
         return len(requests), tokens
 

@@ -137,7 +137,7 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
         index = {id(r): i for i, r in enumerate(requests)}
         rows: list[dict | None] = [None] * len(batch)
         task = Generation(len(batch), self.max_batch_tokens, self.stops)  # one run: a slot per row, memory allowing
-        run = lambda part: task.run(model, part)  # noqa: E731
+        run = lambda part: task.generate(model, part)  # noqa: E731
         for done, outcome, _ in split_and_retry(run, sorted(requests, key=task.policy.sort_key)):
             if isinstance(outcome, Exception):
                 i = index[id(done[0])]

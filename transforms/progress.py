@@ -108,27 +108,19 @@ def close_local_totals() -> None:
 
 class _WorkerLog:
     """Rows and tokens done by this worker process, shared by its threads."""
+    lock = threading.Lock()
+    start = last = time.monotonic()
+    rows = tokens = 0
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.start = self.last = time.monotonic()
-        self.rows = self.tokens = 0
-
-    def add(self, rows: int, tokens: int) -> None:
-        with self.lock:
-            self.rows += rows
-            self.tokens += tokens
-            now = time.monotonic()
-            if now - self.last >= LOG_SECONDS:
-                self.last = now
+    @classmethod
+    def add(cls, rows: int, tokens: int) -> None:
+        with cls.lock:
+            cls.rows, cls.tokens, now = cls.rows + rows, cls.tokens + tokens, time.monotonic()
+            if now - cls.last >= LOG_SECONDS:
+                cls.last = now
                 level = logging.DEBUG if os.environ.get(PROGRESS_DIR_ENV) else logging.INFO
-                log.log(level, "worker %d: %d rows, %d tokens, %.1f tokens/s", os.getpid(), self.rows, self.tokens,
-                        self.tokens / max(now - self.start, 1e-9))
+                log.log(level, "worker %d: %d rows, %d tokens, %.1f tokens/s", os.getpid(), cls.rows, cls.tokens,
+                        cls.tokens / max(now - cls.start, 1e-9))
 
 
-_worker_log = _WorkerLog()
-
-
-def log_done(rows: int, tokens: int) -> None:
-    """Add to this worker process's rows and tokens, logging them every LOG_SECONDS."""
-    _worker_log.add(rows, tokens)
+log_done = _WorkerLog.add  # add to this worker process's rows and tokens, logged every LOG_SECONDS

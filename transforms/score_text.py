@@ -230,20 +230,17 @@ class Scoring(Task):
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
 
-    def run(self, model, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+    def run(self, model, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Each request's kept log-probabilities, in token order."""
-        out: list[list[float]] = [[] for _ in requests]
+        out = [ScoreResult(r, [], model.precision) for r in requests]
         windows = [(i, w, k) for i, r in enumerate(requests) for w, k in zip(r.windows, r.keep)]
         for chunk in cut_windows(windows, self.batch_size, self.max_batch_tokens):
             for (i, _, k), logprobs in zip(chunk, model.score([w for _, w, _ in chunk])):
-                out[i].extend(logprobs[k:])
+                out[i].logprobs.extend(logprobs[k:])
         return out
 
-    def result(self, request: ScoreRequest, logprobs: list[float], precision: str) -> ScoreResult:
-        return ScoreResult(request, logprobs, precision)
-
-    def account(self, requests: list[ScoreRequest], outcomes: list, seconds: float) -> tuple[int, int]:
-        return sum(len(r.windows) for r in requests), sum(len(lp) for lp in outcomes)
+    def account(self, requests: list[ScoreRequest], results: list, seconds: float) -> tuple[int, int]:
+        return sum(len(r.windows) for r in requests), sum(len(r.logprobs) for r in results)
 
 
 class FormatScores(beam.DoFn):

@@ -2,23 +2,19 @@
 
     rows -> requests (or dead letters) -> batches (the task's policy) -> RunBatches(task) -> results -> output rows
 
-A task says what is its own: how its requests are batched (`policy`), how a batch runs on the model (`run`) and
-what a request done becomes (`result`); making requests of rows and output rows of results are its transform's
-DoFns (transforms/generate_text.py, transforms/score_text.py). `RunBatches` runs any task's batches on the worker:
-the model loaded once per worker process (Beam's `Shared`, one Session for all its threads), metrics, progress and
-split-and-retry. `Batching` is the batching in front of it, for bounded or unbounded input.
-
-A DoFn rather than RunInference over our own ModelHandler: we batch by length upstream, and a failing batch must be
-split and retried down to single rows so that one bad row costs only itself (a dead letter with its reason) and never
-the batch, where RunInference dead-letters a failing batch whole. `GPT2ModelHandler` (transforms/handler.py) runs the
-generation task behind Beam's `RunInference`, with the same split-and-retry inside a batch.
+A task holds what is its own: its batching policy and how a batch runs on the model; its transform's DoFns make
+requests of rows and output rows of results (transforms/generate_text.py, transforms/score_text.py). `RunBatches`
+runs any task's batches on the worker: the model once per worker process (Beam's `Shared`), metrics, progress and
+split-and-retry. It is a DoFn rather than RunInference over a ModelHandler because a failing batch must be split and
+retried down to single rows, so that one bad row costs only itself (a dead letter with its reason), where
+RunInference dead-letters a failing batch whole. `Batching` is the batching in front of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -52,11 +48,8 @@ def split_and_retry(run: Callable[[Sequence[T]], list], batch: Sequence[T]) -> I
 
 
 class Task:
-    """One kind of batch work, as RunBatches runs it: `policy`, `run` and `result` are the task's own.
-
-    name: a failure's dead letter says "<name> failed: ...". requests_counter, tokens_counter (a progress counter,
-    transforms/progress.py), size_metric: the Beam metrics of the requests and tokens done and of each run's size.
-    """
+    """One kind of batch work. name: a failure's dead letter says "<name> failed: ...". requests_counter,
+    tokens_counter (a progress counter), size_metric: the Beam metrics of requests and tokens done, and run sizes."""
     policy: Policy
     name = "work"
     requests_counter = "requests"
@@ -64,14 +57,10 @@ class Task:
     size_metric = "batch_size"
 
     def run(self, model, requests: list) -> list:
-        """One outcome per request, from the model: one batch's worth, or a part of one (`parts`)."""
+        """A result per request, from the model: a batch, or a part of one (`parts`)."""
         raise NotImplementedError
 
-    def result(self, request, outcome, precision: str) -> Any:
-        """What RunBatches emits for a request done (precision: what the model ran in)."""
-        raise NotImplementedError
-
-    def account(self, requests: list, outcomes: list, seconds: float) -> tuple[int, int]:
+    def account(self, requests: list, results: list, seconds: float) -> tuple[int, int]:
         """(size, tokens) of a part done in `seconds`: its value of the size metric, and the tokens it did."""
         raise NotImplementedError
 
@@ -80,18 +69,15 @@ class Task:
         return [[r] for r in batch]
 
     def parts(self, units: list[list]) -> Iterable[list[list]]:
-        """The units in consecutive parts, each run and retried on its own, its results emitted when it ends
-        (taken one at a time: `account` has seen a part before the next is taken)."""
+        """The units in parts, each run and retried on its own (`account` sees one before the next is taken)."""
         return [units]
 
     def failure(self, unit: list, error: Exception) -> str:
-        """The dead letter's message of a unit that failed alone."""
         return f"{self.name} failed: {type(error).__name__}: {error}"
 
 
 class RunBatches(beam.DoFn):
-    """A batch of a task's requests -> the task's result per request; a unit that fails alone is a dead letter
-    (ERRORS) of its first request."""
+    """A batch of a task's requests -> a result per request; a unit that fails alone is a dead letter (ERRORS)."""
 
     def __init__(self, task: Task, model: SharedResource):
         self.task, self.model = task, model
@@ -114,26 +100,24 @@ class RunBatches(beam.DoFn):
             return task.run(self._model, [r for u in units for r in u])
 
         for part in task.parts(task.units(batch)):
-            for units, outcomes, seconds in split_and_retry(run, part):
-                if isinstance(outcomes, Exception):
+            for units, results, seconds in split_and_retry(run, part):
+                if isinstance(results, Exception):
                     self.rejected.inc()
-                    yield beam.pvalue.TaggedOutput(ERRORS, units[0][0].dead_letter(task.failure(units[0], outcomes)))
+                    yield beam.pvalue.TaggedOutput(ERRORS, units[0][0].dead_letter(task.failure(units[0], results)))
                     continue
                 requests = [r for u in units for r in u]
-                size, tokens = task.account(requests, outcomes, seconds)
+                size, tokens = task.account(requests, results, seconds)
                 self.latency.update(int(seconds * 1000))
                 self.size.update(size)
                 self.done.inc(len(requests))
                 self.tokens.inc(tokens)
                 log_done(len(requests), tokens)
-                for r, outcome in zip(requests, outcomes):
-                    yield task.result(r, outcome, self._model.precision)
+                yield from results
 
 
 @dataclasses.dataclass(frozen=True)
 class Batching:
-    """How GenerateText's and ScoreText's requests are batched. batch_size, max_batch_tokens: the task's bounds.
-    streaming: None = decide by the input (unbounded: by size or a maximum wait of max_wait_secs, by `clock`)."""
+    """How GenerateText's and ScoreText's requests are batched; streaming None: by the input's boundedness."""
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     streaming: bool | None = None
@@ -149,8 +133,7 @@ class Batching:
             raise ValueError(f"max_wait_secs must be > 0, got {self.max_wait_secs!r}")
 
     def transform(self, policy: Policy, bounded: bool) -> beam.PTransform:
-        """Requests -> batches by `policy`: bounded input in one group, unbounded by size or wait (unless
-        `streaming` says otherwise; transforms/batching.py)."""
+        """Requests -> batches by `policy`: bounded input in one group, unbounded by size or wait."""
         if (not bounded) if self.streaming is None else self.streaming:
             return BatchByWait(self.batch_size, self.max_batch_tokens, self.max_wait_secs, self.clock, policy)
         return BatchByLength(self.batch_size, self.max_batch_tokens, policy=policy)
