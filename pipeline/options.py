@@ -77,11 +77,13 @@ def _console_options(p: argparse.ArgumentParser) -> None:
                         "from INFO with DEBUG")
 
 
+def _parser(prog: str, description: str) -> _Parser:
+    return _Parser(prog=prog, description=f"{description} on Apache Beam. Options not listed here are Beam pipeline "
+                                          "options (--runner, --direct_num_workers, ...).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m pipeline.run",
-        description="Batch text generation with GPT-2 (one TensorFlow graph) on Apache Beam. "
-                    "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
+    p = _parser("python -m pipeline.run", "Batch text generation with GPT-2 (one TensorFlow graph)")
     io = _io_options(p, "completions")
     io.add_argument("--prompt_column", default="prompt")
     io.add_argument("--logprobs", action="store_true",
@@ -106,10 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_score_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m pipeline.score",
-        description="Log-likelihood of given text under GPT-2 (the same model directory and graph) on Apache Beam. "
-                    "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).")
+    p = _parser("python -m pipeline.score",
+                "Log-likelihood of given text under GPT-2 (the same model directory and graph)")
     io = _io_options(p, "scores")
     io.add_argument("--text_column", default=None, help="the column of the text to score (default: text)")
     io.add_argument("--prompt_column", default=None,

@@ -7,7 +7,7 @@ score, or its dead letter on its way to be written), rows skipped as done (--ski
 scoring job: scored tokens). They come from
 
 - a local run (the DirectRunner, in-process or multi_processing: workers on this machine): the totals files the
-  workers keep in a directory named in their environment (`LocalCounts`). The in-process runner blocks in run()
+  workers keep in a directory named in their environment (`read_totals`). The in-process runner blocks in run()
   and has no metrics until it ends, so there is nothing else to ask.
 - any other runner: the running job's Beam metrics (`MetricCounts`), where the runner gives them while the job
   runs (Dataflow does). The PortableRunner's result (Flink, Spark, a job service) keeps the first answer it gets
@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from typing import Callable
 
 from apache_beam.metrics.metric import MetricsFilter
 
@@ -59,16 +60,6 @@ def read_totals(directory: str) -> Counts:
         for name, n in counts.items():
             totals[name] = totals.get(name, 0) + n
     return totals
-
-
-class LocalCounts:
-    """The counters of a local run's workers, from their files in `directory`."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-
-    def __call__(self) -> Counts | None:
-        return read_totals(self.directory)
 
 
 class MetricCounts:
@@ -121,7 +112,7 @@ def progress_line(counts: Counts, total: int, seconds: float, since: Counts | No
 class Reporter:
     """Logs a progress line every `interval` seconds from a thread of its own, while used as a context manager."""
 
-    def __init__(self, total: int, interval: float, counts: LocalCounts | MetricCounts,
+    def __init__(self, total: int, interval: float, counts: Callable[[], Counts | None],
                  tokens_counter: str = TOKENS):
         self.total, self.interval, self.counts, self.tokens_counter = total, interval, counts, tokens_counter
         self._stop = threading.Event()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -195,7 +196,7 @@ def run_pipeline(paths: list[str], transform: beam.PTransform, options: Pipeline
         if local:  # the workers keep their counters in files here too (transforms/progress.py)
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2-beam-progress-"))
             stack.callback(close_local_totals)  # before the directory goes: no write from this process after
-            counts = progress.LocalCounts(directory)
+            counts = functools.partial(progress.read_totals, directory)
         else:
             directory, counts = None, progress.MetricCounts()
         stack.enter_context(environment(PROGRESS_DIR_ENV, directory))

@@ -6,20 +6,14 @@ importing this package (or its reading and validating modules) loads neither Ten
 """
 from __future__ import annotations
 
-__all__ = ["GenerateText", "GenerateTextResult", "ScoreText", "ScoreTextResult", "GPT2ModelHandler"]
+import importlib
+
+_HOMES = {"GenerateText": "generate_text", "GenerateTextResult": "generate_text", "ScoreText": "score_text",
+          "ScoreTextResult": "score_text", "GPT2ModelHandler": "handler"}
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str):
-    if name in ("GenerateText", "GenerateTextResult"):
-        from transforms import generate_text
-
-        return getattr(generate_text, name)
-    if name in ("ScoreText", "ScoreTextResult"):
-        from transforms import score_text
-
-        return getattr(score_text, name)
-    if name == "GPT2ModelHandler":
-        from transforms.handler import GPT2ModelHandler
-
-        return GPT2ModelHandler
-    raise AttributeError(f"module 'transforms' has no attribute {name!r}")
+    if name not in _HOMES:
+        raise AttributeError(f"module 'transforms' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"transforms.{_HOMES[name]}"), name)

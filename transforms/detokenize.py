@@ -1,10 +1,8 @@
 """Result -> output row: decode the completion and apply stop strings."""
 from __future__ import annotations
 
-import apache_beam as beam
-
 from transforms.records import Result, with_keys
-from transforms.resources import SharedResource, shared_tokenizer
+from transforms.resources import SharedResource, TokenizerDoFn, shared_tokenizer
 
 # The fields of a completion row, in the order of the job's completions schema; with logprobs, `logprobs` follows
 # `completion_token_ids` (completion_fields).
@@ -53,7 +51,7 @@ def completion_row(tokenizer, id, prompt: str, prompt_tokens: int, token_ids: li
     return row
 
 
-class Detokenize(beam.DoFn):
+class Detokenize(TokenizerDoFn):
     """Result -> completion row, with the input row's passthrough keys (and a file row's source and row_index);
     with logprobs=True, the tokens' log-probabilities too."""
 
@@ -61,12 +59,6 @@ class Detokenize(beam.DoFn):
                  tokenizer: SharedResource | None = None, logprobs: bool = False):
         self.tokenizer = tokenizer or shared_tokenizer(model_dir)  # one handle shared with Tokenize: one load
         self.model_label, self.stops, self.logprobs = model_label, list(stops or []), logprobs
-
-    def setup(self):
-        self._tok = self.tokenizer.get()
-
-    def teardown(self):
-        self._tok = None  # the last reference going frees the shared tokenizer
 
     def process(self, result: Result):
         r = result.request

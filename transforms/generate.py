@@ -79,8 +79,7 @@ class Generation(Task):
 
 
 class GenerateBatches(RunBatches):
-    """RunBatches of the generation task: list[Request] (a run) -> Result per request; rows that fail alone go to
-    ERRORS."""
+    """RunBatches of the generation task: list[Request] (a run) -> a Result per request."""
 
     def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None,
                  logprobs: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,

@@ -80,7 +80,8 @@ class GenerateText(beam.PTransform):
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
                  seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, run_seconds: float = TARGET_RUN_SECONDS,
-                 streaming: bool | None = None, max_wait_secs: float = 1.0, precision: str = "auto", intra_op_threads: int | None = None,
+                 streaming: bool | None = None, max_wait_secs: float = 1.0, precision: str = "auto",
+                 intra_op_threads: int | None = None,
                  model_label: str | None = None, n_ctx: int | None = None, logprobs: bool = False,
                  num_samples: int | None = None, clock: Callable[[], float] = time.time, **sampling):
         super().__init__()

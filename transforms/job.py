@@ -79,16 +79,18 @@ def write_results(paths, outputs, errors: list, output_dir: str, output_format: 
     return (outputs, dead, paths) | "Write" >> WriteResults(output_dir, output_format, schema=schema, kind=kind)
 
 
-class GenerateCompletions(beam.PTransform):
+class FileJob(beam.PTransform):
     """PCollection of input paths (Parquet, or JSON Lines) -> PCollection of the paths whose outputs were written.
+    The rows read carry their file and row number (transforms.records.PromptRow), by which the writer puts each
+    output row and dead letter in its shard's files."""
 
-    The rows read carry their file and row number (transforms.records.PromptRow): GenerateText names them in its
-    error messages and passes them to its output rows, by which the writer puts each row in its shard's files.
-    """
-
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: FileJobConfig):
         super().__init__()
         self.c = config
+
+
+class GenerateCompletions(FileJob):
+    """The generation job: read | GenerateText | write."""
 
     def expand(self, paths):
         c = self.c
@@ -103,13 +105,8 @@ class GenerateCompletions(beam.PTransform):
                              c.output_format, completions_schema(c.logprobs, c.samples), "completions")
 
 
-class ScoreTexts(beam.PTransform):
-    """PCollection of input paths -> PCollection of the paths whose scores and errors were written: read |
-    ScoreText | write, by the generation job's reading, id, dead-letter and writing rules."""
-
-    def __init__(self, config: ScoreJobConfig):
-        super().__init__()
-        self.c = config
+class ScoreTexts(FileJob):
+    """The scoring job: read | ScoreText | write."""
 
     def expand(self, paths):
         c = self.c

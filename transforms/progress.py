@@ -7,10 +7,8 @@ until the end, so for runs on this machine (in-process or `--direct_running_mode
 names a directory in the environment variable PROGRESS_DIR_ENV before it runs the pipeline: each worker process (the
 launcher itself, or its subprocesses, which inherit its environment) then also keeps its totals of these counters
 in a small JSON file of its own there, replaced at most once a second, which the launcher sums
-(pipeline/progress.py). Workers elsewhere never see the variable, and nothing is written.
-
-Each worker process also logs its rows and tokens every LOG_SECONDS (`log_done`): at INFO where it runs apart from
-the launcher, at DEBUG on a local run, whose launcher shows the whole job's progress.
+(pipeline/progress.py). Workers elsewhere never see the variable, and nothing is written. A worker also logs its
+rows and tokens every LOG_SECONDS (`log_done`), at DEBUG on a local run, whose launcher shows the job's progress.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ handle and gives it to both Tokenize and Detokenize: one tokenizer per process, 
 """
 from __future__ import annotations
 
+import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 
@@ -17,6 +18,17 @@ class SharedResource:
 
     def get(self):
         return self._shared.acquire(self._load, tag=self._key)
+
+
+class TokenizerDoFn(beam.DoFn):
+    """A DoFn that uses the worker process's tokenizer (`self.tokenizer`, a SharedResource) as `self._tok`."""
+    tokenizer: SharedResource
+
+    def setup(self):
+        self._tok = self.tokenizer.get()
+
+    def teardown(self):
+        self._tok = None  # the last reference going frees the shared tokenizer
 
 
 def load_tokenizer(model_dir: str):

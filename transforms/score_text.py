@@ -44,23 +44,14 @@ from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, SC
 from transforms.model_cache import model_identity
 from transforms.progress import SCORED_TOKENS
 from transforms.records import ERRORS, PromptRow, Record, with_keys
-from transforms.resources import shared_model, shared_tokenizer
+from transforms.resources import TokenizerDoFn, shared_model, shared_tokenizer
 from transforms.validate import prompt_error
 from transforms.work import Batching, RunBatches, Task
 
-SCORE_FIELDS = ("id", "tokens", "logprob_sum", "mean_logprob", "perplexity", "model", "precision")
-TOKEN_FIELDS = ("token_ids", "token_logprobs")  # with token_logprobs, after perplexity
 SCORES_SCHEMA = pa.schema([
     ("id", pa.string()), ("tokens", pa.int32()), ("logprob_sum", pa.float64()), ("mean_logprob", pa.float64()),
     ("perplexity", pa.float64()), ("model", pa.string()), ("precision", pa.string()),
 ])
-
-
-def score_fields(token_logprobs: bool = False) -> tuple[str, ...]:
-    if not token_logprobs:
-        return SCORE_FIELDS
-    i = SCORE_FIELDS.index("perplexity") + 1
-    return SCORE_FIELDS[:i] + TOKEN_FIELDS + SCORE_FIELDS[i:]
 
 
 def scores_schema(token_logprobs: bool = False) -> pa.Schema:
@@ -137,7 +128,7 @@ class ScoreResult:
 
 def score_row(id, token_ids: list[int], logprobs: Sequence[float], model_label: str, precision: str,
               token_logprobs: bool = False) -> dict:
-    """The output row of one scored text (score_fields): the sum is exact (math.fsum of the float32 values)."""
+    """The output row of one scored text (scores_schema's fields): the sum is exact (math.fsum of the float32 values)."""
     total = math.fsum(logprobs)
     mean = total / len(logprobs)
     try:
@@ -151,7 +142,7 @@ def score_row(id, token_ids: list[int], logprobs: Sequence[float], model_label: 
     return row
 
 
-class PrepareScores(beam.DoFn):
+class PrepareScores(TokenizerDoFn):
     """PromptRow or dict row -> ScoreRequest; a row that cannot be scored is a dead letter (ERRORS)."""
 
     def __init__(self, model_dir: str, n_ctx: int, stride: int, text_key: str, prompt_key: str,
@@ -161,24 +152,19 @@ class PrepareScores(beam.DoFn):
         self.text_key, self.prompt_key, self.completion_key = text_key, prompt_key, completion_key
         self.rejected = Metrics.counter("gpt2", "dead_letters")
 
-    def setup(self):
-        self._tok = self.tokenizer.get()
-
-    def teardown(self):
-        self._tok = None
-
     def to_request(self, element) -> tuple[ScoreRequest, Any]:
         """The row as a ScoreRequest not yet cut into windows, and its completion (None in text mode)."""
         if isinstance(element, PromptRow):  # the job's: prompt = the text (or prompt), the completion in extra
             extra = {k: v for k, v in element.extra.items() if k != self.completion_key}
             completion = element.extra.get(self.completion_key) if self.completion_key else None
-            return ScoreRequest(element.id, element.prompt, [], [], element.source, element.row_index, extra), completion
+            row = ScoreRequest(element.id, element.prompt, [], [], element.source, element.row_index, extra)
+            return row, completion
         if not isinstance(element, Mapping):
             keys = "text" if self.completion_key is None else "prompt and completion"
             raise ValueError(f"a row must be a dict with id and {keys}, not {type(element).__name__}")
         main = self.text_key if self.completion_key is None else self.prompt_key
         completion = element.get(self.completion_key) if self.completion_key else None
-        extra = {k: v for k, v in element.items() if k != "id"}
+        extra = {k: v for k, v in element.items() if k != "id"}  # the text and completion too: a dict keeps its keys
         return ScoreRequest(element.get("id"), element.get(main), [], [], extra=extra, is_dict=True), completion
 
     def error(self, row: ScoreRequest, completion) -> str | None:
@@ -224,8 +210,7 @@ class Scoring(Task):
     policy = SCORE_BATCHES
     name = "scoring"
     requests_counter = "texts"
-    tokens_counter = SCORED_TOKENS
-    size_metric = "batch_size"
+    tokens_counter = SCORED_TOKENS  # size_metric: Task's, batch_size (windows per batch)
 
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
@@ -244,7 +229,7 @@ class Scoring(Task):
 
 
 class FormatScores(beam.DoFn):
-    """ScoreResult -> output row: score_fields, then the row's other keys (a file row's source and row_index)."""
+    """ScoreResult -> output row: scores_schema's fields, then the row's other keys (a file row's source and row_index)."""
 
     def __init__(self, model_label: str, token_logprobs: bool):
         self.model_label, self.token_logprobs = model_label, token_logprobs

@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 
 from gpt2.sampling import SamplingParams, coerce
 from transforms.records import ERRORS, NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request, dead_letter
-from transforms.resources import SharedResource, shared_tokenizer
+from transforms.resources import SharedResource, TokenizerDoFn, shared_tokenizer
 
 ROW_KEYS = ("id", "prompt")  # besides the per-row options (ROW_OPTIONS), the keys a dict row's generation reads
 
@@ -133,7 +133,7 @@ class ValidateRows(beam.DoFn):
         yield beam.pvalue.TaggedOutput(ERRORS, row.dead_letter(error))
 
 
-class Tokenize(beam.DoFn):
+class Tokenize(TokenizerDoFn):
     """(PromptRow, SamplingParams, num_samples, with_sample) -> Request (of its row, not yet one per sample:
     `expand_samples`); prompts that do not fit the context are dead letters unless truncate == 'left', which keeps
     the prompt's last tokens."""
@@ -143,12 +143,6 @@ class Tokenize(beam.DoFn):
         self.n_ctx, self.truncate = n_ctx, truncate
         self.rejected = Metrics.counter("gpt2", "dead_letters")
         self.truncated = Metrics.counter("gpt2", "truncated_prompts")
-
-    def setup(self):
-        self._tok = self.tokenizer.get()
-
-    def teardown(self):
-        self._tok = None  # the last reference going frees the shared tokenizer
 
     def process(self, element):
         row, params, num_samples, with_sample = element

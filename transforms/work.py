@@ -2,12 +2,10 @@
 
     rows -> requests (or dead letters) -> batches (the task's policy) -> RunBatches(task) -> results -> output rows
 
-A task holds what is its own: its batching policy and how a batch runs on the model; its transform's DoFns make
-requests of rows and output rows of results (transforms/generate_text.py, transforms/score_text.py). `RunBatches`
-runs any task's batches on the worker: the model once per worker process (Beam's `Shared`), metrics, progress and
-split-and-retry. It is a DoFn rather than RunInference over a ModelHandler because a failing batch must be split and
-retried down to single rows, so that one bad row costs only itself (a dead letter with its reason), where
-RunInference dead-letters a failing batch whole. `Batching` is the batching in front of it.
+A task holds its batching policy and how a batch runs on the model; its transform's DoFns make requests of rows and
+output rows of results. `RunBatches` runs any task's batches: the model once per worker process (Beam's `Shared`),
+metrics, progress, and split-and-retry down to single rows, so that a bad row costs only itself (a dead letter with
+its reason), where RunInference would dead-letter its batch whole. `Batching` is the batching in front of it.
 """
 from __future__ import annotations
 
@@ -95,10 +93,7 @@ class RunBatches(beam.DoFn):
 
     def process(self, batch: list):
         task = self.task
-
-        def run(units: Sequence[list]) -> list:
-            return task.run(self._model, [r for u in units for r in u])
-
+        run = lambda units: task.run(self._model, [r for u in units for r in u])  # noqa: E731
         for part in task.parts(task.units(batch)):
             for units, results, seconds in split_and_retry(run, part):
                 if isinstance(results, Exception):
@@ -125,8 +120,7 @@ class Batching:
     clock: Callable[[], float] = time.time
 
     def __post_init__(self):
-        for name in ("batch_size", "max_batch_tokens"):
-            value = getattr(self, name)
+        for name, value in (("batch_size", self.batch_size), ("max_batch_tokens", self.max_batch_tokens)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.max_wait_secs > 0:
