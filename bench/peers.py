@@ -5,7 +5,7 @@ runs as its own process from start to exit: read the Parquet prompts, generate g
 tokens per row (as the transformers side: no early stop), write Parquet. Installed with the `peers` extra
 (`pip install -e ".[peers]"`), never at run time; `--peers_python` runs them from another environment.
 
-  - CTranslate2 (`ct2-transformers-converter`, then `Generator.generate_batch`, max_batch_size 128), int8 weights
+  - CTranslate2 (`ct2-transformers-converter`, then `Generator.generate_batch` on batches of 128 by length), int8 weights
     and activations, or float32 (its CPU has no bfloat16: that falls back to float32).
   - OpenVINO GenAI (`optimum-cli export openvino`, then `LLMPipeline.generate` over all prompts: continuous
     batching), weights fp32 run in the CPU's inference precision (bfloat16 on CPUs with bf16 units), or int8
@@ -43,9 +43,19 @@ tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
 generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type, intra_threads=int(threads))
 table = pa.concat_tables(pq.read_table(path, columns=["id", "prompt"]) for path in sorted(glob.glob(inputs)))
 prompts = [tokenizer.convert_ids_to_tokens(tokenizer.encode(p)) for p in table.column("prompt").to_pylist()]
-results = generator.generate_batch(prompts, max_length=new_tokens, min_length=new_tokens, max_batch_size=128,
-                                   sampling_topk=1, include_prompt_in_result=False)
-ids = [r.sequences_ids[0] for r in results]
+# Prompts of different lengths in one generate_batch: the results hold the prompts and max_length counts their
+# tokens (all but the first; include_prompt_in_result=False would drop the prompts only for equal lengths). So
+# batches of 128 by length, each run to its longest prompt + new_tokens, every row cut to its own new_tokens
+# (the shorter rows of a batch take a few extra steps).
+order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+ids = [None] * len(prompts)
+for start in range(0, len(order), 128):
+    batch = order[start:start + 128]
+    longest = max(len(prompts[i]) for i in batch)
+    results = generator.generate_batch([prompts[i] for i in batch], max_length=longest - 1 + new_tokens,
+                                       min_length=longest - 1 + new_tokens, sampling_topk=1)
+    for i, r in zip(batch, results):
+        ids[i] = r.sequences_ids[0][len(prompts[i]):][:new_tokens]  # the result starts with the prompt
 pq.write_table(table.append_column("completion", pa.array(tokenizer.batch_decode(ids)))
                .append_column("completion_tokens", pa.array([len(i) for i in ids], pa.int32())), output)
 '''

@@ -229,7 +229,8 @@ def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]
     cfg = SIZES[args.size]
     by_side = {side: [r for r in runs if r.side == side] for side in sides}
     ours = median(by_side[sides[0]], "tokens_per_s")
-    extra = f" plus `{shlex.join(args.ours_args)}`" if args.ours_args else ""
+    extra = "; ".join(f"`{shlex.join(a)}`" for a in args.ours_args if a)
+    extra = f" (plus {extra})" if extra else ""
     lines = [
         f"Machine: {cpu}, {os.cpu_count()} logical CPUs, vector units: {' '.join(vector) or 'none of AVX2+'}; "
         f"{args.threads} threads for every side.",
@@ -240,7 +241,7 @@ def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]
         f"{args.repeats} alternated run(s) each. Ours: `pipeline.run --runner FnApiRunner`{extra}; transformers: "
         f"`generate` in batches of {args.batch_size} in file order.",
         "",
-        "| side | wall s | peak RSS MB | new tokens | tok/s | ours / side (tok/s) | completions same as ours |",
+        f"| side | wall s | peak RSS MB | new tokens | tok/s | {sides[0]} / side (tok/s) | completions same as it |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     reference = by_side[sides[0]][0].completions
@@ -267,7 +268,8 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
     hf = f"transformers script, batch {args.batch_size}"
     dtypes = {} if args.no_hf else {f"{hf}, {dtype}": dtype for dtype in ("float32", "bfloat16")}
     peers = {PEERS[k].name: k for k in args.peers}
-    sides = ["ours: pipeline.run", *dtypes, *peers]
+    ours = {"ours: pipeline.run" + (f" {shlex.join(a)}" if a else ""): a for a in args.ours_args}
+    sides = [*ours, *dtypes, *peers]
     models = workdir / "peer-models"
     models.mkdir(exist_ok=True)
     runs_dir = workdir / "runs"
@@ -277,8 +279,8 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
     for r in range(args.repeats):
         for i, side in enumerate(sides if r % 2 == 0 else sides[::-1]):
             out = runs_dir / f"{r}-{i}"
-            if side == sides[0]:
-                result = run_ours(side, s, out, args.new_tokens, args.threads, args.ours_args)
+            if side in ours:
+                result = run_ours(side, s, out, args.new_tokens, args.threads, ours[side])
             elif side in peers:
                 result = run_peer(side, peers[side], s, out, args.new_tokens, args.threads, args.peers_python,
                                   models)
@@ -300,7 +302,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="for every side")
     p.add_argument("--repeats", type=int, default=2, help="rounds of all sides, alternating the order")
     p.add_argument("--workdir", help="where models, prompts and outputs go (default: a temporary directory)")
-    p.add_argument("--ours_args", default="", help='extra options for pipeline.run, e.g. "--precision bfloat16"')
+    p.add_argument("--ours_args", action="append", default=None,
+                   help='extra options for pipeline.run, e.g. "--precision int8"; given several times, one side each '
+                        '(the first is the one the others are compared with)')
     p.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS), help="CPU engines to run too")
     p.add_argument("--peers_python", default=sys.executable, help="the Python that has the peers installed")
     p.add_argument("--no_hf", action="store_true", help="skip the transformers sides")
@@ -309,7 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.prompts, args.new_tokens, args.repeats = "tiny", 24, 4, 1
-    args.ours_args = shlex.split(args.ours_args)
+    args.ours_args = [shlex.split(a) for a in args.ours_args or [""]]
     return args
 
 
