@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2 import model, tensorfile
+from gpt2.model import graph_weight, is_matrix
 from gpt2.checkpoint import Weights, expected_shapes
 from gpt2.config import GPT2Config
 from gpt2.manifest import (FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS,
@@ -43,31 +44,6 @@ DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
 GRAPH_FILES = {"float32": "model.pb", "bfloat16": "model-bfloat16.pb", "float16": "model-float16.pb",
                "int8": "model-int8.pb"}
 EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dependency", "loop"]
-
-
-def graph_weight(name: str, value: tf.Tensor, cfg: GPT2Config, precision: str) -> model.Weight:
-    """A checkpoint weight (cast to `precision`'s dtype) in the form the graph of `precision` uses it
-    (gpt2.model.matmul): wte padded to model.padded_vocab rows; float32 matrices as they are, (in, out);
-    bfloat16/float16 matrices Transposed, (out, in), in reduction chunks when long; int8 matrices Quantized,
-    (in, out), wte as its transpose (C, Vp), the LM head's (in, out)."""
-    if name == "wte":
-        value = tf.pad(value, [[0, model.padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]])  # (Vp, C)
-    if not is_matrix(name) or precision == "float32":
-        return value
-    if precision == "int8":
-        return model.quantize(tf.transpose(value) if name == "wte" else value)
-    if name != "wte":
-        value = tf.transpose(value)  # (in, out) -> (out, in); wte (Vp, C) is the LM head's (out, in) already
-    n_out, n_in = value.shape
-    c = model.reduction_chunks(n_in)
-    if c == 1:
-        return model.Transposed(value)  # (out, in)
-    return model.Transposed(tf.transpose(tf.reshape(value, [n_out, c, n_in // c]), [1, 0, 2]))  # (c, out, in / c)
-
-
-def is_matrix(name: str) -> bool:
-    """Matrices take the export dtype; vectors (norms, biases) and wpe stay float32, they are tiny."""
-    return name == "wte" or name.endswith("/w")
 
 
 def weight_dtype(name: str, precision: str) -> tf.DType:

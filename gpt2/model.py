@@ -98,6 +98,40 @@ Weight = "tf.Tensor | Transposed | Quantized"
 Params = dict[str, "tf.Tensor | Transposed | Quantized"]  # canonical weight name -> tensor (a variable read, or a constant)
 
 
+def is_matrix(name: str) -> bool:
+    """Matrices run in the precision; vectors (norms, biases) and wpe stay float32, they are tiny."""
+    return name == "wte" or name.endswith("/w")
+
+
+def graph_weight(name: str, value: tf.Tensor, cfg: GPT2Config, precision: str) -> Weight:
+    """A checkpoint weight (matrices (in, out), wte (V, C); cast to `precision`'s dtype, float32 for int8) in the
+    form the graph of `precision` multiplies it (`matmul`). wte is padded to padded_vocab rows and stored as the
+    LM head's weight; `embed` reads a token's vector back from it.
+    - float32: (in, out), wte (C, Vp): a float32 matmul with a transposed operand runs 1.3-2x slower on CPUs.
+    - bfloat16, float16: Transposed, (out, in), in reduction chunks when long; wte (Vp, C) is (out, in) already.
+    - int8: Quantized (in, out), wte (C, Vp)."""
+    if name == "wte":
+        value = tf.transpose(tf.pad(value, [[0, padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]]))  # (C, Vp)
+    if not is_matrix(name) or precision == "float32":
+        return value
+    if precision == "int8":
+        return quantize(value)
+    value = tf.transpose(value)  # (out, in)
+    n_out, n_in = value.shape
+    c = reduction_chunks(n_in)
+    if c == 1:
+        return Transposed(value)  # (out, in)
+    return Transposed(tf.transpose(tf.reshape(value, [n_out, c, n_in // c]), [1, 0, 2]))  # (c, out, in / c)
+
+
+def graph_params(weights: dict, cfg: GPT2Config, precision: str = "float32") -> Params:
+    """Checkpoint weights (name -> array) as constants in the graph's form: for tests and tools that build the
+    model's functions directly (the exporter binds variables instead)."""
+    return {name: graph_weight(name, tf.constant(w, tf.float32 if precision == "int8" or not is_matrix(name)
+                                                 else getattr(tf, precision)), cfg, precision)
+            for name, w in weights.items()}
+
+
 def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
     """LayerNorm over the last axis of x (M, C).
 
@@ -204,47 +238,32 @@ def softmax(w: tf.Tensor) -> tf.Tensor:
 
 
 def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
-    """Token + position embeddings (..., C) float32 for ids and position ids of the same shape."""
-    wte = params["wte"]
+    """Token + position embeddings (..., C) float32 for ids and position ids of the same shape, the token vectors
+    read from wte in its LM-head form (graph_weight)."""
+    wte, flat = params["wte"], tf.reshape(ids, [-1])
     if isinstance(wte, Transposed) and wte.t.shape.rank == 3:  # (c, Vp, C / c): a token's c chunks side by side
-        c, _, k = wte.t.shape
-        chunks = tf.transpose(tf.gather(wte.t, tf.reshape(ids, [-1]), axis=1), [1, 0, 2])  # (n, c, k)
-        tokens = tf.reshape(chunks, tf.concat([tf.shape(ids), [c * k]], 0))  # (..., C)
+        tokens = tf.transpose(tf.gather(wte.t, flat, axis=1), [1, 0, 2])  # (n, c, C / c)
+    elif isinstance(wte, Transposed):  # (Vp, C)
+        tokens = tf.gather(wte.t, flat)  # (n, C)
     elif isinstance(wte, Quantized):  # (C, Vp): a token's column, times its scale
-        flat = tf.reshape(ids, [-1])
-        columns = tf.transpose(tf.cast(tf.gather(wte.q, flat, axis=1), tf.float32))  # (n, C)
-        tokens = tf.reshape(columns * tf.gather(wte.scale, flat)[:, None], tf.concat([tf.shape(ids), [-1]], 0))
-    else:
-        tokens = tf.gather(wte.t if isinstance(wte, Transposed) else wte, ids)
-    return tf.cast(tokens, tf.float32) + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
+        tokens = tf.transpose(tf.cast(tf.gather(wte.q, flat, axis=1), tf.float32)) * tf.gather(wte.scale, flat)[:, None]
+    else:  # (C, Vp)
+        tokens = tf.transpose(tf.gather(wte, flat, axis=1))  # (n, C)
+    tokens = tf.reshape(tf.cast(tokens, tf.float32), tf.concat([tf.shape(ids), [-1]], 0))  # (..., C)
+    return tokens + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
 
 
 def lm_head(params: Params, cfg: GPT2Config, x: tf.Tensor) -> tf.Tensor:
-    """x (B, C) -> logits (B, Vp) float32, with the output projection tied to wte (see logits_of)."""
+    """x (M, C) -> logits (M, Vp) float32, Vp = padded_vocab(V), -inf past V: ln_f, then the output projection
+    tied to wte."""
     return logits_of(params, cfg, norm(x, params["ln_f/g"], params["ln_f/b"]))
 
 
 def logits_of(params: Params, cfg: GPT2Config, x: tf.Tensor) -> tf.Tensor:
-    """Normalised hidden states x (M, C) -> logits (M, Vp) float32, Vp = padded_vocab(V), -inf past V.
-
-    Uses params["wte_t"] (C, Vp) when given: a float32 matmul with a transposed operand runs 1.3-2x slower on CPU
-    than one with a contiguous (C, V) matrix (bench/), so `generate` transposes wte once per run for float32;
-    bfloat16 reads wte's own (V, C) layout faster (see Transposed). The exported graphs hold wte padded to Vp rows
-    already; unpadded weights (tests) are padded here.
-    """
+    """Normalised hidden states x (M, C) -> logits (M, Vp) float32, -inf past V (the padding is never chosen)."""
     V, Vp = cfg.n_vocab, padded_vocab(cfg.n_vocab)
-    if isinstance(params["wte"], (Transposed, Quantized)):
-        logits = matmul(x, params["wte"])  # (M, Vp)
-    elif "wte_t" in params:
-        w = params["wte_t"]
-        w = w if w.shape[1] == Vp else tf.pad(w, [[0, 0], [0, Vp - V]])
-        logits = tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
-    else:
-        w = params["wte"]
-        w = w if w.shape[0] == Vp else tf.pad(w, [[0, Vp - V], [0, 0]])
-        logits = tf.cast(tf.matmul(tf.cast(x, w.dtype), w, transpose_b=True), tf.float32)
-    vocab_mask = tf.constant([0.0] * V + [-math.inf] * (Vp - V), tf.float32)  # (Vp,) the padding is never chosen
-    return logits + vocab_mask
+    vocab_mask = tf.constant([0.0] * V + [-math.inf] * (Vp - V), tf.float32)  # (Vp,)
+    return matmul(x, params["wte"]) + vocab_mask
 
 
 def row_sum_exp(logits: tf.Tensor, top: tf.Tensor) -> tf.Tensor:
@@ -263,13 +282,76 @@ def log_softmax_at(logits: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.cast(tf.gather(logits, index, batch_dims=1), tf.float64) - lse, tf.float32)
 
 
-def layer_params(params: Params, i: int) -> Callable[[str], "tf.Tensor | Transposed"]:
+def layer_params(params: Params, i: int) -> Callable[[str], Weight]:
     return lambda name: params[f"h{i}/{name}"]
 
 
-def transposed_layout(params: Params) -> bool:
-    """Whether the LM head reads wte as stored (else `generate` and `score` transpose it once per run)."""
-    return isinstance(params["wte"], (Transposed, Quantized))
+class KVCache:
+    """The KV cache `past` (n_layer, 2, B, nh, L, hs) while a pass builds its graph: a flat buffer of rows of hs
+    values, written in place (InplaceUpdate) layer by layer, so a write costs the same whatever L is (module
+    docstring)."""
+
+    def __init__(self, past: tf.Tensor):
+        self.shape = tf.shape(past)
+        n_layer, _, self.B, self.nh, self.L, self.hs = tf.unstack(self.shape)
+        self.rows = tf.reshape(past, [-1, self.hs])  # (n_layer*2*B*nh*L, hs) the same buffer, row-addressable
+
+    def write(self, i: int, k: tf.Tensor, v: tf.Tensor, columns: tf.Tensor) -> None:
+        """Layer i's keys and values k, v (B, nh, Tq, hs) into columns (B, Tq) of their rows."""
+        B, nh, L = self.B, self.nh, self.L
+        at = tf.tile(tf.repeat(columns, nh, axis=0), [2, 1])  # (2*B*nh, Tq) K then V, by row and head
+        index = (tf.range(2 * B * nh)[:, None] + i * 2 * B * nh) * L + at  # (2*B*nh, Tq)
+        self.rows = tf.raw_ops.InplaceUpdate(x=self.rows, i=tf.reshape(index, [-1]),
+                                             v=tf.reshape(tf.stack([k, v]), [-1, self.hs]))
+
+    def layer(self, i: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """Layer i's keys and values (B, nh, L, hs): views of the buffer, no copy."""
+        kv = tf.reshape(self.rows, self.shape)[i]  # (2, B, nh, L, hs)
+        return kv[0], kv[1]
+
+    def past(self) -> tf.Tensor:
+        return tf.reshape(self.rows, self.shape)
+
+
+def block(x: tf.Tensor, p: Callable[[str], Weight], cfg: GPT2Config, B: tf.Tensor, Tq: tf.Tensor,
+          keys_values: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]], bias: tf.Tensor,
+          dtype: tf.DType) -> tf.Tensor:
+    """One transformer block on x (B*Tq, C) float32, Tq positions per row: attention, then the MLP, each on the
+    LayerNorm of the residual and added to it. keys_values(k, v) keeps this pass's keys and values (B, nh, Tq, hs)
+    and gives those its queries attend to (B, nh, Tk, hs), masked by bias (B or 1, 1, Tq, Tk)."""
+    nh, hs = cfg.n_head, cfg.head_size
+    qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")), dtype)
+    q, k, v = tf.unstack(tf.transpose(tf.reshape(qkv, [B, Tq, 3, nh, hs]), [2, 0, 3, 1, 4]))  # (B, nh, Tq, hs)
+    a = attend(q, *keys_values(k, v), bias)  # (B, nh, Tq, hs)
+    a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * Tq, cfg.n_embd])  # (B*Tq, C)
+    x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
+    return x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
+
+
+def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
+            cache_slots: tf.Tensor | int | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f, and with cache_slots,
+    the cache `past` (n_layer, 2, B, nh, T + cache_slots, hs) holding the keys/values in columns [0, T), allocated
+    once and filled layer by layer. Padding comes after each row's tokens, so the causal mask alone keeps it out
+    of them; its own outputs are unused.
+    """
+    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
+    dtype = matmul_dtype(params)
+    t = tf.range(T)
+    columns = tf.broadcast_to(t, [B, T])  # (B, T)
+    bias = tf.where(t[:, None] >= t[None, :], 0.0, NEG_INF)[None, None]  # (1, 1, T, T) causal
+    cache = None
+    if cache_slots is not None:
+        cache = KVCache(tf.zeros([cfg.n_layer, 2, B, cfg.n_head, T + cache_slots, cfg.head_size], dtype))
+
+    x = tf.reshape(embed(params, ids, columns), [B * T, cfg.n_embd])  # (B*T, C)
+    for i in range(cfg.n_layer):
+        def keys_values(k, v, i=i):  # the prompt attends to its own keys and values; the cache keeps them
+            if cache is not None:
+                cache.write(i, k, v, columns)
+            return k, v
+        x = block(x, layer_params(params, i), cfg, B, T, keys_values, bias, dtype)
+    return x, None if cache is None else cache.past()
 
 
 def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
@@ -285,37 +367,20 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
     return lm_head(params, cfg, last), past
 
 
-def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
-            cache_slots: tf.Tensor | int | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f, and with cache_slots,
-    the cache `past` (n_layer, 2, B, nh, T + cache_slots, hs) holding the keys/values in columns [0, T): allocated
-    once and filled layer by layer in place (a list of per-layer K/V to concatenate and pad held the cache three
-    times over at its peak). Padding comes after each row's tokens, so the causal mask alone keeps it out of
-    them; its own outputs are unused.
+def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, column: tf.Tensor,
+                past: tf.Tensor, key_bias: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """One new token per row: token (B,), position ids (B,), the cache column each row writes (B,) -> logits
+    (B, Vp), updated past. Rows are independent: each writes its own column (continuous batching puts rows at
+    different steps side by side), and key_bias (B, 1, 1, L) masks the columns a row has not written yet.
     """
-    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
-    nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
-    dtype = matmul_dtype(params)
-    t = tf.range(T)
-    if cache_slots is not None:
-        L = T + cache_slots
-        rows = tf.zeros([cfg.n_layer * 2 * B * nh * L, hs], dtype)  # the cache, by rows
-        prompt_rows = tf.reshape(tf.range(2 * B * nh)[:, None] * L + t[None, :], [-1])  # (2*B*nh*T,) layer 0
-    bias = tf.where(t[:, None] >= t[None, :], 0.0, NEG_INF)[None, None]  # (1, 1, T, T) causal
-
-    x = tf.reshape(embed(params, ids, tf.broadcast_to(t, [B, T])), [B * T, C])  # (B*T, C)
+    cache = KVCache(past)
+    x = embed(params, token, pos)  # (B, C)
     for i in range(cfg.n_layer):
-        p = layer_params(params, i)
-        qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")), dtype)
-        qkv = tf.transpose(tf.reshape(qkv, [B, T, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, T, hs)
-        if cache_slots is not None:
-            rows = tf.raw_ops.InplaceUpdate(x=rows, i=prompt_rows + i * 2 * B * nh * L,
-                                            v=tf.reshape(qkv[1:], [-1, hs]))  # keys and values, in place
-        a = attend(qkv[0], qkv[1], qkv[2], bias)  # (B, nh, T, hs)
-        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * T, C])  # (B*T, C)
-        x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
-        x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
-    return x, None if cache_slots is None else tf.reshape(rows, [cfg.n_layer, 2, B, nh, L, hs])
+        def keys_values(k, v, i=i):  # the row's new key and value join its cache; it attends to all of it
+            cache.write(i, k, v, column[:, None])
+            return cache.layer(i)
+        x = block(x, layer_params(params, i), cfg, cache.B, 1, keys_values, key_bias, past.dtype)
+    return lm_head(params, cfg, x), cache.past()
 
 
 SCORE_CHUNK = 1024  # positions per LM-head chunk when scoring: (1024, V) float32 logits are 200 MB
@@ -328,8 +393,6 @@ def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -
     (B*T, V).
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
-    if not transposed_layout(params):
-        params = {**params, "wte_t": tf.transpose(params["wte"])}
     x, _ = forward(params, cfg, ids)
     h = norm(x, params["ln_f/g"], params["ln_f/b"])  # (B*T, C)
     predicted = tf.reshape(tf.concat([ids[:, 1:], ids[:, -1:]], 1), [-1])  # (B*T,) the token after each position
@@ -347,33 +410,6 @@ def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -
     logprobs = tf.concat([tf.zeros([B, 1]), after[:, :-1]], 1)  # (B, T) log p(ids[:, t] | ids[:, < t])
     t = tf.range(T)[None, :]
     return tf.where((t > 0) & (t < lengths[:, None]), logprobs, 0.0)
-
-
-def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, column: tf.Tensor,
-                past: tf.Tensor, key_bias: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """One new token per row: token (B,), position ids (B,), the cache column each row writes (B,) -> logits
-    (B, Vp), updated past. Rows are independent: each writes its own column (continuous batching puts rows at
-    different steps side by side).
-
-    key_bias (B, 1, 1, L) masks the columns a row has not written yet.
-    """
-    n_layer, _, B, nh, L, hs = tf.unstack(tf.shape(past))
-    C = cfg.n_embd
-    rows = tf.reshape(past, [-1, hs])  # (n_layer*2*B*nh*L, hs) the same buffer, row-addressable
-    column_rows = tf.range(2 * B * nh) * L + tf.tile(tf.repeat(column, nh), [2])  # (2*B*nh,) layer 0, K then V
-    x = embed(params, token, pos)  # (B, C)
-    for i in range(cfg.n_layer):
-        p = layer_params(params, i)
-        qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")),
-                      past.dtype)  # (B, 3C)
-        qkv = tf.transpose(tf.reshape(qkv, [B, 3, nh, hs]), [1, 0, 2, 3])  # (3, B, nh, hs)
-        new_kv = tf.reshape(qkv[1:], [2 * B * nh, hs])
-        rows = tf.raw_ops.InplaceUpdate(x=rows, i=column_rows + i * 2 * B * nh * L, v=new_kv)  # write in place
-        layer_kv = tf.reshape(rows, [n_layer, 2, B, nh, L, hs])[i]  # (2, B, nh, L, hs) a view, no copy
-        a = attend(qkv[0][:, :, None], layer_kv[0], layer_kv[1], key_bias)  # (B, nh, 1, hs)
-        x = x + linear(tf.reshape(a, [B, C]), p("attn/c_proj/w"), p("attn/c_proj/b"))
-        x = x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
-    return lm_head(params, cfg, x), tf.reshape(rows, tf.shape(past))
 
 
 def _mix32(x: tf.Tensor) -> tf.Tensor:
@@ -433,8 +469,8 @@ def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     keep = (nucleus | (top_p >= 1.0)[:, None]) & in_top_k
     n_keep = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1), 1)  # (B,) nucleus size, at least 1
     gumbel = -tf.math.log(-tf.math.log(token_uniform(seed, step, idx)))  # (B, K)
-    score = tf.where(rank < n_keep[:, None], vals + gumbel, -math.inf)  # (B, K)
-    return tf.gather(idx, tf.argmax(score, axis=1, output_type=tf.int32), batch_dims=1)  # (B,)
+    perturbed = tf.where(rank < n_keep[:, None], vals + gumbel, -math.inf)  # (B, K)
+    return tf.gather(idx, tf.argmax(perturbed, axis=1, output_type=tf.int32), batch_dims=1)  # (B,)
 
 
 def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
@@ -480,6 +516,38 @@ class LoopState(NamedTuple):
     out: Outputs
 
 
+class Run(NamedTuple):
+    """What one `generate` call decodes, fixed for the whole loop: the model, the prompts and each request's
+    parameters (R requests, N = the largest max_new_tokens, L cache columns)."""
+    params: Params
+    cfg: GPT2Config
+    ids: tf.Tensor  # (B, T) int32 the distinct prompts, right padded
+    lengths: tf.Tensor  # (B,) int32
+    prompt_index: tf.Tensor  # (R,) int32 the prompt each request continues
+    row_length: tf.Tensor  # (R,) int32 its prompt's length
+    max_new_tokens: tf.Tensor  # (R,) int32
+    temperature: tf.Tensor  # (R,) float32
+    top_k: tf.Tensor  # (R,) int32
+    top_p: tf.Tensor  # (R,) float32
+    seed: tf.Tensor  # (R,) int64
+    ignore_eos: tf.Tensor  # (R,) bool
+    want_logprobs: tf.Tensor  # () bool
+    stop_pattern: tf.Tensor  # () string
+    token_bytes: tf.Tensor  # (V,) string
+    eot: int
+    R: tf.Tensor
+    N: tf.Tensor
+    L: tf.Tensor
+
+
+class Chosen(NamedTuple):
+    """Rows' tokens of one step and what follows from them."""
+    token: tf.Tensor  # (k,) int32 the token (eot where the row emitted none)
+    done: tf.Tensor  # (k,) bool the row has ended (or its slot was empty)
+    n_new: tf.Tensor  # (k,) int32 tokens emitted so far
+    text: tf.Tensor  # (k,) string the row's bytes so far
+
+
 def scatter(x: tf.Tensor, index: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
     """x with x[index[j]] = values[j] (x and index 1-D)."""
     return tf.tensor_scatter_nd_update(x, index[:, None], values)
@@ -500,6 +568,80 @@ def write_prompts(past: tf.Tensor, cache: tf.Tensor, slot: tf.Tensor) -> tf.Tens
     return tf.reshape(rows, tf.shape(past))
 
 
+def choose(run: Run, request: tf.Tensor, step: tf.Tensor, logits: tf.Tensor, n_new: tf.Tensor, text: tf.Tensor,
+           active: tf.Tensor, out: Outputs) -> tuple[Chosen, Outputs]:
+    """Each row's token of `step` from its logits (k, Vp), then what follows from it: whether the row ends (its
+    max_new_tokens, end-of-text, a stop string), its text, the outputs. active (k,): rows that had not ended
+    (False for empty slots). request (k,) the rows' requests (R for an empty slot)."""
+    R, N = run.R, run.N
+    r = tf.minimum(request, R - 1)  # an empty slot reads some row's parameters, and uses none of them
+    limit = tf.gather(run.max_new_tokens, r)
+    live = active & (n_new < limit)
+    token, logprob = choose_tokens(logits, tf.where(live, tf.gather(run.temperature, r), 0.0),
+                                   tf.gather(run.top_k, r), tf.gather(run.top_p, r), tf.gather(run.seed, r), step,
+                                   run.want_logprobs)
+    at_eot = live & tf.equal(token, run.eot) & ~tf.gather(run.ignore_eos, r)
+    kept = live & ~at_eot
+    n_new = n_new + tf.cast(kept, tf.int32)
+    token = tf.where(kept, token, run.eot)
+
+    def append():  # the row's text with this token's bytes, and whether it now holds a stop string
+        grown = tf.strings.join([text, tf.where(kept, tf.gather(run.token_bytes, token), "")])
+        return grown, tf.strings.regex_full_match(grown, run.stop_pattern) & kept
+
+    text, at_stop = tf.cond(tf.strings.length(run.stop_pattern) > 0, append, lambda: (text, tf.zeros_like(kept)))
+    done = ~active | at_eot | at_stop | (n_new >= limit)
+    ended = active & done
+    at = tf.where(kept, request * N + step, R * N)  # the spare element for rows with no token
+    finish = tf.where(at_eot, END_OF_TEXT, tf.where(at_stop, STOP_STRING, LENGTH))
+    row = tf.where(ended, request, R)
+    out = Outputs(tokens=scatter(out.tokens, at, token),
+                  logprobs=scatter(out.logprobs, at, tf.where(kept, logprob, 0.0)),
+                  lengths=scatter(out.lengths, row, n_new), finish=scatter(out.finish, row, finish))
+    return Chosen(token, done, n_new, text), out
+
+
+def admit(run: Run, s: LoopState) -> LoopState:
+    """The next requests into the free slots, in order: their prompts prefilled together (a prompt repeated among
+    them, a row's samples, once), written into the slots' cache rows, their first tokens chosen."""
+    free = tf.cast(tf.where(s.slots.done)[:, 0], tf.int32)  # (F,) in slot order
+    k = tf.minimum(tf.size(free), run.R - s.next_request)
+    slot = free[:k]  # (k,)
+    request = s.next_request + tf.range(k)  # (k,)
+    prompts, which = tf.unique(tf.gather(run.prompt_index, request))  # (u,), (k,) each prompt prefilled once
+    m = tf.reduce_max(tf.gather(run.lengths, prompts))  # prefill pads to the longest of these prompts only
+    logits, cache = prefill(run.params, run.cfg, tf.gather(run.ids, prompts)[:, :m], tf.gather(run.lengths, prompts))
+    past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot)  # (u, ...) -> the k slots
+    zero = tf.zeros([k], tf.int32)
+    c, out = choose(run, request, zero, tf.gather(logits, which), zero, tf.fill([k], ""), tf.ones([k], tf.bool),
+                    s.out)
+    sl = s.slots
+    slots = Slots(request=scatter(sl.request, slot, request), step=scatter(sl.step, slot, zero),
+                  token=scatter(sl.token, slot, c.token), done=scatter(sl.done, slot, c.done),
+                  n_new=scatter(sl.n_new, slot, c.n_new), text=scatter(sl.text, slot, c.text))
+    return LoopState(slots, past, s.next_request + k, out)
+
+
+def decode(run: Run, s: LoopState) -> LoopState:
+    """One token for every slot: each row feeds its last token at its own column and position."""
+    sl = s.slots
+    length = tf.gather(run.row_length, tf.minimum(sl.request, run.R - 1))  # (S,)
+    column = tf.minimum(length + sl.step, run.L - 1)  # (S,) an empty slot's count runs on: clamped, and unused
+    pos = tf.minimum(column, run.cfg.n_ctx - 1)  # (S,)
+    visible = tf.range(run.L)[None, :] <= column[:, None]  # (S, L) its prompt and its tokens so far
+    key_bias = tf.where(visible, 0.0, NEG_INF)[:, None, None, :]  # (S, 1, 1, L)
+    logits, past = decode_step(run.params, run.cfg, sl.token, pos, column, s.past, key_bias)
+    step = sl.step + 1
+    c, out = choose(run, sl.request, step, logits, sl.n_new, sl.text, ~sl.done, s.out)
+    return LoopState(Slots(sl.request, step, c.token, c.done, c.n_new, c.text), past, s.next_request, out)
+
+
+def loop_body(run: Run, s: LoopState) -> LoopState:
+    """Admit requests while slots are free, then decode a token in every occupied slot."""
+    s = tf.cond(tf.reduce_any(s.slots.done) & (s.next_request < run.R), lambda: admit(run, s), lambda: s)
+    return tf.cond(tf.reduce_all(s.slots.done), lambda: s, lambda: decode(run, s))
+
+
 def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
              want_logprobs: tf.Tensor, slots: tf.Tensor, stop_pattern: tf.Tensor, max_new_tokens: tf.Tensor,
              temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor,
@@ -513,12 +655,10 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     bytes (needed for stop strings); and per request: max_new_tokens int32, temperature float32 (0 = greedy),
     top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos bool (go on past end-of-text).
 
-    Each iteration decodes one token for every occupied slot; a row that ends (end-of-text, its own
-    max_new_tokens, a stop string) frees its slot, and the next requests are admitted into the free slots in
-    order: their prompts prefilled together (a prompt repeated among them, a row's samples, once), written
-    into the slots' cache rows, their first tokens chosen. A row's cache is laid out as it would be alone
-    (prompt in columns [0, length), its step k's token in column length + k), its sampling noise keyed by its
-    own seed and step: its tokens are those it gets alone, whatever its neighbours and arrival order (and in
+    Each iteration decodes one token for every occupied slot (`decode`); a row that ends frees its slot, and the
+    next requests are admitted into the free slots in order (`admit`). A row's cache is laid out as it would be
+    alone (prompt in columns [0, length), its step k's token in column length + k), its sampling noise keyed by
+    its own seed and step: its tokens are those it gets alone, whatever its neighbours and arrival order (and in
     bfloat16 too, see the module docstring).
 
     Returns tokens (R, N) int32 (padded with eot), lengths (R,), finish_reason (R,) int32 (LENGTH,
@@ -528,83 +668,18 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     R = tf.shape(prompt_index)[0]
     N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
     S = tf.clip_by_value(slots, 1, tf.maximum(R, 1))
-    if not transposed_layout(params):
-        params = {**params, "wte_t": tf.transpose(params["wte"])}  # (C, Vp) once per run, outside the loop
     row_length = tf.gather(lengths, prompt_index)  # (R,) prompt length per request
     L = tf.reduce_max(row_length + tf.maximum(max_new_tokens, 1))  # cache columns: the longest row's end
-    has_stops = tf.strings.length(stop_pattern) > 0
+    run = Run(params, cfg, ids, lengths, prompt_index, row_length, max_new_tokens, temperature, top_k, top_p, seed,
+              ignore_eos, want_logprobs, stop_pattern, token_bytes, eot, R, N, L)
 
-    def choose(request, step, logits, n_new, text, active, out):
-        """Each row's token of `step` from its logits (k, V), then what follows from it: whether the row ends,
-        its text, the outputs. active (k,): rows that had not ended (False for empty slots)."""
-        r = tf.minimum(request, R - 1)  # an empty slot reads some row's parameters, and uses none of them
-        limit = tf.gather(max_new_tokens, r)
-        live = active & (n_new < limit)
-        token, logprob = choose_tokens(logits, tf.where(live, tf.gather(temperature, r), 0.0), tf.gather(top_k, r),
-                                       tf.gather(top_p, r), tf.gather(seed, r), step, want_logprobs)
-        at_eot = live & tf.equal(token, eot) & ~tf.gather(ignore_eos, r)
-        kept = live & ~at_eot
-        n_new = n_new + tf.cast(kept, tf.int32)
-        token = tf.where(kept, token, eot)
-
-        def append():  # the row's text with this token's bytes, and whether it now holds a stop string
-            grown = tf.strings.join([text, tf.where(kept, tf.gather(token_bytes, token), "")])
-            return grown, tf.strings.regex_full_match(grown, stop_pattern) & kept
-
-        text, at_stop = tf.cond(has_stops, append, lambda: (text, tf.zeros_like(kept)))
-        done = ~active | at_eot | at_stop | (n_new >= limit)
-        ended = active & done
-        at = tf.where(kept, request * N + step, R * N)  # the spare element for rows with no token
-        finish = tf.where(at_eot, END_OF_TEXT, tf.where(at_stop, STOP_STRING, LENGTH))
-        row = tf.where(ended, request, R)
-        out = Outputs(tokens=scatter(out.tokens, at, token),
-                      logprobs=scatter(out.logprobs, at, tf.where(kept, logprob, 0.0)),
-                      lengths=scatter(out.lengths, row, n_new), finish=scatter(out.finish, row, finish))
-        return token, done, n_new, text, out
-
-    def admit(s: LoopState) -> LoopState:
-        """The next requests into the free slots: prefill, cache rows, first tokens."""
-        free = tf.cast(tf.where(s.slots.done)[:, 0], tf.int32)  # (F,) in slot order
-        k = tf.minimum(tf.size(free), R - s.next_request)
-        slot = free[:k]  # (k,)
-        request = s.next_request + tf.range(k)  # (k,)
-        prompts, which = tf.unique(tf.gather(prompt_index, request))  # (u,), (k,) each prompt prefilled once
-        m = tf.reduce_max(tf.gather(lengths, prompts))  # prefill pads to the longest of these prompts only
-        logits, cache = prefill(params, cfg, tf.gather(ids, prompts)[:, :m], tf.gather(lengths, prompts))
-        past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot)  # (u, ...) -> the k slots
-        zero = tf.zeros([k], tf.int32)
-        token, done, n_new, text, out = choose(request, zero, tf.gather(logits, which), zero,
-                                               tf.fill([k], ""), tf.ones([k], tf.bool), s.out)
-        sl = s.slots
-        return LoopState(Slots(request=scatter(sl.request, slot, request), step=scatter(sl.step, slot, zero),
-                               token=scatter(sl.token, slot, token), done=scatter(sl.done, slot, done),
-                               n_new=scatter(sl.n_new, slot, n_new), text=scatter(sl.text, slot, text)),
-                         past, s.next_request + k, out)
-
-    def decode(s: LoopState) -> LoopState:
-        """One token for every slot: each row feeds its last token at its own column and position."""
-        sl = s.slots
-        length = tf.gather(row_length, tf.minimum(sl.request, R - 1))  # (S,)
-        column = tf.minimum(length + sl.step, L - 1)  # (S,) an empty slot's count runs on: clamped, and unused
-        pos = tf.minimum(column, cfg.n_ctx - 1)  # (S,)
-        visible = tf.range(L)[None, :] <= column[:, None]  # (S, L) its prompt and its tokens so far
-        key_bias = tf.where(visible, 0.0, NEG_INF)[:, None, None, :]  # (S, 1, 1, L)
-        logits, past = decode_step(params, cfg, sl.token, pos, column, s.past, key_bias)
-        step = sl.step + 1
-        token, done, n_new, text, out = choose(sl.request, step, logits, sl.n_new, sl.text, ~sl.done, s.out)
-        return LoopState(Slots(sl.request, step, token, done, n_new, text), past, s.next_request, out)
-
-    def body(s: LoopState) -> list[LoopState]:
-        s = tf.cond(tf.reduce_any(s.slots.done) & (s.next_request < R), lambda: admit(s), lambda: s)
-        return [tf.cond(tf.reduce_all(s.slots.done), lambda: s, lambda: decode(s))]
-
-    dtype = matmul_dtype(params)
     empty = Slots(request=tf.fill([S], R), step=tf.zeros([S], tf.int32), token=tf.fill([S], eot),
                   done=tf.ones([S], tf.bool), n_new=tf.zeros([S], tf.int32), text=tf.fill([S], ""))
     out = Outputs(tokens=tf.fill([R * N + 1], eot), logprobs=tf.zeros([R * N + 1]), lengths=tf.zeros([R + 1], tf.int32),
                   finish=tf.zeros([R + 1], tf.int32))
-    past = tf.zeros([cfg.n_layer, 2, S, cfg.n_head, L, cfg.head_size], dtype)  # allocated once per run
+    past = tf.zeros([cfg.n_layer, 2, S, cfg.n_head, L, cfg.head_size], matmul_dtype(params))  # once per run
     s = LoopState(empty, past, tf.constant(0), out)
-    [s] = tf.while_loop(lambda s: ~tf.reduce_all(s.slots.done) | (s.next_request < R), body, [s])
+    [s] = tf.while_loop(lambda s: ~tf.reduce_all(s.slots.done) | (s.next_request < R),
+                        lambda s: [loop_body(run, s)], [s])
     return {"tokens": tf.reshape(s.out.tokens[:R * N], [R, N]), "lengths": s.out.lengths[:R],
             "finish_reason": s.out.finish[:R], "logprobs": tf.reshape(s.out.logprobs[:R * N], [R, N])}

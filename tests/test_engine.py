@@ -33,7 +33,7 @@ def test_next_token_logits_match_hf(hf_dir, hf_model):
     ids = np.full((len(PROMPTS), T), EOT_TOKEN, np.int32)
     for r, p in enumerate(PROMPTS):
         ids[r, :len(p)] = p  # right padding
-    params = {k: tf.constant(v) for k, v in weights.items()}
+    params = gmodel.graph_params(weights, cfg)
     logits, past = gmodel.prefill(params, cfg, tf.constant(ids), tf.constant([len(p) for p in PROMPTS]), 3)
     assert past.shape == (cfg.n_layer, 2, len(PROMPTS), cfg.n_head, T + 3, cfg.head_size)
     assert not np.any(past[..., T:, :].numpy())  # the slots for new tokens are empty

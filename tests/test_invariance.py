@@ -13,7 +13,8 @@ import tensorflow as tf
 from gpt2 import model as gmodel
 from gpt2.config import GPT2Config, SIZES
 from gpt2.device import session_config
-from gpt2.export import graph_weight, weight_dtype
+from gpt2.export import weight_dtype
+from gpt2.model import graph_weight
 from gpt2.sampling import SamplingParams
 
 ROWS = (1, 2, 7, 64, 65, 128, 300)
