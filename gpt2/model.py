@@ -7,7 +7,7 @@ below).
 
 The KV cache is one tensor, `past` (n_layer, 2, S, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
-bfloat16 cache halves the bytes attention reads each step). A slot's row holds its request's prompt in columns
+bfloat16 cache halves the bytes attention reads each step; float32 for int8 weights). A slot's row holds its request's prompt in columns
 [0, length) and its k-th new token in column length + k, as the request alone would. It is allocated once per run
 and written in place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same whatever
 L is; `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
@@ -28,8 +28,8 @@ depends on nothing but the row:
   are added in a fixed order.
 - A row's cache is left aligned: its prompt in columns [0, length), its k-th new token in column length + k, and
   masked (zero-weight) columns only after them, so attention reads its values at the same offsets whatever the
-  run's cache width. Left padding shifted them, and bfloat16 dot products pair adjacent inputs, so a shift
-  changed the rounding of the attention-weighted sum.
+  run's cache width: bfloat16 dot products pair adjacent inputs, so shifting a row's columns (as left padding
+  would) changes the rounding of the attention-weighted sum.
 - Element-wise kernels compute a value with vector or scalar code depending on where it falls in the flattened
   tensor; every row is therefore a whole number of 16-float vectors wide: the vocabulary is padded to
   VOCAB_MULTIPLE (its extra logits are -inf), the sampler's candidate lists to CANDIDATE_MULTIPLE, and the
@@ -38,8 +38,11 @@ depends on nothing but the row:
 - LayerNorm divides by sqrt, not rsqrt (Eigen's vector and scalar rsqrt round differently), and Grappler's
   fusions stay off at load on CPUs (gpt2.device.session_config; the fused MatMul + BiasAdd rounds differently for
   1 row than for 2).
-The tests check these at the real layer widths (tests/test_invariance.py). A consequence the same tests show: a
-row's prompt and tokens so far, prefilled, give the same next values as decoding did. float32 keeps the tokens
+- int8 weights (`matmul_int8`): each row is quantized with its own scale and the kernel sums integers, exact in
+  any order and at any length, so int8 rows are the same bits in any batch as well.
+The tests check these at the real layer widths (tests/test_invariance.py). A consequence the same tests show: in
+bfloat16, a row's prompt and tokens so far, prefilled, give the same next values as decoding did (not in int8,
+whose float32 attention rounds the prefill's (T, T) and a decode step's (1, L) matmuls apart). float32 keeps the tokens
 of a row whatever its batch; its logits may differ in last bits that never reach a token.
 """
 from __future__ import annotations
@@ -449,9 +452,9 @@ def sample_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
 
     The kept set is the same whatever K (the batch's largest top-k; the whole vocabulary when a sampled row has
     none), so a row's draw does not depend on its neighbours' top_k:
-    - the first n tokens by rank are kept, ties broken by token id (TopKV2 puts the lower index first for any K).
-      Keeping every token tied with the last kept value did depend on K: bfloat16 logits tie often, and a K of
-      40 cut a tie group that a K of the whole vocabulary kept whole (found by the continuous-batching tests);
+    - the first n tokens by rank are kept, ties broken by token id (TopKV2 puts the lower index first for any K),
+      not every token tied with the last kept value: bfloat16 logits tie often, and a K of 40 would cut a tie
+      group that a K of the whole vocabulary keeps whole;
     - the nucleus sums run in float64, where the sum of a few float32 values is exact in any order (a scan's
       order may change with its length); top_p = 1 keeps all of the top k without them.
     """
