@@ -59,6 +59,7 @@ MAX_REDUCTION = 768  # inputs a bfloat16/float16 matmul sums in one call (see th
 VOCAB_MULTIPLE = 64  # the LM head's width is padded to a multiple of this (50257 -> 50304, as nanoGPT does)
 SOFTMAX_MULTIPLE = 32  # attention's softmax runs over a width padded to a multiple of this (see attend)
 CANDIDATE_MULTIPLE = 16  # the sampler's candidates per row, rounded up to whole vectors of 16 floats
+ADMIT_ROWS = 16  # requests prefilled together when slots free up (see admit)
 EXACT_SCALE = 2.0 ** 36  # row_sum_exp's fixed point: 2^36 * (2^16 values of at most 1) stays below 2^53
 
 
@@ -605,24 +606,36 @@ def choose(run: Run, request: tf.Tensor, step: tf.Tensor, logits: tf.Tensor, n_n
 
 
 def admit(run: Run, s: LoopState) -> LoopState:
-    """The next requests into the free slots, in order: their prompts prefilled together (a prompt repeated among
-    them, a row's samples, once), written into the slots' cache rows, their first tokens chosen."""
+    """The next requests into the free slots, in order, ADMIT_ROWS at a time (`admit_group`): a prefill's cache and
+    activations stay those of a few rows whatever S is (all of S's prompts at once were most of a job's peak
+    memory), and the slots are all filled before the next decode step."""
     free = tf.cast(tf.where(s.slots.done)[:, 0], tf.int32)  # (F,) in slot order
     k = tf.minimum(tf.size(free), run.R - s.next_request)
-    slot = free[:k]  # (k,)
-    request = s.next_request + tf.range(k)  # (k,)
-    prompts, which = tf.unique(tf.gather(run.prompt_index, request))  # (u,), (k,) each prompt prefilled once
+
+    def group(i, s):
+        j = tf.range(i, tf.minimum(i + ADMIT_ROWS, k))  # (g,) the group's place among the k
+        return i + ADMIT_ROWS, admit_group(run, s, tf.gather(free, j), s.next_request + j)
+
+    _, s = tf.while_loop(lambda i, _: i < k, group, (tf.constant(0), s))
+    return s._replace(next_request=s.next_request + k)
+
+
+def admit_group(run: Run, s: LoopState, slot: tf.Tensor, request: tf.Tensor) -> LoopState:
+    """Requests (g,) into free slots (g,): their prompts prefilled together (a prompt repeated among them, a row's
+    samples, once), written into the slots' cache rows, their first tokens chosen."""
+    g = tf.size(slot)
+    prompts, which = tf.unique(tf.gather(run.prompt_index, request))  # (u,), (g,) each prompt prefilled once
     m = tf.reduce_max(tf.gather(run.lengths, prompts))  # prefill pads to the longest of these prompts only
     logits, cache = prefill(run.params, run.cfg, tf.gather(run.ids, prompts)[:, :m], tf.gather(run.lengths, prompts))
-    past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot)  # (u, ...) -> the k slots
-    zero = tf.zeros([k], tf.int32)
-    c, out = choose(run, request, zero, tf.gather(logits, which), zero, tf.fill([k], ""), tf.ones([k], tf.bool),
+    past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot)  # (u, ...) -> the g slots
+    zero = tf.zeros([g], tf.int32)
+    c, out = choose(run, request, zero, tf.gather(logits, which), zero, tf.fill([g], ""), tf.ones([g], tf.bool),
                     s.out)
     sl = s.slots
     slots = Slots(request=scatter(sl.request, slot, request), step=scatter(sl.step, slot, zero),
                   token=scatter(sl.token, slot, c.token), done=scatter(sl.done, slot, c.done),
                   n_new=scatter(sl.n_new, slot, c.n_new), text=scatter(sl.text, slot, c.text))
-    return LoopState(slots, past, s.next_request + k, out)
+    return LoopState(slots, past, s.next_request, out)
 
 
 def decode(run: Run, s: LoopState) -> LoopState:
