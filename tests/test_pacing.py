@@ -14,6 +14,8 @@ from transforms.records import Request
 
 def test_the_first_part_is_small_and_later_ones_hold_the_target_seconds_in_whole_slot_fulls():
     assert part_rows(None, 128, 64, 1024) == FIRST_PART_ROWS
+    assert part_rows(None, 125, 32, 64) == FIRST_PART_ROWS  # fewer rows than a slot-full: still a small first part
+    assert part_rows(None, 128, 64, 5) == 5
     # 540 tokens/s, 64 tokens a row, 30 s: 253 rows -> 1 slot-full of 128 (whole slot-fulls, rounded down)
     assert part_rows(540.0, 128, 64, 1024, 30.0) == 128
     assert part_rows(540.0, 128, 64, 1024, 60.0) == 506 // 128 * 128

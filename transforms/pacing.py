@@ -45,13 +45,13 @@ class Pace:
 
 def part_rows(rate: float | None, slots: int, tokens_per_row: float, rows_left: int,
               target_seconds: float = TARGET_RUN_SECONDS) -> int:
-    """How many of the rows left the next part takes: FIRST_PART_ROWS before any rate is known; then the rows
+    """How many of the rows left the next part takes: FIRST_PART_ROWS before any rate is known (even when the
+    rows left are fewer than a slot-full: a small job on a large model shows its first rows early); then the rows
     whose tokens take about target_seconds at `rate`, in whole slot-fulls, at least one. A remainder smaller than
     one slot-full joins this part rather than running on its own at low occupancy."""
     if rate is None:
-        n = FIRST_PART_ROWS
-    else:
-        n = max(1, int(target_seconds * rate / max(tokens_per_row, 1.0) / slots)) * slots
+        return min(FIRST_PART_ROWS, rows_left)
+    n = max(1, int(target_seconds * rate / max(tokens_per_row, 1.0) / slots)) * slots
     return rows_left if rows_left - n < slots else n
 
 
