@@ -48,7 +48,7 @@ class NaiveSession:
 
         self.graph = tf.Graph()
         with self.graph.as_default():
-            params = {name: tf.constant(w) for name, w in weights.items()}
+            params = gmodel.graph_params(weights, cfg)
             self.ids = tf.compat.v1.placeholder(tf.int32, [None, None])
             B, T = tf.shape(self.ids)[0], tf.shape(self.ids)[1]
             self.logits, _ = gmodel.prefill(params, cfg, self.ids, tf.fill([B], T))
