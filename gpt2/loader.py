@@ -84,7 +84,7 @@ class GenerationModel:
     """A verified model in its own tf.compat.v1.Session; `generate` is safe to call from many threads.
 
     precision: "auto" (the device's fastest: bfloat16 on CPUs with AMX or AVX512-BF16 and on Ampere GPUs,
-    float16 on older GPUs, else float32), or "float32" | "bfloat16" | "float16".
+    float16 on older GPUs, else float32), or "float32" | "bfloat16" | "float16" | "int8" (CPUs only).
     """
 
     def __init__(self, model_dir: str | Path, *, precision: str = "auto", intra_threads: int | None = None,

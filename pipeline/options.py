@@ -58,8 +58,8 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
     b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
                    help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
                         "on Ampere GPUs, float16 on older GPUs, else float32); int8 (CPUs only) quantizes the weight "
-                        "matrices, faster and slightly less accurate, never chosen by auto; each row records the one "
-                        "used")
+                        "matrices, slightly less accurate, never chosen by auto (on Zen 4 slower than bfloat16); "
+                        "each row records the one used")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="TensorFlow threads per worker process (default: all cores)")
     if generating:
