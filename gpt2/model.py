@@ -300,11 +300,14 @@ class KVCache:
         n_layer, _, self.B, self.nh, self.L, self.hs = tf.unstack(self.shape)
         self.rows = tf.reshape(past, [-1, self.hs])  # (n_layer*2*B*nh*L, hs) the same buffer, row-addressable
 
-    def write(self, i: int, k: tf.Tensor, v: tf.Tensor, columns: tf.Tensor) -> None:
-        """Layer i's keys and values k, v (B, nh, Tq, hs) into columns (B, Tq) of their rows."""
-        B, nh, L = self.B, self.nh, self.L
-        at = tf.tile(tf.repeat(columns, nh, axis=0), [2, 1])  # (2*B*nh, Tq) K then V, by row and head
-        index = (tf.range(2 * B * nh)[:, None] + i * 2 * B * nh) * L + at  # (2*B*nh, Tq)
+    def write(self, i: int, k: tf.Tensor, v: tf.Tensor, columns: tf.Tensor, slots: tf.Tensor | None = None) -> None:
+        """Layer i's keys and values k, v (b, nh, Tq, hs) into columns (b, Tq) of slots (b,) (default: 0..b-1)."""
+        b = tf.shape(k)[0]
+        slots = tf.range(b) if slots is None else slots
+        kind = tf.range(2)[:, None, None, None]  # (2, 1, 1, 1) K then V
+        head = tf.range(self.nh)[None, None, :, None]  # (1, 1, nh, 1)
+        row = ((i * 2 + kind) * self.B + slots[None, :, None, None]) * self.nh + head  # (2, b, nh, 1)
+        index = row * self.L + columns[None, :, None, :]  # (2, b, nh, Tq)
         self.rows = tf.raw_ops.InplaceUpdate(x=self.rows, i=tf.reshape(index, [-1]),
                                              v=tf.reshape(tf.stack([k, v]), [-1, self.hs]))
 
@@ -333,42 +336,44 @@ def block(x: tf.Tensor, p: Callable[[str], Weight], cfg: GPT2Config, B: tf.Tenso
 
 
 def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
-            cache_slots: tf.Tensor | int | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f, and with cache_slots,
-    the cache `past` (n_layer, 2, B, nh, T + cache_slots, hs) holding the keys/values in columns [0, T), allocated
-    once and filled layer by layer. Padding comes after each row's tokens, so the causal mask alone keeps it out
-    of them; its own outputs are unused.
+            keep: Callable[[int, tf.Tensor, tf.Tensor, tf.Tensor], None] | None = None) -> tf.Tensor:
+    """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f. keep(i, k, v, columns),
+    if given, is handed layer i's keys and values (B, nh, T, hs) and their cache columns (B, T). Padding comes
+    after each row's tokens, so the causal mask alone keeps it out of them; its own outputs are unused.
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     dtype = matmul_dtype(params)
     t = tf.range(T)
     columns = tf.broadcast_to(t, [B, T])  # (B, T)
     bias = tf.where(t[:, None] >= t[None, :], 0.0, NEG_INF)[None, None]  # (1, 1, T, T) causal
-    cache = None
-    if cache_slots is not None:
-        cache = KVCache(tf.zeros([cfg.n_layer, 2, B, cfg.n_head, T + cache_slots, cfg.head_size], dtype))
 
     x = tf.reshape(embed(params, ids, columns), [B * T, cfg.n_embd])  # (B*T, C)
     for i in range(cfg.n_layer):
-        def keys_values(k, v, i=i):  # the prompt attends to its own keys and values; the cache keeps them
-            if cache is not None:
-                cache.write(i, k, v, columns)
+        def keys_values(k, v, i=i):  # the prompt attends to its own keys and values
+            if keep is not None:
+                keep(i, k, v, columns)
             return k, v
         x = block(x, layer_params(params, i), cfg, B, T, keys_values, bias, dtype)
-    return x, None if cache is None else cache.past()
+    return x
 
 
-def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
-            new_slots: tf.Tensor | int = 0) -> tuple[tf.Tensor, tf.Tensor]:
-    """Run the right-padded prompts ids (B, T) with real lengths (B,).
-
-    Returns the logits of each prompt's last token (B, Vp) and the cache `past` (n_layer, 2, B, nh, T + new_slots,
-    hs) with the prompt's keys/values in columns [0, T).
+def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, past: tf.Tensor | None = None,
+            slots: tf.Tensor | None = None, which: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Run the right-padded prompts ids (U, T) with real lengths (U,): the logits of each prompt's last token
+    (U, Vp), and given the cache past (n_layer, 2, S, nh, L >= T, hs), past with the keys/values of prompt
+    which[j] written in place into columns [0, T) of slot slots[j] (default: prompt j into slot j). Layer by
+    layer, straight into the slots: no cache of the prompts' own, no copy of it.
     """
-    B, T = tf.shape(ids)[0], tf.shape(ids)[1]
-    x, past = forward(params, cfg, ids, cache_slots=new_slots)
-    last = tf.gather(tf.reshape(x, [B, T, cfg.n_embd]), lengths - 1, batch_dims=1)  # (B, C) each row's last token
-    return lm_head(params, cfg, last), past
+    U, T = tf.shape(ids)[0], tf.shape(ids)[1]
+    cache = None if past is None else KVCache(past)
+    which = tf.range(U) if which is None else which
+
+    def keep(i, k, v, columns):
+        cache.write(i, tf.gather(k, which), tf.gather(v, which), tf.gather(columns, which), slots)
+
+    x = forward(params, cfg, ids, None if cache is None else keep)
+    last = tf.gather(tf.reshape(x, [U, T, cfg.n_embd]), lengths - 1, batch_dims=1)  # (U, C) each row's last token
+    return lm_head(params, cfg, last), None if cache is None else cache.past()
 
 
 def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, column: tf.Tensor,
@@ -397,7 +402,7 @@ def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -
     (B*T, V).
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
-    x, _ = forward(params, cfg, ids)
+    x = forward(params, cfg, ids)
     h = norm(x, params["ln_f/g"], params["ln_f/b"])  # (B*T, C)
     predicted = tf.reshape(tf.concat([ids[:, 1:], ids[:, -1:]], 1), [-1])  # (B*T,) the token after each position
     M = B * T
@@ -557,21 +562,6 @@ def scatter(x: tf.Tensor, index: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
     return tf.tensor_scatter_nd_update(x, index[:, None], values)
 
 
-def write_prompts(past: tf.Tensor, cache: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
-    """past (n_layer, 2, S, nh, L, hs) with the prefill cache (n_layer, 2, k, nh, m, hs) written in place into
-    columns [0, m) of slots slot (k,). The slot's other columns keep what its last row
-    left there: masked until the new row writes them."""
-    n_layer, _, S, nh, L, hs = tf.unstack(tf.shape(past))
-    m = tf.shape(cache)[4]
-    layer_kv = tf.range(n_layer * 2)[:, None, None, None]
-    head = tf.range(nh)[None, None, :, None]
-    column = tf.range(m)[None, None, None, :]
-    index = ((layer_kv * S + slot[None, :, None, None]) * nh + head) * L + column  # (n_layer*2, k, nh, m)
-    rows = tf.raw_ops.InplaceUpdate(x=tf.reshape(past, [-1, hs]), i=tf.reshape(index, [-1]),
-                                    v=tf.reshape(cache, [-1, hs]))
-    return tf.reshape(rows, tf.shape(past))
-
-
 def choose(run: Run, request: tf.Tensor, step: tf.Tensor, logits: tf.Tensor, n_new: tf.Tensor, text: tf.Tensor,
            active: tf.Tensor, out: Outputs) -> tuple[Chosen, Outputs]:
     """Each row's token of `step` from its logits (k, Vp), then what follows from it: whether the row ends (its
@@ -606,7 +596,7 @@ def choose(run: Run, request: tf.Tensor, step: tf.Tensor, logits: tf.Tensor, n_n
 
 
 def admit(run: Run, s: LoopState) -> LoopState:
-    """The next requests into the free slots, in order, ADMIT_ROWS at a time (`admit_group`): a prefill's cache and
+    """The next requests into the free slots, in order, ADMIT_ROWS at a time (`admit_group`): a prefill's
     activations stay those of a few rows whatever S is (all of S's prompts at once were most of a job's peak
     memory), and the slots are all filled before the next decode step."""
     free = tf.cast(tf.where(s.slots.done)[:, 0], tf.int32)  # (F,) in slot order
@@ -616,7 +606,8 @@ def admit(run: Run, s: LoopState) -> LoopState:
         j = tf.range(i, tf.minimum(i + ADMIT_ROWS, k))  # (g,) the group's place among the k
         return i + ADMIT_ROWS, admit_group(run, s, tf.gather(free, j), s.next_request + j)
 
-    _, s = tf.while_loop(lambda i, _: i < k, group, (tf.constant(0), s))
+    # one group at a time (parallel iterations would prefill several groups at once: their memory with them)
+    _, s = tf.while_loop(lambda i, _: i < k, group, (tf.constant(0), s), parallel_iterations=1)
     return s._replace(next_request=s.next_request + k)
 
 
@@ -626,8 +617,8 @@ def admit_group(run: Run, s: LoopState, slot: tf.Tensor, request: tf.Tensor) -> 
     g = tf.size(slot)
     prompts, which = tf.unique(tf.gather(run.prompt_index, request))  # (u,), (g,) each prompt prefilled once
     m = tf.reduce_max(tf.gather(run.lengths, prompts))  # prefill pads to the longest of these prompts only
-    logits, cache = prefill(run.params, run.cfg, tf.gather(run.ids, prompts)[:, :m], tf.gather(run.lengths, prompts))
-    past = write_prompts(s.past, tf.gather(cache, which, axis=2), slot)  # (u, ...) -> the g slots
+    logits, past = prefill(run.params, run.cfg, tf.gather(run.ids, prompts)[:, :m], tf.gather(run.lengths, prompts),
+                           s.past, slot, which)  # (u, Vp); each prompt's keys/values into its slots
     zero = tf.zeros([g], tf.int32)
     c, out = choose(run, request, zero, tf.gather(logits, which), zero, tf.fill([g], ""), tf.ones([g], tf.bool),
                     s.out)

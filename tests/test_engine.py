@@ -34,7 +34,8 @@ def test_next_token_logits_match_hf(hf_dir, hf_model):
     for r, p in enumerate(PROMPTS):
         ids[r, :len(p)] = p  # right padding
     params = gmodel.graph_params(weights, cfg)
-    logits, past = gmodel.prefill(params, cfg, tf.constant(ids), tf.constant([len(p) for p in PROMPTS]), 3)
+    empty = tf.zeros([cfg.n_layer, 2, len(PROMPTS), cfg.n_head, T + 3, cfg.head_size])  # 3 columns for new tokens
+    logits, past = gmodel.prefill(params, cfg, tf.constant(ids), tf.constant([len(p) for p in PROMPTS]), empty)
     assert past.shape == (cfg.n_layer, 2, len(PROMPTS), cfg.n_head, T + 3, cfg.head_size)
     assert not np.any(past[..., T:, :].numpy())  # the slots for new tokens are empty
     for r, p in enumerate(PROMPTS):
