@@ -29,9 +29,10 @@ from apache_beam.internal import pickler
 for name in sys.argv[1:]:
     module = importlib.import_module(name)
     assert Path(module.__file__).is_relative_to(sys.prefix), f"{name} imported from {module.__file__}"
-from transforms.generate import GenerateBatches
-from transforms.validate import Tokenize
-for fn in (GenerateBatches("gs://bucket/model"), Tokenize("gs://bucket/model", 1024)):
+from transforms.generate import GenerateBatches, Generation
+from transforms.resources import shared_tokenizer
+from transforms.work import Prepare
+for fn in (GenerateBatches("gs://bucket/model"), Prepare(Generation(n_ctx=1024), shared_tokenizer("gs://bucket/model"))):
     assert type(pickler.loads(pickler.dumps(fn))) is type(fn)
 print("\\n".join(importlib.metadata.requires("gpt2-beam")))
 """
@@ -87,7 +88,8 @@ def dofns(pipeline: beam.Pipeline) -> list[tuple[str, str, dict]]:
         def visit_transform(self, node):
             fn = getattr(node.transform, "fn", None)
             if isinstance(fn, beam.DoFn):
-                plain = {k: v for k, v in vars(fn).items() if isinstance(v, (str, int, float, tuple, list))}
+                values = {**vars(fn), **vars(fn.task)} if hasattr(fn, "task") else vars(fn)  # a task's fields too
+                plain = {k: v for k, v in values.items() if isinstance(v, (str, int, float, tuple, list))}
                 found.append((node.full_label, type(fn).__name__, plain))
 
     pipeline.visit(Visitor())
@@ -107,6 +109,6 @@ def test_pipeline_round_trips_through_the_runner_api(model_dir):
     assert [name for name, _, _ in after] == [name for name, _, _ in before]
     assert after == before
     attrs = {cls: a for _, cls, a in after}
-    assert {"GenerateBatches", "Tokenize", "Detokenize", "WriteShard", "ReadRowGroup"} <= attrs.keys()
-    assert attrs["WriteShard"]["output_dir"] == "gs://bucket/out" and attrs["Detokenize"]["stops"] == ["\n\n"]
-    assert attrs["Tokenize"]["n_ctx"] == 1024 and attrs["Detokenize"]["model_label"] == "tiny@0123"
+    assert {"GenerateBatches", "Prepare", "Format", "WriteShard", "ReadRowGroup"} <= attrs.keys()
+    assert attrs["WriteShard"]["output_dir"] == "gs://bucket/out" and attrs["Format"]["stops"] == ("\n\n",)
+    assert attrs["Prepare"]["n_ctx"] == 1024 and attrs["Format"]["model_label"] == "tiny@0123"

@@ -1,4 +1,4 @@
-"""Beam PTransforms and DoFns: read -> validate -> tokenize -> batch -> generate -> detokenize -> write.
+"""Beam PTransforms and DoFns: read -> prepare (validate, tokenize) -> batch -> generate or score -> format -> write.
 
 For your own pipelines: `GenerateText` (dict rows in, completion and error rows out), `ScoreText` (dict rows in,
 log-likelihood and error rows out) and `GPT2ModelHandler` (for Beam's RunInference). All are imported on first use:

@@ -1,8 +1,5 @@
-"""Result -> output row: decode the completion and apply stop strings."""
+"""A completion's output row: its text decoded and cut at the first stop string."""
 from __future__ import annotations
-
-from transforms.records import Result, with_keys
-from transforms.resources import SharedResource, TokenizerDoFn, shared_tokenizer
 
 # The fields of a completion row, in the order of the job's completions schema; with logprobs, `logprobs` follows
 # `completion_token_ids` (completion_fields).
@@ -49,20 +46,3 @@ def completion_row(tokenizer, id, prompt: str, prompt_tokens: int, token_ids: li
     row.update(prompt_tokens=prompt_tokens, completion_tokens=len(ids),
                finish_reason="stop" if stopped else finish_reason, model=model_label, precision=precision)
     return row
-
-
-class Detokenize(TokenizerDoFn):
-    """Result -> completion row, with the input row's passthrough keys (and a file row's source and row_index);
-    with logprobs=True, the tokens' log-probabilities too."""
-
-    def __init__(self, model_dir: str, model_label: str, stops: list[str] | None = None,
-                 tokenizer: SharedResource | None = None, logprobs: bool = False):
-        self.tokenizer = tokenizer or shared_tokenizer(model_dir)  # one handle shared with Tokenize: one load
-        self.model_label, self.stops, self.logprobs = model_label, list(stops or []), logprobs
-
-    def process(self, result: Result):
-        r = result.request
-        row = completion_row(self._tok, r.id, r.prompt, len(r.token_ids), result.token_ids, result.finish_reason,
-                             self.stops, self.model_label, result.precision,
-                             result.logprobs if self.logprobs else None, r.sample if r.with_sample else None)
-        yield with_keys(row, r.origin())

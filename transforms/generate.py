@@ -1,20 +1,27 @@
-"""Generation as a task of the batch skeleton (transforms/work.py): runs of requests -> completions with the GPT-2
-generation graph (continuous batching: transforms/batching.py cuts the runs and sets their slots; a worker decodes a
-run in parts of about `run_seconds` each, one Session.run per part, transforms/pacing.py).
+"""Generation as a task of the batch skeleton (transforms/work.py): rows -> requests, one per sample (validate.py's
+checks, tokenized to fit the context); runs of requests -> completions with the GPT-2 generation graph (continuous
+batching: transforms/batching.py cuts the runs and sets their slots; a worker decodes a run in parts of about
+`target_seconds` each, one Session.run per part, transforms/pacing.py); completions -> rows (detokenize.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from apache_beam.metrics import Metrics
 
+from gpt2.sampling import SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, RUNS, group_key, run_slots
+from transforms.detokenize import completion_row
 from transforms.pacing import TARGET_RUN_SECONDS, Pace, parts
 from transforms.progress import NAMESPACE, TOKENS
-from transforms.records import Request, Result
+from transforms.records import NUM_SAMPLES, Request, Result, dead_letter
 from transforms.resources import shared_model
+from transforms.validate import (expand_samples, fit_context, prompt_error, resolve_num_samples, resolve_params,
+                                 to_prompt_row)
 from transforms.work import RunBatches, Task
 
+TRUNCATE = ("none", "left")
 _PACE = Pace()  # this worker process's generation rate, shared by its threads and DoFn instances
 
 
@@ -30,23 +37,79 @@ def row_units(batch: list[Request]) -> list[list[Request]]:
     return units
 
 
+@dataclasses.dataclass
 class Generation(Task):
-    """Requests -> completions, `run_slots` rows decoded at a time (batch_size, fewer where max_batch_tokens says the
-    cache would not fit); `stops` end a row in the graph as soon as its text holds one (Detokenize cuts it out
-    after); logprobs: the graph also gives each token's log-probability (else it skips the log-sum-exp). A run is
-    decoded in parts of about run_seconds of work each (transforms/pacing.py). A row's samples are one unit:
-    retried together, never split between parts."""
+    """Rows -> requests -> completions -> completion rows.
+
+    Requests: a row's sampling fields over `defaults`, its seed from `seed` and its id, num_samples requests (a
+    row's `num_samples` overrides it; None: 1, and only rows that set it have `sample` in their outputs), its prompt
+    tokenized to fit n_ctx with max_new_tokens after it (truncate "left": its last tokens that do).
+    Runs: `run_slots` rows decoded at a time (batch_size, fewer where max_batch_tokens says the cache would not
+    fit); `stops` end a row in the graph as soon as its text holds one (`format` cuts it out); logprobs: the graph
+    also gives each token's log-probability (else it skips the log-sum-exp). A run is decoded in parts of about
+    target_seconds of work each (transforms/pacing.py). A row's samples are one unit: retried together, never split
+    between parts. Output rows carry model_label."""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    stops: Sequence[str] = ()
+    logprobs: bool = False
+    target_seconds: float = TARGET_RUN_SECONDS
+    defaults: SamplingParams = SamplingParams()
+    seed: int = 0
+    num_samples: int | None = None
+    n_ctx: int = 1024
+    truncate: str = "none"
+    model_label: str = ""
+
     policy = RUNS
     name = "generation"
+    stage = "Generate"
     requests_counter = "prompts"
     tokens_counter = TOKENS
     size_metric = "run_size"
 
-    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 stops: Sequence[str] = (), logprobs: bool = False, run_seconds: float = TARGET_RUN_SECONDS):
-        self.batch_size, self.max_batch_tokens, self.stops = batch_size, max_batch_tokens, tuple(stops)
-        self.logprobs, self.run_seconds = logprobs, run_seconds
-        self.padding = Metrics.counter(NAMESPACE, "padding_tokens")
+    def __post_init__(self):
+        self.stops = (self.stops,) if isinstance(self.stops, str) else tuple(self.stops)
+        if self.num_samples is not None:
+            resolve_num_samples(self.num_samples, 1)  # ValueError unless an integer >= 1
+        if self.truncate not in TRUNCATE:
+            raise ValueError(f"truncate must be one of {', '.join(TRUNCATE)}, got {self.truncate!r}")
+        if not self.target_seconds > 0:
+            raise ValueError(f"run_seconds must be > 0, got {self.target_seconds!r}")
+
+    def params(self, prompt, overrides: dict, seed_key) -> SamplingParams:
+        """A prompt's sampling parameters: ValueError naming what is wrong with the prompt or an override."""
+        error = prompt_error(prompt)
+        if error is not None:
+            raise ValueError(error)
+        return resolve_params(overrides, self.defaults, self.seed, seed_key)
+
+    def tokens(self, tokenizer, prompt: str, params: SamplingParams) -> list[int]:
+        """The prompt's token ids that fit the context with params.max_new_tokens after them: ValueError if none."""
+        ids = tokenizer.encode(prompt)
+        kept = fit_context(ids, params.max_new_tokens, self.n_ctx, self.truncate)
+        if len(kept) < len(ids):
+            Metrics.counter(NAMESPACE, "truncated_prompts").inc()
+        return kept
+
+    def prepare(self, tokenizer, element) -> list[Request] | dict:
+        """A PromptRow or dict row -> a Request per sample, each with its own seed (`expand_samples`)."""
+        try:
+            row = to_prompt_row(element)
+        except ValueError as e:
+            return dead_letter(None, None, str(e), None)
+        n = row.overrides.get(NUM_SAMPLES)
+        try:
+            if row.id is None:
+                raise ValueError("id is null")
+            params = self.params(row.prompt, {k: v for k, v in row.overrides.items() if k != NUM_SAMPLES}, row.id)
+            num_samples = resolve_num_samples(n, self.num_samples or 1)
+            ids = self.tokens(tokenizer, row.prompt, params)
+        except ValueError as e:
+            return row.dead_letter(str(e))
+        return list(expand_samples(Request(row.id, row.prompt, ids, params, row.source, row.row_index, row.extra,
+                                           num_samples=num_samples,
+                                           with_sample=self.num_samples is not None or n is not None)))
 
     def generate(self, model, requests: list[Request]) -> list:
         """The model's completions of the requests, as one run."""
@@ -59,7 +122,7 @@ class Generation(Task):
 
     def account(self, requests: list[Request], results: list[Result], seconds: float) -> tuple[int, int]:
         longest = max(len(r.token_ids) for r in requests)
-        self.padding.inc(sum(longest - len(r.token_ids) for r in requests))
+        Metrics.counter(NAMESPACE, "padding_tokens").inc(sum(longest - len(r.token_ids) for r in requests))
         tokens = sum(len(c.token_ids) for c in results)
         _PACE.record(tokens, seconds)
         return len(requests), tokens
@@ -70,20 +133,25 @@ class Generation(Task):
     def parts(self, units: list[list[Request]]):
         rows = [r for u in units for r in u]
         slots = run_slots(rows, self.batch_size, self.max_batch_tokens)
-        return parts(units, _PACE, slots, lambda u: sum(r.params.max_new_tokens for r in u), self.run_seconds)
+        return parts(units, _PACE, slots, lambda u: sum(r.params.max_new_tokens for r in u), self.target_seconds)
 
     def failure(self, unit: list[Request], error: Exception) -> str:
         r = unit[0]
         which = "" if r.num_samples == 1 else f" (samples {r.sample}..{unit[-1].sample} of {r.num_samples})"
         return f"generation failed{which}: {type(error).__name__}: {error}"
 
+    def format(self, tokenizer, result: Result) -> dict:
+        """A completion's row (detokenize.completion_fields), its text cut before the first stop string."""
+        r = result.request
+        return completion_row(tokenizer, r.id, r.prompt, len(r.token_ids), result.token_ids, result.finish_reason,
+                              self.stops, self.model_label, result.precision,
+                              result.logprobs if self.logprobs else None, r.sample if r.with_sample else None)
+
 
 class GenerateBatches(RunBatches):
-    """RunBatches of the generation task: list[Request] (a run) -> a Result per request."""
+    """RunBatches of the generation task: list[Request] (a run) -> a Result per request. task: the Generation, else
+    one of the keyword arguments (its fields)."""
 
     def __init__(self, model_dir: str, precision: str = "auto", intra_threads: int | None = None,
-                 logprobs: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, stops: Sequence[str] = (),
-                 target_seconds: float = TARGET_RUN_SECONDS):
-        super().__init__(Generation(batch_size, max_batch_tokens, stops, logprobs, target_seconds),
-                         shared_model(model_dir, precision, intra_threads))
+                 task: Generation | None = None, **generation):
+        super().__init__(task or Generation(**generation), shared_model(model_dir, precision, intra_threads))

@@ -25,6 +25,7 @@ never waiting for the input to end.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, NamedTuple
 
@@ -32,16 +33,10 @@ import apache_beam as beam
 
 from gpt2.sampling import sampling_params
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
-from transforms.detokenize import Detokenize
 from transforms.generate import GenerateBatches, Generation
 from transforms.model_cache import model_identity
 from transforms.pacing import TARGET_RUN_SECONDS
-from transforms.records import ERRORS
-from transforms.resources import shared_tokenizer
-from transforms.validate import Tokenize, ValidateRows, expand_samples, resolve_num_samples
-from transforms.work import Batching
-
-TRUNCATE = ("none", "left")
+from transforms.work import Batching, BatchWork
 
 
 class GenerateTextResult(NamedTuple):
@@ -49,7 +44,7 @@ class GenerateTextResult(NamedTuple):
     errors: beam.PCollection
 
 
-class GenerateText(beam.PTransform):
+class GenerateText(BatchWork):
     """PCollection of dict rows -> GenerateTextResult(completions, errors).
 
     model_dir: a directory written by `python -m pipeline.export`, local or gs:// (each worker machine copies it
@@ -76,6 +71,7 @@ class GenerateText(beam.PTransform):
       the manifest once before it starts); by default read from model_dir's manifest.
     clock: for tests (seconds, as time.time): the clock of the maximum wait.
     """
+    result_type = GenerateTextResult
 
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
                  seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -84,40 +80,9 @@ class GenerateText(beam.PTransform):
                  intra_op_threads: int | None = None,
                  model_label: str | None = None, n_ctx: int | None = None, logprobs: bool = False,
                  num_samples: int | None = None, clock: Callable[[], float] = time.time, **sampling):
-        super().__init__()
-        if num_samples is not None:
-            resolve_num_samples(num_samples, 1)  # ValueError unless an integer >= 1
-        self.defaults = sampling_params(**sampling)  # TypeError for an unknown name, ValueError for a bad value
-        if truncate not in TRUNCATE:
-            raise ValueError(f"truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
-        if isinstance(stop, str):
-            stop = [stop]
-        self.batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
-        if not run_seconds > 0:
-            raise ValueError(f"run_seconds must be > 0, got {run_seconds!r}")
-        model_label, n_ctx = model_identity(model_dir, model_label, n_ctx)
-        self.model_dir, self.model_label, self.n_ctx = model_dir, model_label, n_ctx
-        self.seed, self.stops, self.truncate = seed, list(stop), truncate
-        self.run_seconds = run_seconds
-        self.precision, self.intra_op_threads, self.logprobs = precision, intra_op_threads, bool(logprobs)
-        self.num_samples = num_samples
-
-    def expand(self, rows) -> GenerateTextResult:
-        tokenizer = shared_tokenizer(self.model_dir)  # one handle for Tokenize and Detokenize: one load per process
-        valid = rows | "Validate" >> beam.ParDo(ValidateRows(
-            self.defaults, self.seed, self.num_samples or 1, self.num_samples is not None)).with_outputs(
-            ERRORS, main="ok")
-        tokens = valid.ok | "Tokenize" >> beam.ParDo(
-            Tokenize(self.model_dir, self.n_ctx, self.truncate, tokenizer)).with_outputs(ERRORS, main="ok")
-        b = self.batching
-        results = (tokens.ok
-                   | "Samples" >> beam.FlatMap(expand_samples)
-                   | "Batch" >> b.transform(Generation.policy, rows.is_bounded)
-                   | "Generate" >> beam.ParDo(GenerateBatches(self.model_dir, self.precision, self.intra_op_threads,
-                                                                self.logprobs, b.batch_size, b.max_batch_tokens,
-                                                                self.stops, self.run_seconds))
-                   .with_outputs(ERRORS, main="ok"))
-        completions = results.ok | "Detokenize" >> beam.ParDo(
-            Detokenize(self.model_dir, self.model_label, self.stops, tokenizer, self.logprobs))
-        errors = (valid[ERRORS], tokens[ERRORS], results[ERRORS]) | "Errors" >> beam.Flatten()
-        return GenerateTextResult(completions, errors)
+        generation = Generation(batch_size, max_batch_tokens, stop, bool(logprobs), run_seconds,
+                                sampling_params(**sampling), seed, num_samples, truncate=truncate)
+        batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
+        self.model_label, self.n_ctx = model_identity(model_dir, model_label, n_ctx)
+        super().__init__(GenerateBatches(model_dir, precision, intra_op_threads, task=dataclasses.replace(
+            generation, n_ctx=self.n_ctx, model_label=self.model_label)), batching, model_dir)

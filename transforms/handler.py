@@ -32,15 +32,12 @@ from typing import Any, Iterable, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from gpt2.sampling import FIELDS, SamplingParams, sampling_params
+from gpt2.sampling import FIELDS, sampling_params
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
-from transforms.detokenize import completion_row
 from transforms.generate import Generation
-from transforms.generate_text import TRUNCATE
 from transforms.model_cache import local_model_dir
-from transforms.records import Request
+from transforms.records import Request, Result
 from transforms.resources import load_model, load_tokenizer
-from transforms.validate import fit_context, prompt_error, resolve_params
 from transforms.work import split_and_retry
 
 # ModelHandler's own keyword arguments (batching, model sharing), passed through to it.
@@ -89,12 +86,10 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
             raise TypeError(f"GPT2ModelHandler got unknown keyword argument(s) {', '.join(unknown)}")
         kwargs.setdefault("max_batch_size", DEFAULT_BATCH_SIZE)
         super().__init__(**kwargs)
-        self.defaults = sampling_params(**sampling)
-        if truncate not in TRUNCATE:
-            raise ValueError(f"truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
-        self.model_dir, self.seed, self.truncate = model_dir, seed, truncate
-        self.stops = [stop] if isinstance(stop, str) else list(stop)
-        self.max_batch_tokens, self.precision, self.intra_op_threads = max_batch_tokens, precision, intra_op_threads
+        # each batch's task: this one with the batch's size, the model's context and label, inference_args' values
+        self.task = Generation(max_batch_tokens=max_batch_tokens, stops=stop, defaults=sampling_params(**sampling),
+                               seed=seed, truncate=truncate)
+        self.model_dir, self.precision, self.intra_op_threads = model_dir, precision, intra_op_threads
 
     def load_model(self) -> GPT2Engine:
         return GPT2Engine(self.model_dir, self.precision, self.intra_op_threads)
@@ -106,37 +101,18 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
                 raise ValueError(f"inference_args may hold sampling values ({', '.join(FIELDS)}), not "
                                  f"{', '.join(unknown)}")
             args = {k: v for k, v in inference_args.items() if k != "seed"}
-            sampling_params(**{**dataclasses.asdict(self.defaults), **args})
-
-    def _request(self, i: int, example, engine: GPT2Engine, n_ctx: int, defaults: SamplingParams,
-                 seed: int) -> Request:
-        """The example as a Request; ValueError naming it and what is wrong."""
-        if isinstance(example, Mapping):
-            row_id, prompt = example.get("id"), example.get("prompt")
-            overrides = {k: example[k] for k in FIELDS if k in example}
-        else:
-            row_id, prompt, overrides = None, example, {}
-        error = prompt_error(prompt)
-        try:
-            if error is None:
-                params = resolve_params(overrides, defaults, seed, prompt if row_id is None else row_id)
-                ids, error = fit_context(engine.encode(prompt), params.max_new_tokens, n_ctx, self.truncate)
-        except ValueError as e:
-            error = str(e)
-        if error is not None:
-            raise ValueError(f"example {i} ({_show(example)}): {error}")
-        return Request(row_id, prompt, ids, params)
+            sampling_params(**{**dataclasses.asdict(self.task.defaults), **args})
 
     def run_inference(self, batch: Sequence[Any], model: GPT2Engine,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         args = dict(inference_args or {})
-        seed = args.pop("seed", self.seed)
-        defaults = dataclasses.replace(self.defaults, **args)
+        seed = args.pop("seed", self.task.seed)
         label, precision, n_ctx = model.info()
-        requests = [self._request(i, example, model, n_ctx, defaults, seed) for i, example in enumerate(batch)]
+        task = dataclasses.replace(self.task, batch_size=len(batch), defaults=dataclasses.replace(
+            self.task.defaults, **args), seed=seed, n_ctx=n_ctx, model_label=label)  # one run: a slot per row
+        requests = [example_request(i, example, model, task) for i, example in enumerate(batch)]
         index = {id(r): i for i, r in enumerate(requests)}
         rows: list[dict | None] = [None] * len(batch)
-        task = Generation(len(batch), self.max_batch_tokens, self.stops)  # one run: a slot per row, memory allowing
         run = lambda part: task.generate(model, part)  # noqa: E731
         for done, outcome, _ in split_and_retry(run, sorted(requests, key=task.policy.sort_key)):
             if isinstance(outcome, Exception):
@@ -144,12 +120,25 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
                 raise RuntimeError(f"example {i} ({_show(batch[i])}): generation failed: "
                                    f"{type(outcome).__name__}: {outcome}") from outcome
             for r, c in zip(done, outcome):
-                rows[index[id(r)]] = completion_row(model, r.id, r.prompt, len(r.token_ids), c.token_ids,
-                                                    c.finish_reason, self.stops, label, precision)
+                rows[index[id(r)]] = task.format(model, Result(r, c.token_ids, c.finish_reason, precision))
         return [PredictionResult(example, row, label) for example, row in zip(batch, rows)]
 
     def __repr__(self) -> str:
         return f"GPT2ModelHandler({self.model_dir!r})"
+
+
+def example_request(i: int, example, engine: GPT2Engine, task: Generation) -> Request:
+    """The example as a Request; ValueError naming it and what is wrong."""
+    if isinstance(example, Mapping):
+        row_id, prompt = example.get("id"), example.get("prompt")
+        overrides = {k: example[k] for k in FIELDS if k in example}
+    else:
+        row_id, prompt, overrides = None, example, {}
+    try:
+        params = task.params(prompt, overrides, prompt if row_id is None else row_id)
+        return Request(row_id, prompt, task.tokens(engine, prompt, params), params)
+    except ValueError as e:
+        raise ValueError(f"example {i} ({_show(example)}): {e}") from None
 
 
 def _show(example, limit: int = 60) -> str:

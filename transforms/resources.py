@@ -1,12 +1,12 @@
 """Per-worker-process resources, loaded once and shared by all threads through Beam's `Shared`.
 
 Beam's `Shared` identifies an object by the handle it was created with (a key pickled with it) and a tag: DoFns that
-must share one object in a worker process must hold copies of the same handle. `GenerateText` makes one tokenizer
-handle and gives it to both Tokenize and Detokenize: one tokenizer per process, one look-up of a gs:// model.
+must share one object in a worker process must hold copies of the same handle. `BatchWork` (transforms/work.py)
+makes one tokenizer handle and gives it to both Prepare and Format: one tokenizer per process, one look-up of a
+gs:// model.
 """
 from __future__ import annotations
 
-import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 
@@ -18,17 +18,6 @@ class SharedResource:
 
     def get(self):
         return self._shared.acquire(self._load, tag=self._key)
-
-
-class TokenizerDoFn(beam.DoFn):
-    """A DoFn that uses the worker process's tokenizer (`self.tokenizer`, a SharedResource) as `self._tok`."""
-    tokenizer: SharedResource
-
-    def setup(self):
-        self._tok = self.tokenizer.get()
-
-    def teardown(self):
-        self._tok = None  # the last reference going frees the shared tokenizer
 
 
 def load_tokenizer(model_dir: str):

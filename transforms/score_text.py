@@ -37,16 +37,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.metrics import Metrics
 
 from gpt2.config import EOT_TOKEN
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, SCORE_BATCHES, cut_windows
 from transforms.model_cache import model_identity
 from transforms.progress import SCORED_TOKENS
-from transforms.records import ERRORS, PromptRow, Record, with_keys
-from transforms.resources import TokenizerDoFn, shared_model, shared_tokenizer
+from transforms.records import PromptRow, Record, with_keys
+from transforms.resources import shared_model
 from transforms.validate import prompt_error
-from transforms.work import Batching, RunBatches, Task
+from transforms.work import Batching, BatchWork, RunBatches, Task
 
 SCORES_SCHEMA = pa.schema([
     ("id", pa.string()), ("tokens", pa.int32()), ("logprob_sum", pa.float64()), ("mean_logprob", pa.float64()),
@@ -142,15 +141,32 @@ def score_row(id, token_ids: list[int], logprobs: Sequence[float], model_label: 
     return row
 
 
-class PrepareScores(TokenizerDoFn):
-    """PromptRow or dict row -> ScoreRequest; a row that cannot be scored is a dead letter (ERRORS)."""
+@dataclasses.dataclass
+class Scoring(Task):
+    """Rows -> texts cut into windows -> each scored token's log-probability -> score rows.
 
-    def __init__(self, model_dir: str, n_ctx: int, stride: int, text_key: str, prompt_key: str,
-                 completion_key: str | None):
-        self.tokenizer = shared_tokenizer(model_dir)
-        self.n_ctx, self.stride = n_ctx, stride
-        self.text_key, self.prompt_key, self.completion_key = text_key, prompt_key, completion_key
-        self.rejected = Metrics.counter("gpt2", "dead_letters")
+    Rows: the text under text_key, or (completion_key) the completion under it given the prompt under prompt_key;
+    windows of at most n_ctx tokens every `stride` (`score_windows`). A batch's windows are scored up to batch_size
+    windows and max_batch_tokens (windows x longest) per Session.run. Output rows carry model_label, and with
+    token_logprobs each scored token and its log-probability."""
+    n_ctx: int
+    stride: int
+    text_key: str = "text"
+    prompt_key: str = "prompt"
+    completion_key: str | None = None
+    token_logprobs: bool = False
+    model_label: str = ""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+
+    policy = SCORE_BATCHES
+    name = "scoring"
+    stage = "Score"
+    requests_counter = "texts"
+    tokens_counter = SCORED_TOKENS  # size_metric: Task's, batch_size (windows per batch)
+
+    def __post_init__(self):
+        check_stride(self.stride, self.n_ctx)
 
     def to_request(self, element) -> tuple[ScoreRequest, Any]:
         """The row as a ScoreRequest not yet cut into windows, and its completion (None in text mode)."""
@@ -180,40 +196,20 @@ class PrepareScores(TokenizerDoFn):
                 return error
         return prompt_error(completion, "completion", blank_ok=True)
 
-    def process(self, element):
+    def prepare(self, tokenizer, element) -> list[ScoreRequest] | dict:
+        """A PromptRow or dict row -> its ScoreRequest: <|endoftext|> + its tokens, cut into windows."""
         try:
             row, completion = self.to_request(element)
         except ValueError as e:
-            self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, {"id": None, "error": str(e)})
-            return
+            return {"id": None, "error": str(e)}
         error = self.error(row, completion)
         if error is not None:
-            self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, row.dead_letter(error))
-            return
-        if self.completion_key is None:
-            seq = [EOT_TOKEN] + self._tok.encode(row.prompt)
-            start = 1
-        else:
-            prompt = self._tok.encode(row.prompt) if row.prompt else []
-            seq = [EOT_TOKEN] + prompt + self._tok.encode(completion)
-            start = 1 + len(prompt)
-        windows = score_windows(len(seq), start, self.n_ctx, self.stride)
-        yield dataclasses.replace(row, windows=[seq[b:e] for b, e, _ in windows],
-                                  keep=[f - b - 1 for b, e, f in windows])
-
-
-class Scoring(Task):
-    """Texts -> each scored token's log-probability, a batch's windows scored up to batch_size windows and
-    max_batch_tokens (windows x longest) per Session.run."""
-    policy = SCORE_BATCHES
-    name = "scoring"
-    requests_counter = "texts"
-    tokens_counter = SCORED_TOKENS  # size_metric: Task's, batch_size (windows per batch)
-
-    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
-        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+            return row.dead_letter(error)
+        head = tokenizer.encode(row.prompt) if row.prompt else []  # the text, or the prompt (maybe "")
+        seq = [EOT_TOKEN] + head + ([] if completion is None else tokenizer.encode(completion))
+        windows = score_windows(len(seq), 1 if completion is None else 1 + len(head), self.n_ctx, self.stride)
+        return [dataclasses.replace(row, windows=[seq[b:e] for b, e, _ in windows],
+                                    keep=[f - b - 1 for b, e, f in windows])]
 
     def run(self, model, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Each request's kept log-probabilities, in token order."""
@@ -227,17 +223,10 @@ class Scoring(Task):
     def account(self, requests: list[ScoreRequest], results: list, seconds: float) -> tuple[int, int]:
         return sum(len(r.windows) for r in requests), sum(len(r.logprobs) for r in results)
 
-
-class FormatScores(beam.DoFn):
-    """ScoreResult -> output row: scores_schema's fields, then the row's other keys (a file row's source and row_index)."""
-
-    def __init__(self, model_label: str, token_logprobs: bool):
-        self.model_label, self.token_logprobs = model_label, token_logprobs
-
-    def process(self, result: ScoreResult):
+    def format(self, tokenizer, result: ScoreResult) -> dict:
+        """scores_schema's fields."""
         r = result.request
-        row = score_row(r.id, r.token_ids, result.logprobs, self.model_label, result.precision, self.token_logprobs)
-        yield with_keys(row, r.origin())
+        return score_row(r.id, r.token_ids, result.logprobs, self.model_label, result.precision, self.token_logprobs)
 
 
 class ScoreTextResult(NamedTuple):
@@ -245,7 +234,7 @@ class ScoreTextResult(NamedTuple):
     errors: beam.PCollection
 
 
-class ScoreText(beam.PTransform):
+class ScoreText(BatchWork):
     """PCollection of dict rows -> ScoreTextResult(scores, errors).
 
     model_dir: a directory written by `python -m pipeline.export`, local or gs://.
@@ -257,6 +246,7 @@ class ScoreText(beam.PTransform):
       windows stay together: a row with more is a batch of its own, scored this many windows per run).
     streaming, max_wait_secs, precision, intra_op_threads, model_label, n_ctx, clock: as GenerateText's.
     """
+    result_type = ScoreTextResult
 
     def __init__(self, model_dir: str, *, text_key: str = "text", prompt_key: str = "prompt",
                  completion_key: str | None = None, token_logprobs: bool = False, stride: int | None = None,
@@ -264,25 +254,9 @@ class ScoreText(beam.PTransform):
                  streaming: bool | None = None, max_wait_secs: float = 1.0, precision: str = "auto",
                  intra_op_threads: int | None = None, model_label: str | None = None, n_ctx: int | None = None,
                  clock: Callable[[], float] = time.time):
-        super().__init__()
-        self.batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
+        batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
         model_label, n_ctx = model_identity(model_dir, model_label, n_ctx)
-        stride = n_ctx // 2 if stride is None else stride
-        check_stride(stride, n_ctx)
-        self.model_dir, self.model_label, self.n_ctx, self.stride = model_dir, model_label, n_ctx, stride
-        self.text_key, self.prompt_key, self.completion_key = text_key, prompt_key, completion_key
-        self.token_logprobs = bool(token_logprobs)
-        self.precision, self.intra_op_threads = precision, intra_op_threads
-
-    def expand(self, rows) -> ScoreTextResult:
-        prepared = rows | "Prepare" >> beam.ParDo(PrepareScores(
-            self.model_dir, self.n_ctx, self.stride, self.text_key, self.prompt_key, self.completion_key)
-        ).with_outputs(ERRORS, main="ok")
-        b = self.batching
-        results = (prepared.ok
-                   | "Batch" >> b.transform(Scoring.policy, rows.is_bounded)
-                   | "Score" >> beam.ParDo(RunBatches(Scoring(b.batch_size, b.max_batch_tokens), shared_model(
-                       self.model_dir, self.precision, self.intra_op_threads))).with_outputs(ERRORS, main="ok"))
-        scores = results.ok | "Format" >> beam.ParDo(FormatScores(self.model_label, self.token_logprobs))
-        errors = (prepared[ERRORS], results[ERRORS]) | "Errors" >> beam.Flatten()
-        return ScoreTextResult(scores, errors)
+        scoring = Scoring(n_ctx, n_ctx // 2 if stride is None else stride, text_key, prompt_key, completion_key,
+                          bool(token_logprobs), model_label, batch_size, max_batch_tokens)
+        super().__init__(RunBatches(scoring, shared_model(model_dir, precision, intra_op_threads)), batching,
+                         model_dir)

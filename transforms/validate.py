@@ -1,6 +1,5 @@
-"""Validate rows and tokenize prompts; anything unusable goes to the dead-letter output with a reason.
-
-The checks are plain functions, shared by the DoFns here and by `GPT2ModelHandler`.
+"""Row checks, per-row parameters and seeds, samples and the context check: plain functions, used by the generation
+task (transforms/generate.py, which GenerateText and `GPT2ModelHandler` run) and, the text checks, by scoring.
 """
 from __future__ import annotations
 
@@ -10,13 +9,10 @@ import math
 from collections.abc import Mapping
 from typing import Iterator
 
-import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from gpt2.sampling import SamplingParams, coerce
-from transforms.records import ERRORS, NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request, dead_letter
-from transforms.resources import SharedResource, TokenizerDoFn, shared_tokenizer
+from transforms.records import NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request
 
 ROW_KEYS = ("id", "prompt")  # besides the per-row options (ROW_OPTIONS), the keys a dict row's generation reads
 
@@ -76,18 +72,18 @@ def prompt_error(prompt, name: str = "prompt", blank_ok: bool = False) -> str | 
     return None
 
 
-def fit_context(ids: list[int], max_new_tokens: int, n_ctx: int, truncate: str) -> tuple[list[int], str | None]:
-    """(prompt ids, None) if they fit the context with max_new_tokens after them (with truncate == "left", the
-    prompt's last tokens that do), else (ids, why not)."""
+def fit_context(ids: list[int], max_new_tokens: int, n_ctx: int, truncate: str) -> list[int]:
+    """The prompt ids if they fit the context with max_new_tokens after them (with truncate == "left", the
+    prompt's last tokens that do), else ValueError saying why not."""
     room = n_ctx - max_new_tokens
     if room < 1:
-        return ids, f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {n_ctx}-token context"
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {n_ctx}-token context")
     if len(ids) > room:
         if truncate == "left":
-            return ids[-room:], None
-        return ids, (f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model context of {n_ctx} "
-                     f"(use --truncate left, or truncate='left' in GenerateText, to keep the prompt's end)")
-    return ids, None
+            return ids[-room:]
+        raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model context of {n_ctx} "
+                         f"(use --truncate left, or truncate='left' in GenerateText, to keep the prompt's end)")
+    return ids
 
 
 def to_prompt_row(element) -> PromptRow:
@@ -100,62 +96,6 @@ def to_prompt_row(element) -> PromptRow:
     overrides = {k: element[k] for k in ROW_OPTIONS if k in element}
     extra = {k: v for k, v in element.items() if k not in ROW_KEYS and k not in overrides}
     return PromptRow(element.get("id"), element.get("prompt"), overrides, extra=extra)
-
-
-class ValidateRows(beam.DoFn):
-    """PromptRow or dict row -> (PromptRow, SamplingParams, num_samples, with_sample) for a usable prompt and
-    parameters; else a dead letter. num_samples: the rows' default (a row's `num_samples` overrides it);
-    sample_field: every row's outputs carry `sample` (else only those of rows that set num_samples)."""
-
-    def __init__(self, defaults: SamplingParams, run_seed: int, num_samples: int = 1, sample_field: bool = False):
-        self.defaults, self.run_seed = defaults, run_seed
-        self.num_samples, self.sample_field = num_samples, sample_field
-        self.rejected = Metrics.counter("gpt2", "dead_letters")
-
-    def process(self, element):
-        try:
-            row = to_prompt_row(element)
-        except ValueError as e:
-            self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, dead_letter(None, None, str(e), None))
-            return
-        error = "id is null" if row.id is None else prompt_error(row.prompt)
-        if error is None:
-            try:
-                overrides = {k: v for k, v in row.overrides.items() if k != NUM_SAMPLES}
-                n = row.overrides.get(NUM_SAMPLES)
-                yield (row, resolve_params(overrides, self.defaults, self.run_seed, row.id),
-                       resolve_num_samples(n, self.num_samples), self.sample_field or n is not None)
-                return
-            except ValueError as e:
-                error = str(e)
-        self.rejected.inc()
-        yield beam.pvalue.TaggedOutput(ERRORS, row.dead_letter(error))
-
-
-class Tokenize(TokenizerDoFn):
-    """(PromptRow, SamplingParams, num_samples, with_sample) -> Request (of its row, not yet one per sample:
-    `expand_samples`); prompts that do not fit the context are dead letters unless truncate == 'left', which keeps
-    the prompt's last tokens."""
-
-    def __init__(self, model_dir: str, n_ctx: int, truncate: str = "none", tokenizer: SharedResource | None = None):
-        self.tokenizer = tokenizer or shared_tokenizer(model_dir)  # one handle shared with Detokenize: one load
-        self.n_ctx, self.truncate = n_ctx, truncate
-        self.rejected = Metrics.counter("gpt2", "dead_letters")
-        self.truncated = Metrics.counter("gpt2", "truncated_prompts")
-
-    def process(self, element):
-        row, params, num_samples, with_sample = element
-        ids = self._tok.encode(row.prompt)
-        kept, error = fit_context(ids, params.max_new_tokens, self.n_ctx, self.truncate)
-        if error is None:
-            if len(kept) < len(ids):
-                self.truncated.inc()
-            yield Request(row.id, row.prompt, kept, params, row.source, row.row_index, row.extra,
-                          num_samples=num_samples, with_sample=with_sample)
-        else:
-            self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, row.dead_letter(error))
 
 
 def expand_samples(request: Request) -> Iterator[Request]:

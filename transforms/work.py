@@ -1,11 +1,13 @@
 """The skeleton of batch work against the shared model: generation and scoring are each a `Task` run by it.
 
-    rows -> requests (or dead letters) -> batches (the task's policy) -> RunBatches(task) -> results -> output rows
+    rows -> Prepare (requests, or dead letters) -> Batch (the task's policy) -> RunBatches -> Format -> output rows
 
-A task holds its batching policy and how a batch runs on the model; its transform's DoFns make requests of rows and
-output rows of results. `RunBatches` runs any task's batches: the model once per worker process (Beam's `Shared`),
-metrics, progress, and split-and-retry down to single rows, so that a bad row costs only itself (a dead letter with
-its reason), where RunInference would dead-letter its batch whole. `Batching` is the batching in front of it.
+A task is what differs between kinds of work: how a row becomes requests (or its dead letter), its batching policy,
+how a batch runs on the model, and how a result becomes an output row. `BatchWork` is the composite transform of
+the stages above, which GenerateText and ScoreText configure. `RunBatches` runs any task's batches: the model once
+per worker process (Beam's `Shared`), metrics, progress, and split-and-retry down to single rows, so that a bad row
+costs only itself (a dead letter with its reason), where RunInference would dead-letter its batch whole. Prepare
+and Format share one tokenizer per worker process. `Batching` is the batching in front of RunBatches.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from apache_beam.metrics import Metrics
 
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, BatchByLength, BatchByWait, Policy
 from transforms.progress import NAMESPACE, Counter, log_done
-from transforms.records import ERRORS
-from transforms.resources import SharedResource
+from transforms.records import ERRORS, with_keys
+from transforms.resources import SharedResource, shared_tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,13 +48,23 @@ def split_and_retry(run: Callable[[Sequence[T]], list], batch: Sequence[T]) -> I
 
 
 class Task:
-    """One kind of batch work. name: a failure's dead letter says "<name> failed: ...". requests_counter,
-    tokens_counter (a progress counter), size_metric: the Beam metrics of requests and tokens done, and run sizes."""
+    """One kind of batch work. name: a failure's dead letter says "<name> failed: ...". stage: the label of its
+    RunBatches step. requests_counter, tokens_counter (a progress counter), size_metric: the Beam metrics of
+    requests and tokens done, and run sizes."""
     policy: Policy
     name = "work"
+    stage = "Run"
     requests_counter = "requests"
     tokens_counter = "tokens"
     size_metric = "batch_size"
+
+    def prepare(self, tokenizer, row) -> list | dict:
+        """An input row -> its requests, or its dead letter (a dict)."""
+        raise NotImplementedError
+
+    def format(self, tokenizer, result) -> dict:
+        """A result -> its output row's own fields (Format adds the input row's passthrough keys and origin)."""
+        raise NotImplementedError
 
     def run(self, model, requests: list) -> list:
         """A result per request, from the model: a batch, or a part of one (`parts`)."""
@@ -131,3 +143,56 @@ class Batching:
         if (not bounded) if self.streaming is None else self.streaming:
             return BatchByWait(self.batch_size, self.max_batch_tokens, self.max_wait_secs, self.clock, policy)
         return BatchByLength(self.batch_size, self.max_batch_tokens, policy=policy)
+
+
+class TaskDoFn(beam.DoFn):
+    """A DoFn of a task's own step, with the worker process's tokenizer (`tokenizer`, a SharedResource) as `_tok`."""
+
+    def __init__(self, task: Task, tokenizer: SharedResource):
+        self.task, self.tokenizer = task, tokenizer
+
+    def setup(self):
+        self._tok = self.tokenizer.get()
+
+    def teardown(self):
+        self._tok = None  # the last reference going frees the shared tokenizer
+
+
+class Prepare(TaskDoFn):
+    """An input row -> its requests (the task's `prepare`), or its dead letter (ERRORS)."""
+
+    def process(self, row):
+        prepared = self.task.prepare(self._tok, row)
+        if isinstance(prepared, dict):
+            Metrics.counter(NAMESPACE, "dead_letters").inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, prepared)
+        else:
+            yield from prepared
+
+
+class Format(TaskDoFn):
+    """A result -> its output row: the task's `format`, then the input row's passthrough keys (and a file row's
+    source and row_index)."""
+
+    def process(self, result):
+        yield with_keys(self.task.format(self._tok, result), result.request.origin())
+
+
+class BatchWork(beam.PTransform):
+    """PCollection of rows -> result_type(output rows, dead letters): Prepare -> Batch -> `run` -> Format.
+    run: the RunBatches of the task; model_dir: the tokenizer's, one handle for Prepare and Format (one load per
+    worker process)."""
+    result_type: type  # a NamedTuple of the two
+
+    def __init__(self, run: RunBatches, batching: Batching, model_dir: str):
+        super().__init__()
+        self.run, self.batching, self.tokenizer = run, batching, shared_tokenizer(model_dir)
+
+    def expand(self, rows):
+        task = self.run.task
+        prepared = rows | "Prepare" >> beam.ParDo(Prepare(task, self.tokenizer)).with_outputs(ERRORS, main="ok")
+        results = (prepared.ok
+                   | "Batch" >> self.batching.transform(task.policy, rows.is_bounded)
+                   | task.stage >> beam.ParDo(self.run).with_outputs(ERRORS, main="ok"))
+        outputs = results.ok | "Format" >> beam.ParDo(Format(task, self.tokenizer))
+        return self.result_type(outputs, (prepared[ERRORS], results[ERRORS]) | "Errors" >> beam.Flatten())
