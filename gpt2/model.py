@@ -59,7 +59,8 @@ MAX_REDUCTION = 768  # inputs a bfloat16/float16 matmul sums in one call (see th
 VOCAB_MULTIPLE = 64  # the LM head's width is padded to a multiple of this (50257 -> 50304, as nanoGPT does)
 SOFTMAX_MULTIPLE = 32  # attention's softmax runs over a width padded to a multiple of this (see attend)
 CANDIDATE_MULTIPLE = 16  # the sampler's candidates per row, rounded up to whole vectors of 16 floats
-ADMIT_ROWS = 16  # requests prefilled together when slots free up (see admit)
+ADMIT_ROWS = 16  # requests prefilled together when slots free up, at most (see admit)
+ADMIT_WIDTH = 1024 * 768  # and at most so many positions x n_embd (124M: 1024 prompt positions; 1.5B: 491)
 EXACT_SCALE = 2.0 ** 36  # row_sum_exp's fixed point: 2^36 * (2^16 values of at most 1) stays below 2^53
 
 
@@ -596,15 +597,17 @@ def choose(run: Run, request: tf.Tensor, step: tf.Tensor, logits: tf.Tensor, n_n
 
 
 def admit(run: Run, s: LoopState) -> LoopState:
-    """The next requests into the free slots, in order, ADMIT_ROWS at a time (`admit_group`): a prefill's
+    """The next requests into the free slots, in order, a group at a time (`admit_group`), so that a prefill's
     activations stay those of a few rows whatever S is (all of S's prompts at once were most of a job's peak
-    memory), and the slots are all filled before the next decode step."""
+    memory): ADMIT_ROWS rows, fewer where the run's longest prompt x n_embd would pass ADMIT_WIDTH. The slots are
+    all filled before the next decode step."""
     free = tf.cast(tf.where(s.slots.done)[:, 0], tf.int32)  # (F,) in slot order
     k = tf.minimum(tf.size(free), run.R - s.next_request)
+    rows = tf.clip_by_value(ADMIT_WIDTH // run.cfg.n_embd // tf.reduce_max(run.lengths), 1, ADMIT_ROWS)
 
     def group(i, s):
-        j = tf.range(i, tf.minimum(i + ADMIT_ROWS, k))  # (g,) the group's place among the k
-        return i + ADMIT_ROWS, admit_group(run, s, tf.gather(free, j), s.next_request + j)
+        j = tf.range(i, tf.minimum(i + rows, k))  # (g,) the group's place among the k
+        return i + rows, admit_group(run, s, tf.gather(free, j), s.next_request + j)
 
     # one group at a time (parallel iterations would prefill several groups at once: their memory with them)
     _, s = tf.while_loop(lambda i, _: i < k, group, (tf.constant(0), s), parallel_iterations=1)

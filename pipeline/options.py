@@ -11,7 +11,7 @@ import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from gpt2.sampling import FIELDS, HELP, TYPES, SamplingParams
-from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, max_batch_tokens_for
 from transforms.pacing import TARGET_RUN_SECONDS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -52,9 +52,11 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
     b.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="rows decoded at once at most: the slots of continuous batching (a row that ends frees its "
                         "slot for the next)" if generating else f"{rows} per batch at most")
-    b.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                   help="slots x (longest prompt + max_new_tokens) at most: the KV cache's bound" if generating
-                   else f"{rows} x (longest window) per batch at most")
+    b.add_argument("--max_batch_tokens", type=int, default=None,
+                   help=("slots x (longest prompt + max_new_tokens) at most: the KV cache's bound" if generating
+                         else f"{rows} x (longest window) per batch at most") +
+                   f" (default: by the model's size, the cache bytes of {DEFAULT_MAX_BATCH_TOKENS} at 124M: "
+                   f"{max_batch_tokens_for(24, 1024)} at 355M, {max_batch_tokens_for(48, 1600)} at 1.5B)")
     b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
                    help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
                         "on Ampere GPUs, float16 on older GPUs, else float32); int8 (CPUs only) quantizes the weight "
@@ -131,10 +133,16 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**{name: getattr(args, name) for name in FIELDS})
 
 
+def max_batch_tokens(args: argparse.Namespace, manifest: dict) -> int:
+    """--max_batch_tokens, or by default the model's (transforms.batching.max_batch_tokens_for)."""
+    config = manifest["config"]
+    return args.max_batch_tokens or max_batch_tokens_for(config["n_layer"], config["n_embd"])
+
+
 def _check_common(args: argparse.Namespace, beam_args: list[str], prog: str) -> PipelineOptions:
     """The checks of the options both jobs share, and the Beam options: a UsageError for anything wrong."""
     for name in ("batch_size", "max_batch_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.intra_op_threads is not None and args.intra_op_threads < 1:
         raise UsageError(f"--intra_op_threads must be >= 1, got {args.intra_op_threads}")

@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from gpt2 import show_tensorflow_logs
 from gpt2.manifest import ModelError, model_label
 from pipeline import progress
-from pipeline.options import UsageError, parse, sampling
+from pipeline.options import UsageError, max_batch_tokens, parse, sampling
 from transforms.job import GenerateCompletions, JobConfig
 from transforms.model_cache import check_model_dir
 from transforms.progress import PROGRESS_DIR_ENV, ROWS_SKIPPED, TOKENS, close_local_totals
@@ -216,7 +216,7 @@ def generation(args, manifest: dict, model: str, done: tuple[str, ...], paths: l
         output_dir=args.output, model_dir=args.model_dir, model_label=model, n_ctx=manifest["config"]["n_ctx"],
         defaults=sampling(args),
         seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
-        id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+        id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=max_batch_tokens(args, manifest),
         run_seconds=args.run_seconds, precision=args.precision, intra_op_threads=args.intra_op_threads,
         output_format=args.output_format,
         logprobs=args.logprobs, num_samples=args.num_samples or 1, samples=samples, done_files=done))

@@ -38,7 +38,8 @@ BLOCK = 4096  # requests sorted and cut at a time: the memory bound of the cutti
 # Defaults from the measured throughput curve within the memory goal (a worker under 2 GB for 124M), GPT-2 124M
 # bfloat16 on Sapphire Rapids (BENCHMARKS.md): 64 new tokens after 32-token prompts make ~400 tok/s at batch 32,
 # ~550 at 64, ~665 at 128, ~740 at 256; peak RSS with 66 + 64 tokens per row 1.6 GB at 64 rows, 1.9 GB at 96,
-# 2.15 GB at 128. So a batch may hold 128 rows, and at most 12288 rows x (longest prompt + new tokens).
+# 2.15 GB at 128. So a batch may hold 128 rows, and at most 12288 rows x (longest prompt + new tokens) at 124M
+# (max_batch_tokens_for: the same cache bytes at other sizes).
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_MAX_BATCH_TOKENS = 12288
 # A run holds up to this many requests per slot: the slots drain at a run's end (its last rows finish with fewer
@@ -195,6 +196,14 @@ def cut_runs(requests: Iterable[Request], batch_size: int) -> Iterator[list[Requ
         run.extend(u.items)
     if run:
         yield run
+
+
+def max_batch_tokens_for(n_layer: int, n_embd: int) -> int:
+    """A model's default max_batch_tokens: the positions whose KV cache takes the bytes of 124M's 12288 (432 MiB
+    in bfloat16): 12288 at 124M, 4608 at 355M, 2457 at 774M, 1474 at 1.5B. A position's cache grows with
+    n_layer x n_embd, so a token budget fixed at 124M's would be 3.8 GB of cache at 1.5B, more than its job's
+    memory goal (1.3x its weights + 1 GB)."""
+    return max(1, DEFAULT_MAX_BATCH_TOKENS * 12 * 768 // (n_layer * n_embd))
 
 
 def run_slots(requests: list, batch_size: int, max_batch_tokens: int) -> int:

@@ -60,7 +60,8 @@ class GenerateText(BatchWork):
       before temperature, top-k and top-p), cut with the tokens when a stop string cuts the completion.
     truncate: "none" (a prompt too long for the context is an error) or "left" (keep its end).
     batch_size, max_batch_tokens: rows decoded at once (the slots of continuous batching; a row that ends frees
-      its slot for the next), at most so many that slots x (longest prompt + max_new_tokens) <= max_batch_tokens.
+      its slot for the next), at most so many that slots x (longest prompt + max_new_tokens) <= max_batch_tokens
+      (default: by the model's size, transforms.batching.max_batch_tokens_for).
     run_seconds: the work a worker puts in one Session.run, from its measured rate (transforms/pacing.py): rows
       come out and a failed run is retried at that granularity.
     streaming: None = decide by the input (unbounded: batch by size or max_wait_secs); True or False to force.
@@ -75,14 +76,17 @@ class GenerateText(BatchWork):
 
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
                  seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, run_seconds: float = TARGET_RUN_SECONDS,
+                 max_batch_tokens: int | None = None, run_seconds: float = TARGET_RUN_SECONDS,
                  streaming: bool | None = None, max_wait_secs: float = 1.0, precision: str = "auto",
                  intra_op_threads: int | None = None,
                  model_label: str | None = None, n_ctx: int | None = None, logprobs: bool = False,
                  num_samples: int | None = None, clock: Callable[[], float] = time.time, **sampling):
-        generation = Generation(batch_size, max_batch_tokens, stop, bool(logprobs), run_seconds,
+        generation = Generation(batch_size, DEFAULT_MAX_BATCH_TOKENS, stop, bool(logprobs), run_seconds,
                                 sampling_params(**sampling), seed, num_samples, truncate=truncate)
-        batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
-        self.model_label, self.n_ctx = model_identity(model_dir, model_label, n_ctx)
+        batching = Batching(batch_size, DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens,
+                            streaming, max_wait_secs, clock)  # the arguments checked before the manifest is read
+        info = model_identity(model_dir, model_label, n_ctx, max_batch_tokens)
+        self.model_label, self.n_ctx = info.label, info.n_ctx
         super().__init__(GenerateBatches(model_dir, precision, intra_op_threads, task=dataclasses.replace(
-            generation, n_ctx=self.n_ctx, model_label=self.model_label)), batching, model_dir)
+            generation, max_batch_tokens=info.max_batch_tokens, n_ctx=info.n_ctx, model_label=info.label)),
+            dataclasses.replace(batching, max_batch_tokens=info.max_batch_tokens), model_dir)

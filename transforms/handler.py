@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from gpt2.sampling import FIELDS, sampling_params
-from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
 from transforms.generate import Generation
 from transforms.model_cache import local_model_dir
 from transforms.records import Request, Result
@@ -54,9 +54,10 @@ class GPT2Engine:
         self._model = load_model(local, precision, intra_threads)
         self._tokenizer = load_tokenizer(local)
 
-    def info(self) -> tuple[str, str, int]:
-        """(model label, precision, context size)."""
-        return self._model.name, self._model.precision, self._model.config.n_ctx
+    def info(self) -> tuple[str, str, int, int]:
+        """(model label, precision, context size, default max_batch_tokens)."""
+        c = self._model.config
+        return self._model.name, self._model.precision, c.n_ctx, max_batch_tokens_for(c.n_layer, c.n_embd)
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
@@ -78,7 +79,7 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
     """
 
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
-                 seed: int = 0, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, precision: str = "auto",
+                 seed: int = 0, max_batch_tokens: int | None = None, precision: str = "auto",
                  intra_op_threads: int | None = None, **kwargs):
         sampling = {k: kwargs.pop(k) for k in FIELDS if k in kwargs}
         unknown = sorted(set(kwargs) - BEAM_ARGS)
@@ -87,7 +88,8 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
         kwargs.setdefault("max_batch_size", DEFAULT_BATCH_SIZE)
         super().__init__(**kwargs)
         # each batch's task: this one with the batch's size, the model's context and label, inference_args' values
-        self.task = Generation(max_batch_tokens=max_batch_tokens, stops=stop, defaults=sampling_params(**sampling),
+        self.max_batch_tokens = max_batch_tokens  # None: the model's default, known once it is loaded
+        self.task = Generation(stops=stop, defaults=sampling_params(**sampling),
                                seed=seed, truncate=truncate)
         self.model_dir, self.precision, self.intra_op_threads = model_dir, precision, intra_op_threads
 
@@ -107,9 +109,10 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         args = dict(inference_args or {})
         seed = args.pop("seed", self.task.seed)
-        label, precision, n_ctx = model.info()
+        label, precision, n_ctx, max_batch_tokens = model.info()
         task = dataclasses.replace(self.task, batch_size=len(batch), defaults=dataclasses.replace(
-            self.task.defaults, **args), seed=seed, n_ctx=n_ctx, model_label=label)  # one run: a slot per row
+            self.task.defaults, **args), seed=seed, n_ctx=n_ctx, model_label=label,
+            max_batch_tokens=self.max_batch_tokens or max_batch_tokens)  # one run: a slot per row
         requests = [example_request(i, example, model, task) for i, example in enumerate(batch)]
         index = {id(r): i for i, r in enumerate(requests)}
         rows: list[dict | None] = [None] * len(batch)

@@ -9,7 +9,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from gpt2.sampling import SamplingParams
-from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+from transforms.batching import DEFAULT_BATCH_SIZE
 from transforms.generate_text import GenerateText
 from transforms.pacing import TARGET_RUN_SECONDS
 from transforms.read import OVERRIDE_COLUMNS, ReadPrompts
@@ -28,7 +28,7 @@ class FileJobConfig:
     n_ctx: int | None = None  # None: from the model's manifest
     id_column: str = "id"
     batch_size: int = DEFAULT_BATCH_SIZE
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_tokens: int | None = None  # None: the model's default (batching.max_batch_tokens_for)
     precision: str = "auto"
     intra_op_threads: int | None = None
     output_format: str = "parquet"  # or "jsonl"

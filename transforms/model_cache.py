@@ -21,11 +21,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from gpt2.manifest import MANIFEST, ModelError, model_label, read_manifest, verify_files
+from transforms.batching import max_batch_tokens_for
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "GPT2_BEAM_MODEL_CACHE"
@@ -139,11 +141,21 @@ def model_manifest(model_dir: str) -> dict:
     return read_manifest(model_dir) if is_local(model_dir) else check_model_dir(model_dir)
 
 
-def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None = None) -> tuple[str, int]:
-    """(label, context size) of a model: as given by a caller that has them (the file jobs read the manifest
-    once before they start), else from its manifest (gpt2.manifest.ModelError if it is not a model directory)."""
-    if label is None or n_ctx is None:
+class ModelInfo(NamedTuple):
+    label: str  # name@sha256 prefix, written in every row
+    n_ctx: int  # context size
+    max_batch_tokens: int  # the caller's, or the model's default (batching.max_batch_tokens_for)
+
+
+def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None = None,
+                   max_batch_tokens: int | None = None) -> ModelInfo:
+    """A model's label, context size and max_batch_tokens: as given by a caller that has them (the file jobs read
+    the manifest once before they start), else from its manifest (gpt2.manifest.ModelError if it is not a model
+    directory)."""
+    if label is None or n_ctx is None or max_batch_tokens is None:
         manifest = model_manifest(model_dir)
+        config = manifest["config"]
         label = label or model_label(manifest)
-        n_ctx = n_ctx or manifest["config"]["n_ctx"]
-    return label, n_ctx
+        n_ctx = n_ctx or config["n_ctx"]
+        max_batch_tokens = max_batch_tokens or max_batch_tokens_for(config["n_layer"], config["n_embd"])
+    return ModelInfo(label, n_ctx, max_batch_tokens)

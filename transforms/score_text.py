@@ -243,20 +243,22 @@ class ScoreText(BatchWork):
     token_logprobs: add token_ids and token_logprobs (each scored token's log-probability) to each row.
     stride: the sliding window's step for sequences longer than the context (default n_ctx // 2).
     batch_size, max_batch_tokens: a batch holds at most this many windows / windows x longest window (a row's
-      windows stay together: a row with more is a batch of its own, scored this many windows per run).
+      windows stay together: a row with more is a batch of its own, scored this many windows per run);
+      max_batch_tokens by default as GenerateText's.
     streaming, max_wait_secs, precision, intra_op_threads, model_label, n_ctx, clock: as GenerateText's.
     """
     result_type = ScoreTextResult
 
     def __init__(self, model_dir: str, *, text_key: str = "text", prompt_key: str = "prompt",
                  completion_key: str | None = None, token_logprobs: bool = False, stride: int | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int | None = None,
                  streaming: bool | None = None, max_wait_secs: float = 1.0, precision: str = "auto",
                  intra_op_threads: int | None = None, model_label: str | None = None, n_ctx: int | None = None,
                  clock: Callable[[], float] = time.time):
-        batching = Batching(batch_size, max_batch_tokens, streaming, max_wait_secs, clock)
-        model_label, n_ctx = model_identity(model_dir, model_label, n_ctx)
+        batching = Batching(batch_size, DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens,
+                            streaming, max_wait_secs, clock)  # the arguments checked before the manifest is read
+        model_label, n_ctx, max_batch_tokens = model_identity(model_dir, model_label, n_ctx, max_batch_tokens)
         scoring = Scoring(n_ctx, n_ctx // 2 if stride is None else stride, text_key, prompt_key, completion_key,
                           bool(token_logprobs), model_label, batch_size, max_batch_tokens)
-        super().__init__(RunBatches(scoring, shared_model(model_dir, precision, intra_op_threads)), batching,
-                         model_dir)
+        super().__init__(RunBatches(scoring, shared_model(model_dir, precision, intra_op_threads)),
+                         dataclasses.replace(batching, max_batch_tokens=max_batch_tokens), model_dir)
