@@ -145,6 +145,7 @@ class GenerationModel:
         self._lock = threading.Lock()
         if warm_up:
             self.generate([[EOT_TOKEN]], SamplingParams(max_new_tokens=2))
+        release_free_memory()  # what the graph's import and the first run freed (0.09 GB at 1.5B)
         stage_done("warm_up")
         self.load_seconds = time.perf_counter() - start
         log.info("model %s loaded in %.1f s: %s on %s (%s)", self.name, self.load_seconds, self.precision,
