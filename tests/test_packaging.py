@@ -99,7 +99,7 @@ def dofns(pipeline: beam.Pipeline) -> list[tuple[str, str, dict]]:
 @pytest.mark.parametrize("model_dir", ["/models/tiny", "gs://bucket/models/tiny"])
 def test_pipeline_round_trips_through_the_runner_api(model_dir):
     config = JobConfig(output_dir="gs://bucket/out", model_dir=model_dir, model_label="tiny@0123", n_ctx=1024,
-                       stops=("\n\n",), batch_size=8)
+                       stops=("\n\n",), batch_size=8, max_batch_tokens=4096)  # all given: no manifest is read
     p = beam.Pipeline()
     _ = p | "Inputs" >> beam.Create(["gs://bucket/in/part-0.parquet"]) | "Generate" >> GenerateCompletions(config)
     proto = p.to_runner_api()
