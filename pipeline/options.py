@@ -136,7 +136,9 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
 def max_batch_tokens(args: argparse.Namespace, manifest: dict) -> int:
     """--max_batch_tokens, or by default the model's (transforms.batching.max_batch_tokens_for)."""
     config = manifest["config"]
-    return args.max_batch_tokens or max_batch_tokens_for(config["n_layer"], config["n_embd"])
+    if args.max_batch_tokens is not None:
+        return args.max_batch_tokens
+    return max_batch_tokens_for(config["n_layer"], config["n_embd"])
 
 
 def _check_common(args: argparse.Namespace, beam_args: list[str], prog: str) -> PipelineOptions:

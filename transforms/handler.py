@@ -88,6 +88,8 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
         kwargs.setdefault("max_batch_size", DEFAULT_BATCH_SIZE)
         super().__init__(**kwargs)
         # each batch's task: this one with the batch's size, the model's context and label, inference_args' values
+        if max_batch_tokens is not None and not (isinstance(max_batch_tokens, int) and max_batch_tokens >= 1):
+            raise ValueError(f"max_batch_tokens must be an integer >= 1, got {max_batch_tokens!r}")
         self.max_batch_tokens = max_batch_tokens  # None: the model's default, known once it is loaded
         self.task = Generation(stops=stop, defaults=sampling_params(**sampling),
                                seed=seed, truncate=truncate)
@@ -112,7 +114,7 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
         label, precision, n_ctx, max_batch_tokens = model.info()
         task = dataclasses.replace(self.task, batch_size=len(batch), defaults=dataclasses.replace(
             self.task.defaults, **args), seed=seed, n_ctx=n_ctx, model_label=label,
-            max_batch_tokens=self.max_batch_tokens or max_batch_tokens)  # one run: a slot per row
+            max_batch_tokens=max_batch_tokens if self.max_batch_tokens is None else self.max_batch_tokens)  # one run: a slot per row
         requests = [example_request(i, example, model, task) for i, example in enumerate(batch)]
         index = {id(r): i for i, r in enumerate(requests)}
         rows: list[dict | None] = [None] * len(batch)

@@ -157,5 +157,6 @@ def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None =
         config = manifest["config"]
         label = label or model_label(manifest)
         n_ctx = n_ctx or config["n_ctx"]
-        max_batch_tokens = max_batch_tokens or max_batch_tokens_for(config["n_layer"], config["n_embd"])
+        if max_batch_tokens is None:
+            max_batch_tokens = max_batch_tokens_for(config["n_layer"], config["n_embd"])
     return ModelInfo(label, n_ctx, max_batch_tokens)
