@@ -108,25 +108,27 @@ def is_matrix(name: str) -> bool:
     return name == "wte" or name.endswith("/w")
 
 
-def graph_weight(name: str, value: tf.Tensor, cfg: GPT2Config, precision: str) -> Weight:
+def graph_weight(name: str, value, cfg: GPT2Config, precision: str, xp=tf) -> Weight:
     """A checkpoint weight (matrices (in, out), wte (V, C); cast to `precision`'s dtype, float32 for int8) in the
     form the graph of `precision` multiplies it (`matmul`). wte is padded to padded_vocab rows and stored as the
     LM head's weight; `embed` reads a token's vector back from it.
     - float32: (in, out), wte (C, Vp): a float32 matmul with a transposed operand runs 1.3-2x slower on CPUs.
     - bfloat16, float16: Transposed, (out, in), in reduction chunks when long; wte (Vp, C) is (out, in) already.
-    - int8: Quantized (in, out), wte (C, Vp)."""
+    - int8: Quantized (in, out), wte (C, Vp).
+    xp=numpy computes the same form on the host from a numpy array (as views: the caller makes it contiguous),
+    for every precision but int8: the loader binds weights that way (gpt2.loader)."""
     if name == "wte":
-        value = tf.transpose(tf.pad(value, [[0, padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]]))  # (C, Vp)
+        value = xp.transpose(xp.pad(value, [[0, padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]]))  # (C, Vp)
     if not is_matrix(name) or precision == "float32":
         return value
     if precision == "int8":
         return quantize(value)
-    value = tf.transpose(value)  # (out, in)
+    value = xp.transpose(value)  # (out, in)
     n_out, n_in = value.shape
     c = reduction_chunks(n_in)
     if c == 1:
         return Transposed(value)  # (out, in)
-    return Transposed(tf.transpose(tf.reshape(value, [n_out, c, n_in // c]), [1, 0, 2]))  # (c, out, in / c)
+    return Transposed(xp.transpose(xp.reshape(value, [n_out, c, n_in // c]), [1, 0, 2]))  # (c, out, in / c)
 
 
 def graph_params(weights: dict, cfg: GPT2Config, precision: str = "float32") -> Params:

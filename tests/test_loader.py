@@ -156,3 +156,51 @@ def test_weights_with_a_tensor_of_another_shape_are_refused(copy_dir, model_dir)
     rewrite_manifest(copy_dir, files={**m["files"], "weights.safetensors": sha256_file(copy_dir / "weights.safetensors")})
     with pytest.raises(ModelError, match="tensor wpe is float32"):
         GenerationModel(copy_dir, precision="float32")
+
+
+# --- weights cast and laid out on the host at load (gpt2.loader._host_form) --------------------------------------
+
+def graph_form(name, w, cfg, precision):
+    """TensorFlow's own cast and layout of a stored weight: what the graph's assign computes."""
+    from gpt2.export import weight_dtype
+    from gpt2.model import Transposed, graph_weight
+
+    form = graph_weight(name, tf.cast(w, weight_dtype(name, precision)), cfg, precision)
+    return (form.t if isinstance(form, Transposed) else form).numpy()
+
+
+def same_bits(a, b) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+def test_bound_weights_are_the_graphs_own_cast_and_layout(model_dir, precision):
+    from safetensors.numpy import load_file
+
+    m = GenerationModel(model_dir, precision=precision, warm_up=False)
+    stored = load_file(model_dir / "weights.safetensors")
+    with m.graph.as_default():
+        reads = {name: tf.raw_ops.ReadVariableOp(resource=m.graph.get_operation_by_name(f"weights/{name}").outputs[0],
+                                                 dtype=m.graph.get_operation_by_name(f"weights/{name}").get_attr("dtype"))
+                 for name in stored}
+    bound = m.session.run(reads)
+    for name, w in stored.items():
+        assert same_bits(bound[name], graph_form(name, w, m.config, precision)), name
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+def test_host_layout_equals_the_graphs_at_real_widths(precision):
+    """The tiny model has no reduction chunks; GPT-2's widths do (3072 -> 4 x 768), and wte is padded."""
+    import numpy as np
+
+    from gpt2.config import GPT2Config
+    from gpt2.export import weight_dtype
+    from gpt2.model import Transposed, graph_weight
+
+    cfg, rng = GPT2Config(), np.random.default_rng(0)
+    for name, shape in {"wte": (cfg.n_vocab, 768), "h0/attn/c_attn/w": (768, 2304), "h0/mlp/c_proj/w": (3072, 768),
+                        "h0/ln_1/g": (768,)}.items():
+        w = rng.normal(0, 0.5, shape).astype(np.float32)
+        host = graph_weight(name, w.astype(weight_dtype(name, precision).as_numpy_dtype), cfg, precision, xp=np)
+        host = np.ascontiguousarray(host.t if isinstance(host, Transposed) else host)
+        assert same_bits(host, graph_form(name, w, cfg, precision)), name
