@@ -221,6 +221,9 @@ def test_frozen_weights_match_external(tmp_path, hf_dir, model):
     for a, b in zip(frozen.generate(PROMPTS[:2], params), model.generate(PROMPTS[:2], params)):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # scoring: imported with the rest in a frozen graph, on the first call where weights are bound
+    for a, b in zip(frozen.score(PROMPTS[:2]), model.score(PROMPTS[:2])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
     frozen.close()
 
 
