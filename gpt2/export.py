@@ -35,8 +35,8 @@ from gpt2 import model, tensorfile
 from gpt2.model import graph_weight, is_matrix
 from gpt2.checkpoint import Weights, expected_shapes
 from gpt2.config import GPT2Config
-from gpt2.manifest import (FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS,
-                           sha256_file)
+from gpt2.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS,
+                           SCORE_OUTPUTS, sha256_file)
 from gpt2.tokenizer import Tokenizer, find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
@@ -87,7 +87,8 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
                 reads = [v.read_value() for v in variables]
                 params[name] = type(form)(*reads) if isinstance(form, tuple) else reads[0]
         vocabulary = tf.constant(token_bytes, name="token_bytes")  # (V,) string
-        outputs = model.generate(params, cfg, *inputs.values(), token_bytes=vocabulary)  # INPUTS' order
+        cache = tf.compat.v1.placeholder(model.matmul_dtype(params), [None, cfg.head_size], name=CACHE_INPUT)
+        outputs = model.generate(params, cfg, *inputs.values(), token_bytes=vocabulary, cache=cache)  # INPUTS' order
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
         scoring = {name: tf.compat.v1.placeholder(dt, shape, name=name) for name, (dt, shape) in SCORE_INPUTS.items()}
@@ -193,7 +194,7 @@ def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]],
         "dtype": dtype,
         "graphs": graphs,
         "weights": weights_info,
-        "inputs": {n: f"{n}:0" for n in INPUTS},
+        "inputs": {n: f"{n}:0" for n in [*INPUTS, CACHE_INPUT]},
         "outputs": {n: f"{n}:0" for n in OUTPUTS},
         "score": {"inputs": {n: f"{n}:0" for n in SCORE_INPUTS}, "outputs": {n: f"{n}:0" for n in SCORE_OUTPUTS}},
         "source": source or {},

@@ -26,8 +26,8 @@ from gpt2 import import_tensorflow, tensorfile
 from gpt2.checkpoint import expected_shapes
 from gpt2.config import EOT_TOKEN, GPT2Config
 from gpt2.device import process_placement, resolve_precision, session_config
-from gpt2.manifest import (INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_digest, check_ops,
-                           model_label, read_manifest, verify_files)
+from gpt2.manifest import (CACHE_INPUT, INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_digest,
+                           check_ops, model_label, read_manifest, verify_files)
 from gpt2.sampling import FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,10 @@ class GenerationModel:
             tf.compat.v1.import_graph_def(generation, name="")
         del graph_def, generation
         stage_done("import")
-        self._run = self.session.make_callable([io[1][n] for n in OUTPUTS], feed_list=[io[0][n] for n in INPUTS])
+        self._run = self.session.make_callable([io[1][n] for n in OUTPUTS],
+                                               feed_list=[io[0][n] for n in [*INPUTS, CACHE_INPUT]])
+        self._cache_dtype = self.graph.get_tensor_by_name(io[0][CACHE_INPUT]).dtype.as_numpy_dtype
+        self._caches: list[np.ndarray] = []  # KV cache buffers between runs (one per concurrent run)
         self._score = None if self._scoring_graph else self._scoring_callable("")
         self.name = model_label(self.manifest)
         self._lock = threading.Lock()
@@ -287,11 +290,31 @@ class GenerationModel:
         for row, ids in enumerate(distinct):
             batch[row, :len(ids)] = ids  # right padding
         per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in FIELDS]
-        tokens, n_new, finish, lp = self._run(batch, lengths, prompt_index, np.bool_(logprobs),
-                                              np.int32(slots or len(prompts)), stop_pattern(stops), *per_row)
+        slots = min(slots or len(prompts), len(prompts))
+        length = max(len(ids) + max(p.max_new_tokens, 1) for ids, p in zip(prompts, params))  # the graph's L
+        cache = self._cache(slots * length)
+        try:
+            tokens, n_new, finish, lp = self._run(batch, lengths, prompt_index, np.bool_(logprobs), np.int32(slots),
+                                                  stop_pattern(stops), *per_row, cache)
+        finally:
+            self._caches.append(cache)
         done = [Completion(tokens[r, :n].tolist(), lp[r, :n].tolist(), "stop" if finish[r] else "length")
                 for r, n in enumerate(n_new)]
         return [done[i] for i in np.argsort(order, kind="stable")]
+
+    def _cache(self, positions: int) -> np.ndarray:
+        """A zeroed KV cache buffer for `positions` positions (gpt2.model.generate writes the run's cache into it
+        in place): one kept from an earlier run, grown when too small, so a worker holds one cache's memory
+        (per concurrent run) outside TensorFlow's pool, aligned so that TensorFlow feeds it without a copy."""
+        c = self.config
+        rows = c.n_layer * 2 * c.n_head * positions
+        with self._lock:
+            cache = self._caches.pop() if self._caches else None
+        if cache is None or len(cache) < rows:
+            del cache  # the old buffer goes back to the OS before the new one is taken
+            cache = tensorfile.aligned_empty((rows, c.head_size), self._cache_dtype)
+        cache[:rows] = 0
+        return cache
 
     def score(self, texts: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(token | tokens before it) for every token of each text but its first (which has no context:

@@ -12,9 +12,10 @@ import json
 from pathlib import Path, PurePosixPath
 
 FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 6  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
+FORMAT_VERSION = 7  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
 # 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16; 6: weight placeholders of unknown shape
-# (the loader checks shapes against the config), weights.safetensors contiguous and hashed as it is bound
+# (the loader checks shapes against the config), weights.safetensors contiguous and hashed as it is bound;
+# 7: the KV cache is an input (CACHE_INPUT)
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 
@@ -34,6 +35,9 @@ INPUTS = {
     "seed": ("int64", [None]),
     "ignore_eos": ("bool", [None]),  # go on past end-of-text (fixed-length benchmarks)
 }
+# The run's KV cache, written in place: (at least n_layer x 2 x n_head x S x L rows, head_size), zeros, in the
+# graph's cache dtype (so not in INPUTS: its dtype is the precision's). Fed by the loader from a buffer of its own.
+CACHE_INPUT = "cache_buffer"
 OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
 # The same graph scores given text (gpt2.model.score), sharing the weights: its own inputs and output.
 SCORE_INPUTS = {"score_ids": ("int32", [None, None]), "score_lengths": ("int32", [None])}  # (B, T) right padded

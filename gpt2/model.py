@@ -657,7 +657,7 @@ def loop_body(run: Run, s: LoopState) -> LoopState:
 def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
              want_logprobs: tf.Tensor, slots: tf.Tensor, stop_pattern: tf.Tensor, max_new_tokens: tf.Tensor,
              temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor,
-             token_bytes: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
+             token_bytes: tf.Tensor, cache: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
     """Completions of R requests, decoded S at a time (continuous batching), all inside the graph.
 
     ids (B, T) int32 distinct right-padded prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt
@@ -666,6 +666,10 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     text so far fully matches once it holds a stop string ("" = none); token_bytes (V,) string: each token's
     bytes (needed for stop strings); and per request: max_new_tokens int32, temperature float32 (0 = greedy),
     top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos bool (go on past end-of-text).
+    cache (>= n_layer x 2 x nh x S x L, hs) zeros in the weights' dtype: the buffer the KV cache is written into,
+    in place. It is an input, not made here: TensorFlow's CPU pool (BFC) never hands memory back, and a cache it
+    allocated stayed resident beside the next, larger one (at 1.5B, +0.4 GiB by a job's second run); the loader
+    keeps one buffer for its runs instead.
 
     Each iteration decodes one token for every occupied slot (`decode`); a row that ends frees its slot, and the
     next requests are admitted into the free slots in order (`admit`). A row's cache is laid out as it would be
@@ -689,7 +693,8 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
                   done=tf.ones([S], tf.bool), n_new=tf.zeros([S], tf.int32), text=tf.fill([S], ""))
     out = Outputs(tokens=tf.fill([R * N + 1], eot), logprobs=tf.zeros([R * N + 1]), lengths=tf.zeros([R + 1], tf.int32),
                   finish=tf.zeros([R + 1], tf.int32))
-    past = tf.zeros([cfg.n_layer, 2, S, cfg.n_head, L, cfg.head_size], matmul_dtype(params))  # once per run
+    rows = cfg.n_layer * 2 * S * cfg.n_head * L
+    past = tf.reshape(cache[:rows], [cfg.n_layer, 2, S, cfg.n_head, L, cfg.head_size])  # its first rows: no copy
     s = LoopState(empty, past, tf.constant(0), out)
     [s] = tf.while_loop(lambda s: ~tf.reduce_all(s.slots.done) | (s.next_request < R),
                         lambda s: [loop_body(run, s)], [s])

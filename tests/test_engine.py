@@ -227,6 +227,22 @@ def test_frozen_weights_match_external(tmp_path, hf_dir, model):
     frozen.close()
 
 
+def test_the_kv_cache_is_the_loaders_buffer_reused_and_zeroed(model_dir):
+    """The graph writes a run's cache into the buffer the loader feeds (no copy: the buffer holds the keys and
+    values afterwards), the next run reuses it, and what a run left there changes no later row."""
+    engine = GenerationModel(model_dir, precision="float32", warm_up=False)
+    long_run = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    [cache] = engine._caches
+    assert np.count_nonzero(cache) > 0  # written in place by the graph
+    short = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3))
+    assert len(engine._caches) == 1 and engine._caches[0] is cache  # the same buffer, big enough for the smaller run
+    fresh = GenerationModel(model_dir, precision="float32", warm_up=False)
+    assert short == fresh.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3))
+    assert long_run == fresh.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    engine.close()
+    fresh.close()
+
+
 def test_samples_of_one_prompt_share_its_prefill_and_equal_alone(model):
     """A prompt given several times in one batch (samples with their own seeds) is prefilled once
     (prompt_index); each row's tokens equal what it gets alone."""
