@@ -355,3 +355,4 @@ class GenerationModel:
             if self.session is not None:
                 self._close_session()
                 self.session = None
+            self._caches.clear()  # the KV cache buffers go with the session

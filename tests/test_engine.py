@@ -240,6 +240,7 @@ def test_the_kv_cache_is_the_loaders_buffer_reused_and_zeroed(model_dir):
     assert short == fresh.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3))
     assert long_run == fresh.generate(PROMPTS, SamplingParams(max_new_tokens=12))
     engine.close()
+    assert not engine._caches  # closing hands the buffer back
     fresh.close()
 
 
