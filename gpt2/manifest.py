@@ -12,10 +12,10 @@ import json
 from pathlib import Path, PurePosixPath
 
 FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 7  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
+FORMAT_VERSION = 8  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
 # 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16; 6: weight placeholders of unknown shape
 # (the loader checks shapes against the config), weights.safetensors contiguous and hashed as it is bound;
-# 7: the KV cache is an input (CACHE_INPUT)
+# 7: the KV cache is an input (CACHE_INPUT); 8: int8 weights (out, in) through _QuantizedMatMul
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 
@@ -53,7 +53,7 @@ ALLOWED_OPS = frozenset("""
     Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListConcatV2
     TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
     TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
-    QuantizedMatMulWithBiasAndDequantize RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
+    _QuantizedMatMul RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
 """.split())
 
 

@@ -91,12 +91,12 @@ class Transposed(NamedTuple):
 
 
 class Quantized(NamedTuple):
-    """An int8 weight matrix (in, out), quantized per output column: weight ~= q * scale. Its matmul quantizes
-    each input row with the row's own scale and accumulates in int32 (`matmul_int8`), which is exact in any order,
-    so a row's result is the same bits in any batch, and long reductions need no chunks."""
-    q: tf.Tensor  # (in, out) int8
+    """An int8 weight matrix stored (out, in), quantized per output channel: weight ~= q * scale. Its matmul
+    quantizes each input row with the row's own scale and accumulates in int32 (`matmul_int8`), which is exact in
+    any order, so a row's result is the same bits in any batch, and long reductions need no chunks."""
+    q: tf.Tensor  # (out, in) int8
     scale: tf.Tensor  # (out,) float32
-    offset: tf.Tensor  # (out,) int32: -128 * the column sums of q (activations go in as unsigned, q_x + 128)
+    offset: tf.Tensor  # (out,) float32: -128 * the row sums of q (activations go in as unsigned, q_x + 128)
 
 
 Weight = "tf.Tensor | Transposed | Quantized"
@@ -114,7 +114,7 @@ def graph_weight(name: str, value, cfg: GPT2Config, precision: str, xp=tf) -> We
     LM head's weight; `embed` reads a token's vector back from it.
     - float32: (in, out), wte (C, Vp): a float32 matmul with a transposed operand runs 1.3-2x slower on CPUs.
     - bfloat16, float16: Transposed, (out, in), in reduction chunks when long; wte (Vp, C) is (out, in) already.
-    - int8: Quantized (in, out), wte (C, Vp).
+    - int8: Quantized, (out, in); wte (Vp, C).
     xp=numpy computes the same form on the host from a numpy array (as views: the caller makes it contiguous),
     for every precision but int8: the loader binds weights that way (gpt2.loader)."""
     if name == "wte":
@@ -174,10 +174,11 @@ def matmul(x: tf.Tensor, w: Weight) -> tf.Tensor:
 
 
 def quantize(w: tf.Tensor) -> Quantized:
-    """A float32 matrix (in, out) as int8 with one scale per output column (its largest |value| -> 127)."""
-    scale = tf.maximum(tf.reduce_max(tf.abs(w), axis=0), 1e-30) / 127.0  # (out,) zero columns stay zero
-    q = tf.cast(tf.round(w / scale), tf.int8)  # (in, out)
-    return Quantized(q, scale, -128 * tf.reduce_sum(tf.cast(q, tf.int32), axis=0))
+    """A float32 matrix (in, out) as int8 (out, in) with one scale per output channel (its largest |value| -> 127)."""
+    scale = tf.maximum(tf.reduce_max(tf.abs(w), axis=0), 1e-30) / 127.0  # (out,) zero channels stay zero
+    q = tf.cast(tf.round(tf.transpose(w) / scale[:, None]), tf.int8)  # (out, in)
+    # Row sums of at most a few thousand int8 values: exact in float32, whatever the order
+    return Quantized(q, scale, -128.0 * tf.reduce_sum(tf.cast(q, tf.float32), axis=1))
 
 
 def matmul_int8(x: tf.Tensor, w: Quantized) -> tf.Tensor:
@@ -185,16 +186,37 @@ def matmul_int8(x: tf.Tensor, w: Quantized) -> tf.Tensor:
 
     Each row is quantized with its own scale (its largest |value| -> 127), never one shared by the batch, so a
     row's integers, and with them its exact int32 sums, do not depend on its neighbours. The kernel takes the
-    activations unsigned: u = q_x + 128, with w.offset (-128 * column sums of q) as its int32 bias, so its
-    output is sum(q_x * q) exactly (scales of 1); the row's and the column's scales are applied after, per element.
+    activations unsigned: u = q_x + 128, with w.offset (-128 * row sums of q) as its bias, so its output is
+    sum(q_x * q) (scales of 1); the row's and the channel's scales are applied after, per element.
     """
     s = tf.maximum(tf.reduce_max(tf.abs(x), axis=1, keepdims=True), 1e-30)  # (M, 1) a zero row stays zero
     u = tf.cast(tf.round(x * (127.0 / s)) + 128.0, tf.uint8)  # (M, in) in [1, 255]
-    y = tf.raw_ops.QuantizedMatMulWithBiasAndDequantize(
-        a=tf.bitcast(u, tf.quint8), b=tf.bitcast(w.q, tf.qint8), bias=tf.bitcast(w.offset, tf.qint32),
-        min_a=0.0, max_a=255.0, min_b=-127.0, max_b=127.0, min_freezed_output=-1.0, max_freezed_output=1.0,
-        Toutput=tf.float32, input_quant_mode="MIN_FIRST")  # (M, out) the integer sums, as float32
+    y = quantized_matmul(tf.bitcast(u, tf.quint8), tf.bitcast(w.q, tf.qint8), w.offset)  # (M, out) the sums
     return y * (s * (1.0 / 127.0)) * w.scale
+
+
+def quantized_matmul(u: tf.Tensor, q: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """u (M, in) quint8 @ q (out, in) qint8 transposed, + bias (out,) float32: float32 (M, out), scales of 1.
+
+    TensorFlow's oneDNN op `_QuantizedMatMul` (no Python wrapper: built as a node), told its weight is constant
+    (`is_weight_const`): it reorders q into oneDNN's blocked layout on its first call and keeps that copy, where
+    QuantizedMatMulWithBiasAndDequantize reordered on every call, which cost more than the matmul itself
+    (BENCHMARKS.md). Our weights never change once bound, so the copy stays right.
+    """
+    attr = tf.compat.v1.AttrValue
+    types = lambda ts: attr(list=attr.ListValue(type=[t.as_datatype_enum for t in ts]))  # noqa: E731
+    ranges = [tf.constant(v, tf.float32) for v in (0.0, 255.0, -127.0, 127.0)]  # min/max of u, then of q
+    graph = tf.compat.v1.get_default_graph()
+    return graph.create_op(
+        "_QuantizedMatMul", [u, q, bias, *ranges], [tf.float32], name=graph.unique_name("QuantizedMatMul"),
+        attrs={"Tdevice_inputs": types([tf.quint8, tf.qint8, tf.float32]), "Thost_inputs": types([tf.float32] * 4),
+               "Tdevice_outputs": types([tf.float32]), "Thost_outputs": types([]),
+               "T1": attr(type=tf.quint8.as_datatype_enum), "T2": attr(type=tf.qint8.as_datatype_enum),
+               "Tbias": attr(type=tf.float32.as_datatype_enum), "U": attr(type=tf.float32.as_datatype_enum),
+               "Tout": attr(type=tf.float32.as_datatype_enum), "transpose_a": attr(b=False),
+               "transpose_b": attr(b=True), "is_weight_const": attr(b=True), "is_bias_const": attr(b=True),
+               "fused_ops": attr(list=attr.ListValue(s=[b"BiasAdd", b"Dequantize"])),
+               "input_quant_mode": attr(s=b"SCALED"), "output_quant_mode": attr(s=b"SCALED")}).outputs[0]
 
 
 def matmul_transposed(x: tf.Tensor, w: Transposed) -> tf.Tensor:
@@ -252,8 +274,8 @@ def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
         tokens = tf.transpose(tf.gather(wte.t, flat, axis=1), [1, 0, 2])  # (n, c, C / c)
     elif isinstance(wte, Transposed):  # (Vp, C)
         tokens = tf.gather(wte.t, flat)  # (n, C)
-    elif isinstance(wte, Quantized):  # (C, Vp): a token's column, times its scale
-        tokens = tf.transpose(tf.cast(tf.gather(wte.q, flat, axis=1), tf.float32)) * tf.gather(wte.scale, flat)[:, None]
+    elif isinstance(wte, Quantized):  # (Vp, C): a token's row, times its scale
+        tokens = tf.cast(tf.gather(wte.q, flat), tf.float32) * tf.gather(wte.scale, flat)[:, None]
     else:  # (C, Vp)
         tokens = tf.transpose(tf.gather(wte, flat, axis=1))  # (n, C)
     tokens = tf.reshape(tf.cast(tokens, tf.float32), tf.concat([tf.shape(ids), [-1]], 0))  # (..., C)

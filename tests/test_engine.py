@@ -189,7 +189,7 @@ def test_per_row_max_new_tokens_and_context_check(model):
         model.generate([[1]], SamplingParams(top_p=1.5))
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "int8"])
 def test_reduced_precision_stays_close_to_float32(model_dir, hf_model, precision):
     """One model directory runs in every precision; each stays close to transformers in float32."""
     low = GenerationModel(model_dir, precision=precision)

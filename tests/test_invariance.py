@@ -5,6 +5,10 @@ whole 124M model; the tiny model's tests (test_continuous, test_engine) check th
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +68,56 @@ def test_weight_matmuls_keep_each_rows_bits(size, precision):
             return gmodel.linear(x, w, b, gelu=name == "mlp/c_fc/w")
         differ = alone_vs_together(build, n_in)
         assert not any(differ.values()), (name, n_in, n_out, differ)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(768, 2304), (3072, 768), (768, 50304)])
+def test_int8_matmul_sums_the_integers_exactly(n_in, n_out):
+    """matmul_int8's kernel at the real widths: its output is the integer sum of each quantized row times the
+    quantized weight (int64 in numpy), and the result is that sum times the row's and the channel's scales."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1, (7, n_in)).astype(np.float32)
+    w = rng.normal(0, 0.02, (n_in, n_out)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        qw = gmodel.quantize(tf.constant(w))
+        y = gmodel.matmul_int8(tf.constant(x), qw)
+    with tf.compat.v1.Session(graph=graph, config=session_config(2)) as sess:
+        got, q, scale = sess.run([y, qw.q, qw.scale])
+    assert q.shape == (n_out, n_in)
+    s = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30)
+    qx = np.round(x * (np.float32(127.0) / s)).astype(np.int64)  # (M, in) as the graph rounds them
+    sums = qx @ q.astype(np.int64).T  # (M, out) exact
+    np.testing.assert_allclose(got, sums * (s / 127.0) * scale, rtol=1e-5, atol=1e-6)
+    # and close to the float32 product: int8 keeps about 2 decimal digits of each input
+    assert np.abs(got - x @ w).max() < 0.02 * np.abs(x @ w).max()
+
+
+def test_int8_weights_are_reordered_once_not_every_call(tmp_path):
+    """oneDNN runs int8 matmuls on weights in its own blocked layout. TensorFlow's QuantizedMatMulWithBias*
+    reordered them on every call (more time than the matmul itself); matmul_int8 keeps the reordered copy: over
+    five calls, one reorder of an s8 weight (ONEDNN_VERBOSE's log, in a process of its own)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import numpy as np, tensorflow as tf\n"
+        "from gpt2 import model\n"
+        "from gpt2.device import session_config\n"
+        "g = tf.Graph()\n"
+        "with g.as_default():\n"
+        "    x = tf.compat.v1.placeholder(tf.float32, [None, 768])\n"
+        "    w = tf.compat.v1.get_variable('w', initializer=np.ones((768, 3072), np.float32), use_resource=True)\n"
+        "    y = model.matmul_int8(x, model.quantize(w.read_value()))\n"
+        "    init = w.initializer\n"
+        "s = tf.compat.v1.Session(graph=g, config=session_config(2))\n"
+        "s.run(init)\n"
+        "for m in (1, 64, 7, 64, 128):\n"
+        "    s.run(y, {x: np.ones((m, 768), np.float32)})\n")
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    log = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    calls = [line for line in log.splitlines() if ",exec," in line and "inner_product" in line]
+    reorders = [line for line in log.splitlines() if ",exec," in line and ",reorder," in line and "src:s8" in line]
+    assert len(calls) == 5, log[-2000:]
+    assert len(reorders) == 1, reorders
 
 
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
