@@ -96,7 +96,8 @@ class Quantized(NamedTuple):
     any order, so a row's result is the same bits in any batch, and long reductions need no chunks."""
     q: tf.Tensor  # (out, in) int8
     scale: tf.Tensor  # (out,) float32
-    offset: tf.Tensor  # (out,) float32: -128 * the row sums of q (activations go in as unsigned, q_x + 128)
+    offset: tf.Tensor  # (out,) float32: the kernel's bias, -128 * scale / 127 * the row sums of q (activations go
+    # in as unsigned, q_x + 128)
 
 
 Weight = "tf.Tensor | Transposed | Quantized"
@@ -177,38 +178,41 @@ def quantize(w: tf.Tensor) -> Quantized:
     """A float32 matrix (in, out) as int8 (out, in) with one scale per output channel (its largest |value| -> 127)."""
     scale = tf.maximum(tf.reduce_max(tf.abs(w), axis=0), 1e-30) / 127.0  # (out,) zero channels stay zero
     q = tf.cast(tf.round(tf.transpose(w) / scale[:, None]), tf.int8)  # (out, in)
-    # Row sums of at most a few thousand int8 values: exact in float32, whatever the order
-    return Quantized(q, scale, -128.0 * tf.reduce_sum(tf.cast(q, tf.float32), axis=1))
+    sums = tf.reduce_sum(tf.cast(q, tf.float32), axis=1)  # (out,) exact: a few thousand int8 values
+    return Quantized(q, scale, -128.0 * sums * (scale / 127.0))
 
 
 def matmul_int8(x: tf.Tensor, w: Quantized) -> tf.Tensor:
     """x (M, in) @ w, float32 (M, out), through oneDNN's int8 matmul (VNNI or AMX where the CPU has them).
 
-    Each row is quantized with its own scale (its largest |value| -> 127), never one shared by the batch, so a
+    Each row is quantized with its own scale s (its largest |value| -> 127), never one shared by the batch, so a
     row's integers, and with them its exact int32 sums, do not depend on its neighbours. The kernel takes the
-    activations unsigned: u = q_x + 128, with w.offset (-128 * row sums of q) as its bias, so its output is
-    sum(q_x * q) (scales of 1); the row's and the channel's scales are applied after, per element.
+    activations unsigned, u = q_x + 128 (w.offset takes the 128s back out), and scales each channel's sum by
+    w.scale / 127; the row's s is applied after.
     """
     s = tf.maximum(tf.reduce_max(tf.abs(x), axis=1, keepdims=True), 1e-30)  # (M, 1) a zero row stays zero
-    u = tf.cast(tf.round(x * (127.0 / s)) + 128.0, tf.uint8)  # (M, in) in [1, 255]
-    y = quantized_matmul(tf.bitcast(u, tf.quint8), tf.bitcast(w.q, tf.qint8), w.offset)  # (M, out) the sums
-    return y * (s * (1.0 / 127.0)) * w.scale
+    u = tf.cast(x * (127.0 / s) + 128.5, tf.uint8)  # (M, in) in [1, 255]: q_x + 128, q_x rounded half up
+    return quantized_matmul(tf.bitcast(u, tf.quint8), w) * s  # (M, out)
 
 
-def quantized_matmul(u: tf.Tensor, q: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-    """u (M, in) quint8 @ q (out, in) qint8 transposed, + bias (out,) float32: float32 (M, out), scales of 1.
+def quantized_matmul(u: tf.Tensor, w: Quantized) -> tf.Tensor:
+    """u (M, in) quint8 @ w.q (out, in) qint8 transposed: float32 (M, out), each channel's integer sum times
+    w.scale / 127, plus w.offset.
 
     TensorFlow's oneDNN op `_QuantizedMatMul` (no Python wrapper: built as a node), told its weight is constant
     (`is_weight_const`): it reorders q into oneDNN's blocked layout on its first call and keeps that copy, where
     QuantizedMatMulWithBiasAndDequantize reordered on every call, which cost more than the matmul itself
-    (BENCHMARKS.md). Our weights never change once bound, so the copy stays right.
+    (BENCHMARKS.md). Our weights never change once bound, so the copy stays right. The kernel's scale of a
+    channel is max(|min|, |max|) / 127 of the weight range it is given (w.scale, w.scale), and 1 for u's range
+    (0, 255).
     """
     attr = tf.compat.v1.AttrValue
     types = lambda ts: attr(list=attr.ListValue(type=[t.as_datatype_enum for t in ts]))  # noqa: E731
-    ranges = [tf.constant(v, tf.float32) for v in (0.0, 255.0, -127.0, 127.0)]  # min/max of u, then of q
+    u_range = [tf.constant(v, tf.float32) for v in (0.0, 255.0)]
     graph = tf.compat.v1.get_default_graph()
     return graph.create_op(
-        "_QuantizedMatMul", [u, q, bias, *ranges], [tf.float32], name=graph.unique_name("QuantizedMatMul"),
+        "_QuantizedMatMul", [u, tf.bitcast(w.q, tf.qint8), w.offset, *u_range, w.scale, w.scale],
+        [tf.float32], name=graph.unique_name("QuantizedMatMul"),
         attrs={"Tdevice_inputs": types([tf.quint8, tf.qint8, tf.float32]), "Thost_inputs": types([tf.float32] * 4),
                "Tdevice_outputs": types([tf.float32]), "Thost_outputs": types([]),
                "T1": attr(type=tf.quint8.as_datatype_enum), "T2": attr(type=tf.qint8.as_datatype_enum),

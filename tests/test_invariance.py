@@ -85,9 +85,11 @@ def test_int8_matmul_sums_the_integers_exactly(n_in, n_out):
         got, q, scale = sess.run([y, qw.q, qw.scale])
     assert q.shape == (n_out, n_in)
     s = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30)
-    qx = np.round(x * (np.float32(127.0) / s)).astype(np.int64)  # (M, in) as the graph rounds them
+    qx = np.floor(x * (np.float32(127.0) / s) + np.float32(128.5)).astype(np.int64) - 128  # as the graph rounds
     sums = qx @ q.astype(np.int64).T  # (M, out) exact
-    np.testing.assert_allclose(got, sums * (s / 127.0) * scale, rtol=1e-5, atol=1e-6)
+    want = sums * (s / 127.0) * scale
+    # float32 rounding of sums near 2^24, before the 128s come back out: a few units of the largest sum
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # and close to the float32 product: int8 keeps about 2 decimal digits of each input
     assert np.abs(got - x @ w).max() < 0.02 * np.abs(x @ w).max()
 
