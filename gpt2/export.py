@@ -35,14 +35,15 @@ from gpt2 import model, tensorfile
 from gpt2.model import graph_weight, is_matrix
 from gpt2.checkpoint import Weights, expected_shapes
 from gpt2.config import GPT2Config
-from gpt2.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS,
-                           SCORE_OUTPUTS, sha256_file)
+from gpt2.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, GRAPH_KEYS, INPUTS, INT8_BF16_CACHE, OUTPUTS,
+                           SCORE_INPUTS, SCORE_OUTPUTS, sha256_file)
 from gpt2.tokenizer import Tokenizer, find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
 GRAPH_FILES = {"float32": "model.pb", "bfloat16": "model-bfloat16.pb", "float16": "model-float16.pb",
-               "int8": "model-int8.pb"}
+               "int8": "model-int8.pb", INT8_BF16_CACHE: "model-int8-bfloat16-cache.pb"}
+CACHE_DTYPES = {INT8_BF16_CACHE: "bfloat16"}  # graphs whose cache is not in their weights' dtype
 EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dependency", "loop"]
 
 
@@ -58,11 +59,12 @@ def vocabulary_bytes(vocab_dir: str | Path, n_vocab: int) -> list[bytes]:
 
 
 def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str, token_bytes: list[bytes],
-                stored: str = "float32") -> tuple[tf.Graph, dict]:
+                stored: str = "float32", cache_dtype: str | None = None) -> tuple[tf.Graph, dict]:
     """The generation graph with one read-only resource variable per weight, each set at load by its own assign
     op from a placeholder of the dtype the weights are stored in; the cast to `precision` is in the graph
     (TensorFlow's Cast runs on every core, numpy's astype to bfloat16 on one: 0.34 s of a 124M load).
 
+    cache_dtype: the KV cache's and attention's dtype, if not the weights' (model.matmul_dtype).
     Returns the graph and {weight name: {"feed": placeholder tensor, "assign": op name}}.
     """
     graph = tf.Graph()
@@ -87,7 +89,8 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
                 reads = [v.read_value() for v in variables]
                 params[name] = type(form)(*reads) if isinstance(form, tuple) else reads[0]
         vocabulary = tf.constant(token_bytes, name="token_bytes")  # (V,) string
-        cache = tf.compat.v1.placeholder(model.matmul_dtype(params), [None, cfg.head_size], name=CACHE_INPUT)
+        cache = tf.compat.v1.placeholder(cache_dtype or model.matmul_dtype(params), [None, cfg.head_size],
+                                         name=CACHE_INPUT)
         outputs = model.generate(params, cfg, *inputs.values(), token_bytes=vocabulary, cache=cache)  # INPUTS' order
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
@@ -167,13 +170,15 @@ def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]],
         graphs[dtype] = GRAPH_FILES["float32"]
         weights_info: dict = {"mode": "frozen"}
     elif weights_mode == "external":
-        for precision in PRECISIONS:
-            graph, binding = build_graph(cfg, shapes, precision, token_bytes, dtype)  # the same op names in each
+        for key in GRAPH_KEYS:
+            precision = key.split("+")[0]
+            graph, binding = build_graph(cfg, shapes, precision, token_bytes, dtype,
+                                         CACHE_DTYPES.get(key))  # the same op names in each
             keep = OUTPUTS + SCORE_OUTPUTS + sorted({b["assign"] for b in binding.values()})
             graph_def = optimize(graph.as_graph_def(), keep)
-            (out / GRAPH_FILES[precision]).write_bytes(graph_def.SerializeToString())
-            files.append(GRAPH_FILES[precision])
-            graphs[precision] = GRAPH_FILES[precision]
+            (out / GRAPH_FILES[key]).write_bytes(graph_def.SerializeToString())
+            files.append(GRAPH_FILES[key])
+            graphs[key] = GRAPH_FILES[key]
         write_weights(out / "weights.safetensors", cfg, tensors, dtype)
         files.append("weights.safetensors")
         weights_info = {"mode": "external", "file": "weights.safetensors",

@@ -25,9 +25,9 @@ import numpy as np
 from gpt2 import import_tensorflow, tensorfile
 from gpt2.checkpoint import expected_shapes
 from gpt2.config import EOT_TOKEN, GPT2Config
-from gpt2.device import process_placement, resolve_precision, session_config
-from gpt2.manifest import (CACHE_INPUT, INPUTS, OUTPUTS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError, check_digest,
-                           check_ops, model_label, read_manifest, verify_files)
+from gpt2.device import graph_key, process_placement, resolve_precision, session_config
+from gpt2.manifest import (CACHE_INPUT, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError,
+                           check_digest, check_ops, model_label, read_manifest, verify_files)
 from gpt2.sampling import FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,12 @@ class GenerationModel:
         self.config = GPT2Config.from_dict(self.manifest["config"])
         placement = process_placement()
         try:
-            self.precision, why = resolve_precision(precision, list(self.manifest["graphs"]), placement)
+            self.precision, why = resolve_precision(
+                precision, [g for g in self.manifest["graphs"] if g in PRECISIONS], placement)
         except ValueError as e:
             raise ModelError(f"{model_dir}: {e}") from None
-        graph_file = self.model_dir / self.manifest["graphs"][self.precision]
+        self.graph_key = graph_key(self.precision, self.manifest["graphs"])
+        graph_file = self.model_dir / self.manifest["graphs"][self.graph_key]
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(graph_file.read_bytes())
         check_ops(graph_def, str(graph_file))

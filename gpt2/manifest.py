@@ -15,9 +15,14 @@ FORMAT = "gpt2-tf-generation-graph"
 FORMAT_VERSION = 8  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
 # 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16; 6: weight placeholders of unknown shape
 # (the loader checks shapes against the config), weights.safetensors contiguous and hashed as it is bound;
-# 7: the KV cache is an input (CACHE_INPUT); 8: int8 weights (out, in) through _QuantizedMatMul
+# 7: the KV cache is an input (CACHE_INPUT); 8: int8 weights (out, in) through _QuantizedMatMul, and an int8 graph
+# with a bfloat16 cache
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+# Graphs by key: one per precision, and int8 weights with a bfloat16 KV cache and attention for CPUs with bfloat16
+# units (gpt2.device.graph_key): a float32 cache reads twice the bytes each step.
+INT8_BF16_CACHE = "int8+bfloat16_cache"
+GRAPH_KEYS = (*PRECISIONS, INT8_BF16_CACHE)
 
 # Graph inputs: name -> (dtype, shape). Per-row sampling parameters make one batch mix greedy and sampled rows.
 INPUTS = {
@@ -88,9 +93,9 @@ def check_manifest(manifest, source: str) -> dict:
         parts = PurePosixPath(name).parts
         if not name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in parts or name == MANIFEST:
             raise ModelError(f"{source}: manifest file {name!r} points outside the model directory")
-    for precision, name in graphs.items():
-        if precision not in PRECISIONS or name not in files:
-            raise ModelError(f"{source}: graph {precision!r} -> {name!r} is not a known precision with a listed file")
+    for key, name in graphs.items():
+        if key not in GRAPH_KEYS or name not in files:
+            raise ModelError(f"{source}: graph {key!r} -> {name!r} is not a known precision with a listed file")
     return manifest
 
 

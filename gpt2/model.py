@@ -7,8 +7,8 @@ below).
 
 The KV cache is one tensor, `past` (n_layer, 2, S, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
-bfloat16 cache halves the bytes attention reads each step; float32 for int8 weights). A slot's row holds its request's prompt in columns
-[0, length) and its k-th new token in column length + k, as the request alone would. It is allocated once per run
+bfloat16 cache halves the bytes attention reads each step; int8 weights come with a float32 cache, or bfloat16 on
+CPUs with bfloat16 units: gpt2.device.graph_key). A slot's row holds its request's prompt in columns [0, length) and its k-th new token in column length + k, as the request alone would. It is allocated once per run
 and written in place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same whatever
 L is; `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
 allocates its own `past` (a `Fill` whose shape depends on the run, so never a shared constant), nothing else
@@ -41,8 +41,8 @@ depends on nothing but the row:
 - int8 weights (`matmul_int8`): each row is quantized with its own scale and the kernel sums integers, exact in
   any order and at any length, so int8 rows are the same bits in any batch as well.
 The tests check these at the real layer widths (tests/test_invariance.py). A consequence the same tests show: in
-bfloat16, a row's prompt and tokens so far, prefilled, give the same next values as decoding did (not in int8,
-whose float32 attention rounds the prefill's (T, T) and a decode step's (1, L) matmuls apart). float32 keeps the tokens
+bfloat16, a row's prompt and tokens so far, prefilled, give the same next values as decoding did (in int8 too with
+a bfloat16 cache; not with a float32 one, whose prefill (T, T) and decode step (1, L) matmuls round apart). float32 keeps the tokens
 of a row whatever its batch; its logits may differ in last bits that never reach a token.
 """
 from __future__ import annotations
@@ -190,6 +190,7 @@ def matmul_int8(x: tf.Tensor, w: Quantized) -> tf.Tensor:
     activations unsigned, u = q_x + 128 (w.offset takes the 128s back out), and scales each channel's sum by
     w.scale / 127; the row's s is applied after.
     """
+    x = tf.cast(x, tf.float32)  # attention's output comes in the cache's dtype
     s = tf.maximum(tf.reduce_max(tf.abs(x), axis=1, keepdims=True), 1e-30)  # (M, 1) a zero row stays zero
     u = tf.cast(x * (127.0 / s) + 128.5, tf.uint8)  # (M, in) in [1, 255]: q_x + 128, q_x rounded half up
     return quantized_matmul(tf.bitcast(u, tf.quint8), w) * s  # (M, out)
@@ -239,7 +240,8 @@ def matmul_transposed(x: tf.Tensor, w: Transposed) -> tf.Tensor:
 
 
 def matmul_dtype(params: Params) -> tf.DType:
-    """The dtype the KV cache and attention run in: the weights' (float32 for int8 weights)."""
+    """The dtype the KV cache and attention run in unless the cache says otherwise: the weights' (float32 for int8
+    weights; the exporter also builds int8 with a bfloat16 cache, for CPUs with bfloat16 units)."""
     wte = params["wte"]
     if isinstance(wte, Quantized):
         return tf.float32
@@ -365,13 +367,14 @@ def block(x: tf.Tensor, p: Callable[[str], Weight], cfg: GPT2Config, B: tf.Tenso
 
 
 def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
-            keep: Callable[[int, tf.Tensor, tf.Tensor, tf.Tensor], None] | None = None) -> tf.Tensor:
+            keep: Callable[[int, tf.Tensor, tf.Tensor, tf.Tensor], None] | None = None,
+            dtype: tf.DType | None = None) -> tf.Tensor:
     """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f. keep(i, k, v, columns),
     if given, is handed layer i's keys and values (B, nh, T, hs) and their cache columns (B, T). Padding comes
     after each row's tokens, so the causal mask alone keeps it out of them; its own outputs are unused.
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
-    dtype = matmul_dtype(params)
+    dtype = dtype or matmul_dtype(params)  # attention's: the cache's when there is one
     t = tf.range(T)
     columns = tf.broadcast_to(t, [B, T])  # (B, T)
     bias = tf.where(t[:, None] >= t[None, :], 0.0, NEG_INF)[None, None]  # (1, 1, T, T) causal
@@ -400,7 +403,7 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
     def keep(i, k, v, columns):
         cache.write(i, tf.gather(k, which), tf.gather(v, which), tf.gather(columns, which), slots)
 
-    x = forward(params, cfg, ids, None if cache is None else keep)
+    x = forward(params, cfg, ids, None if cache is None else keep, None if past is None else past.dtype)
     last = tf.gather(tf.reshape(x, [U, T, cfg.n_embd]), lengths - 1, batch_dims=1)  # (U, C) each row's last token
     return lm_head(params, cfg, last), None if cache is None else cache.past()
 

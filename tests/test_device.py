@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from gpt2.device import (Placement, choose_precision, claim_gpu, cpu_flags, cpu_name, process_placement,
-                         resolve_precision, select_device, session_config)
+from gpt2.device import (Placement, choose_precision, claim_gpu, cpu_flags, cpu_name, graph_key,
+                         process_placement, resolve_precision, select_device, session_config)
+from gpt2.manifest import INT8_BF16_CACHE
 
 GPUS = [f"/physical_device:GPU:{i}" for i in range(4)]
 
@@ -89,6 +90,16 @@ def test_int8_only_when_asked_and_only_on_cpus():
     assert resolve_precision("int8", ALL, CPU, AVX2) == ("int8", "requested")
     with pytest.raises(ValueError, match="int8 runs on CPUs only"):
         resolve_precision("int8", ALL, Placement("/GPU:0", None, (8, 0)), set())
+
+
+def test_int8_runs_its_bfloat16_cache_graph_where_the_cpu_has_bfloat16_units():
+    graphs = [*ALL, INT8_BF16_CACHE]
+    assert graph_key("int8", graphs, AVX2) == "int8"
+    assert graph_key("int8", graphs, AVX2 | {"avx512f", "avx512_vnni"}) == "int8"
+    assert graph_key("int8", graphs, AVX2 | {"avx512_bf16"}) == INT8_BF16_CACHE
+    assert graph_key("int8", graphs, AVX2 | {"amx_bf16"}) == INT8_BF16_CACHE
+    assert graph_key("int8", ALL, AVX2 | {"avx512_bf16"}) == "int8"  # a model without that graph
+    assert graph_key("bfloat16", graphs, AVX2 | {"avx512_bf16"}) == "bfloat16"
 
 
 def test_cpu_flags_are_read_from_cpuinfo():

@@ -17,7 +17,7 @@ from gpt2.manifest import ModelError
 from gpt2.sampling import SamplingParams
 
 
-GRAPHS = {"model.pb", "model-bfloat16.pb", "model-float16.pb", "model-int8.pb"}
+GRAPHS = {"model.pb", "model-bfloat16.pb", "model-float16.pb", "model-int8.pb", "model-int8-bfloat16-cache.pb"}
 
 
 @pytest.fixture
