@@ -100,8 +100,13 @@ class Quantized(NamedTuple):
     # in as unsigned, q_x + 128)
 
 
-Weight = "tf.Tensor | Transposed | Quantized"
-Params = dict[str, "tf.Tensor | Transposed | Quantized"]  # canonical weight name -> tensor (a variable read, or a constant)
+class KeepLayout(NamedTuple):
+    """A Quantized weight whose matmul keeps oneDNN's laid-out copy of it: decode steps, see quantized_matmul."""
+    w: Quantized
+
+
+Weight = "tf.Tensor | Transposed | Quantized | KeepLayout"
+Params = dict[str, Weight]  # canonical weight name -> tensor (a variable read, or a constant), in its graph form
 
 
 def is_matrix(name: str) -> bool:
@@ -167,6 +172,8 @@ def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool =
 
 def matmul(x: tf.Tensor, w: Weight) -> tf.Tensor:
     """x (M, in) @ w, float32 (M, out), in the weight's own form: float32 (in, out), Transposed or Quantized."""
+    if isinstance(w, KeepLayout):
+        return matmul_int8(x, w.w, keep_layout=True)
     if isinstance(w, Quantized):
         return matmul_int8(x, w)
     if isinstance(w, Transposed):
@@ -182,7 +189,7 @@ def quantize(w: tf.Tensor) -> Quantized:
     return Quantized(q, scale, -128.0 * sums * (scale / 127.0))
 
 
-def matmul_int8(x: tf.Tensor, w: Quantized) -> tf.Tensor:
+def matmul_int8(x: tf.Tensor, w: Quantized, keep_layout: bool = False) -> tf.Tensor:
     """x (M, in) @ w, float32 (M, out), through oneDNN's int8 matmul (VNNI or AMX where the CPU has them).
 
     Each row is quantized with its own scale s (its largest |value| -> 127), never one shared by the batch, so a
@@ -193,17 +200,19 @@ def matmul_int8(x: tf.Tensor, w: Quantized) -> tf.Tensor:
     x = tf.cast(x, tf.float32)  # attention's output comes in the cache's dtype
     s = tf.maximum(tf.reduce_max(tf.abs(x), axis=1, keepdims=True), 1e-30)  # (M, 1) a zero row stays zero
     u = tf.cast(x * (127.0 / s) + 128.5, tf.uint8)  # (M, in) in [1, 255]: q_x + 128, q_x rounded half up
-    return quantized_matmul(tf.bitcast(u, tf.quint8), w) * s  # (M, out)
+    return quantized_matmul(tf.bitcast(u, tf.quint8), w, keep_layout) * s  # (M, out)
 
 
-def quantized_matmul(u: tf.Tensor, w: Quantized) -> tf.Tensor:
+def quantized_matmul(u: tf.Tensor, w: Quantized, keep_layout: bool = False) -> tf.Tensor:
     """u (M, in) quint8 @ w.q (out, in) qint8 transposed: float32 (M, out), each channel's integer sum times
     w.scale / 127, plus w.offset.
 
-    TensorFlow's oneDNN op `_QuantizedMatMul` (no Python wrapper: built as a node), told its weight is constant
-    (`is_weight_const`): it reorders q into oneDNN's blocked layout on its first call and keeps that copy, where
+    TensorFlow's oneDNN op `_QuantizedMatMul` (no Python wrapper: built as a node). With keep_layout it is told
+    its weight is constant (`is_weight_const`): it reorders q into oneDNN's blocked layout on its first call and
+    keeps that copy (our weights never change once bound, so the copy stays right), where
     QuantizedMatMulWithBiasAndDequantize reordered on every call, which cost more than the matmul itself
-    (BENCHMARKS.md). Our weights never change once bound, so the copy stays right. The kernel's scale of a
+    (BENCHMARKS.md). Each node keeps its own copy, so only decode steps, which multiply every weight once per
+    token, keep one; prefill and scoring multiply q as TensorFlow holds it (no copy, about 10% slower a call). The kernel's scale of a
     channel is max(|min|, |max|) / 127 of the weight range it is given (w.scale, w.scale), and 1 for u's range
     (0, 255).
     """
@@ -219,7 +228,7 @@ def quantized_matmul(u: tf.Tensor, w: Quantized) -> tf.Tensor:
                "T1": attr(type=tf.quint8.as_datatype_enum), "T2": attr(type=tf.qint8.as_datatype_enum),
                "Tbias": attr(type=tf.float32.as_datatype_enum), "U": attr(type=tf.float32.as_datatype_enum),
                "Tout": attr(type=tf.float32.as_datatype_enum), "transpose_a": attr(b=False),
-               "transpose_b": attr(b=True), "is_weight_const": attr(b=True), "is_bias_const": attr(b=True),
+               "transpose_b": attr(b=True), "is_weight_const": attr(b=keep_layout), "is_bias_const": attr(b=True),
                "fused_ops": attr(list=attr.ListValue(s=[b"BiasAdd", b"Dequantize"])),
                "input_quant_mode": attr(s=b"SCALED"), "output_quant_mode": attr(s=b"SCALED")}).outputs[0]
 
@@ -416,6 +425,7 @@ def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tenso
     """
     cache = KVCache(past)
     x = embed(params, token, pos)  # (B, C)
+    params = {name: KeepLayout(w) if isinstance(w, Quantized) else w for name, w in params.items()}
     for i in range(cfg.n_layer):
         def keys_values(k, v, i=i):  # the row's new key and value join its cache; it attends to all of it
             cache.write(i, k, v, column[:, None])
