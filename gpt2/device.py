@@ -114,7 +114,7 @@ def choose_precision(available: Sequence[str], placement: Placement, flags: set[
         if cc is not None and tuple(cc) >= (8, 0):
             return pick(("bfloat16", "float16", "float32"), f"GPU with compute capability {cc[0]}.{cc[1]}")
         return pick(("float16", "float32"), "GPU before compute capability 8.0")
-    units = [f for f in BF16_CPU_FLAGS if f in flags]
+    units = bf16_units(flags)
     if units:
         return pick(("bfloat16", "float32"), f"CPU has {' and '.join(units)}")
     return pick(("float32",), "CPU without bfloat16 units (no amx_bf16 or avx512_bf16)")
@@ -136,12 +136,17 @@ def resolve_precision(requested: str, available: Sequence[str], placement: Place
     return requested, "requested"
 
 
+def bf16_units(flags: set[str]) -> list[str]:
+    """The CPU's bfloat16 units (BF16_CPU_FLAGS it has)."""
+    return [f for f in BF16_CPU_FLAGS if f in flags]
+
+
 def graph_key(precision: str, graphs: Sequence[str], flags: set[str] | None = None) -> str:
     """Which of the model's graphs runs `precision` on this CPU: int8 with a bfloat16 KV cache where the CPU has
     bfloat16 units (attention reads half the bytes of float32's: 4-5% of an int8 job on AMD Zen 5) and the model
     has that graph; the precision's own graph otherwise (AVX2-only CPUs run TensorFlow's bfloat16 matmuls slowly)."""
     flags = cpu_flags() if flags is None else flags
-    if precision == "int8" and INT8_BF16_CACHE in graphs and any(f in flags for f in BF16_CPU_FLAGS):
+    if precision == "int8" and INT8_BF16_CACHE in graphs and bf16_units(flags):
         return INT8_BF16_CACHE
     return precision
 

@@ -35,7 +35,7 @@ from gpt2 import model, tensorfile
 from gpt2.model import graph_weight, is_matrix
 from gpt2.checkpoint import Weights, expected_shapes
 from gpt2.config import GPT2Config
-from gpt2.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, GRAPH_KEYS, INPUTS, INT8_BF16_CACHE, OUTPUTS,
+from gpt2.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, INPUTS, INT8_BF16_CACHE, OUTPUTS, PRECISIONS,
                            SCORE_INPUTS, SCORE_OUTPUTS, sha256_file)
 from gpt2.tokenizer import Tokenizer, find_vocab_files
 
@@ -43,7 +43,8 @@ PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for t
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
 GRAPH_FILES = {"float32": "model.pb", "bfloat16": "model-bfloat16.pb", "float16": "model-float16.pb",
                "int8": "model-int8.pb", INT8_BF16_CACHE: "model-int8-bfloat16-cache.pb"}
-CACHE_DTYPES = {INT8_BF16_CACHE: "bfloat16"}  # graphs whose cache is not in their weights' dtype
+# graph key -> (precision, KV cache dtype); None: the weights' dtype (model.matmul_dtype)
+GRAPHS = {**{p: (p, None) for p in PRECISIONS}, INT8_BF16_CACHE: ("int8", "bfloat16")}
 EXPORT_PASSES = ["pruning", "function", "constfold", "shape", "arithmetic", "dependency", "loop"]
 
 
@@ -170,10 +171,8 @@ def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]],
         graphs[dtype] = GRAPH_FILES["float32"]
         weights_info: dict = {"mode": "frozen"}
     elif weights_mode == "external":
-        for key in GRAPH_KEYS:
-            precision = key.split("+")[0]
-            graph, binding = build_graph(cfg, shapes, precision, token_bytes, dtype,
-                                         CACHE_DTYPES.get(key))  # the same op names in each
+        for key, (precision, cache_dtype) in GRAPHS.items():
+            graph, binding = build_graph(cfg, shapes, precision, token_bytes, dtype, cache_dtype)  # same op names
             keep = OUTPUTS + SCORE_OUTPUTS + sorted({b["assign"] for b in binding.values()})
             graph_def = optimize(graph.as_graph_def(), keep)
             (out / GRAPH_FILES[key]).write_bytes(graph_def.SerializeToString())

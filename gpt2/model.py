@@ -8,11 +8,12 @@ below).
 The KV cache is one tensor, `past` (n_layer, 2, S, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
 bfloat16 cache halves the bytes attention reads each step; int8 weights come with a float32 cache, or bfloat16 on
-CPUs with bfloat16 units: gpt2.device.graph_key). A slot's row holds its request's prompt in columns [0, length) and its k-th new token in column length + k, as the request alone would. It is allocated once per run
-and written in place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same whatever
-L is; `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because each run
-allocates its own `past` (a `Fill` whose shape depends on the run, so never a shared constant), nothing else
-holds that buffer, and every read of a column depends on the write before it.
+CPUs with bfloat16 units: gpt2.device.graph_key). A slot's row holds its request's prompt in columns [0, length)
+and its k-th new token in column length + k, as the request alone would. It is the run's share of the `cache`
+input, written in place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same
+whatever L is; `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because
+the loader feeds each concurrent run a buffer of its own (gpt2.loader), nothing else holds it during the run, and
+every read of a column depends on the write before it.
 
 Sampling is per row: a row's choice depends only on its own logits, parameters, seed and step, never on its
 neighbours (see `choose_tokens`, `sample_tokens`).
@@ -212,9 +213,9 @@ def quantized_matmul(u: tf.Tensor, w: Quantized, keep_layout: bool = False) -> t
     keeps that copy (our weights never change once bound, so the copy stays right), where
     QuantizedMatMulWithBiasAndDequantize reordered on every call, which cost more than the matmul itself
     (BENCHMARKS.md). Each node keeps its own copy, so only decode steps, which multiply every weight once per
-    token, keep one; prefill and scoring multiply q as TensorFlow holds it (no copy, about 10% slower a call). The kernel's scale of a
-    channel is max(|min|, |max|) / 127 of the weight range it is given (w.scale, w.scale), and 1 for u's range
-    (0, 255).
+    token, keep one; prefill and scoring multiply q as TensorFlow holds it (no copy, about 10% slower a call).
+    The kernel's scale of a channel is max(|min|, |max|) / 127 of the weight range it is given (w.scale,
+    w.scale), and 1 for u's range (0, 255).
     """
     attr = tf.compat.v1.AttrValue
     types = lambda ts: attr(list=attr.ListValue(type=[t.as_datatype_enum for t in ts]))  # noqa: E731

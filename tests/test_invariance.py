@@ -26,6 +26,8 @@ ROWS = (1, 2, 7, 64, 65, 128, 300)
 # whose blocking changes a row's sums with the row count at any width (README, Precision).
 # int8 quantizes each row with its own scale and sums integers: exact by construction (gpt2.model.matmul_int8).
 LOW_PRECISIONS = ("bfloat16", "int8")
+# The int8 matmuls of decode steps run another oneDNN kernel (on weights it keeps laid out: model.KeepLayout)
+MATMUL_FORMS = (*LOW_PRECISIONS, "int8-decode")
 
 
 def alone_vs_together(build, width: int, rows=ROWS, seed: int = 0, scale: float = 1.0) -> dict[int, int]:
@@ -51,11 +53,17 @@ def layer_shapes(cfg: GPT2Config) -> dict[str, tuple[int, int]]:
 
 def engine_weight(name: str, shape: tuple[int, int], cfg: GPT2Config, precision: str, seed: int = 1):
     """A random weight as the exported graph of `precision` holds it (layout, chunks, padding)."""
-    w = tf.constant(np.random.default_rng(seed).normal(0, 0.02, shape).astype(np.float32))
-    return graph_weight(name, tf.cast(w, weight_dtype(name, precision)), cfg, precision)
+    return graph_form(name, np.random.default_rng(seed).normal(0, 0.02, shape).astype(np.float32), cfg, precision)
 
 
-@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def graph_form(name: str, w: np.ndarray, cfg: GPT2Config, form: str):
+    """w as the graph multiplies it in `form`: a precision, or "int8-decode" (int8 as decode steps hold it)."""
+    precision = form.split("-")[0]
+    stored = graph_weight(name, tf.cast(tf.constant(w), weight_dtype(name, precision)), cfg, precision)
+    return gmodel.KeepLayout(stored) if form == "int8-decode" else stored
+
+
+@pytest.mark.parametrize("precision", MATMUL_FORMS)
 @pytest.mark.parametrize("size", ["124M", "355M", "774M", "1558M"])
 def test_weight_matmuls_keep_each_rows_bits(size, precision):
     """Every weight matrix of GPT-2 124M to 1.5B (its matmul in the engine's layout and chunks, bias, GELU where
@@ -125,7 +133,7 @@ def test_int8_weights_are_reordered_once_not_every_call(tmp_path, keep_layout, r
     assert len(reorder_lines) == reorders, reorder_lines
 
 
-@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("precision", MATMUL_FORMS)
 @pytest.mark.parametrize("size", ["124M", "1558M"])
 def test_lm_head_and_logprobs_keep_each_rows_bits(size, precision):
     """The LM head over the padded vocabulary (50304 wide) and the log-probability of a token (its log-sum-exp),
@@ -137,7 +145,7 @@ def test_lm_head_and_logprobs_keep_each_rows_bits(size, precision):
     g = rng.normal(1, 0.1, C).astype(np.float32)
 
     def build(x):
-        stored = graph_weight("wte", tf.cast(tf.constant(wte), weight_dtype("wte", precision)), cfg, precision)
+        stored = graph_form("wte", wte, cfg, precision)
         params = {"wte": stored, "ln_f/g": tf.constant(g), "ln_f/b": tf.zeros([C])}
         logits = gmodel.lm_head(params, cfg, x)  # (M, Vp)
         chosen = tf.argmax(logits, axis=-1, output_type=tf.int32)
