@@ -12,7 +12,6 @@ import ctypes
 import dataclasses
 import hashlib
 import logging
-import math
 import threading
 import time
 import weakref
@@ -181,29 +180,21 @@ class GenerationModel:
             raise ModelError(str(e)) from None
         digest = hashlib.sha256(reader.header_bytes)
 
-        def hash_group(group: list[tuple[str, np.ndarray | None]]) -> None:
-            for name, value in group:
-                for chunk in ([value.reshape(-1).view(np.uint8)] if value is not None else reader.chunks(name)):
-                    digest.update(chunk)
+        def hash_group(group: list[tuple[str, np.ndarray]]) -> None:
+            for _, value in group:
+                digest.update(value.reshape(-1).view(np.uint8))
 
         with reader, ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(2) as converter:
             missing = sorted(set(info["bind"]) - set(reader.keys()))
             if missing:
                 raise ModelError(f"{self.model_dir}: {info['file']} has no tensor {missing[0]!r}")
-            # The largest tensor first (wte): for int8, whose quantization runs in the graph, TensorFlow's CPU pool
-            # keeps every buffer it has held, so the transients of its cast and layout (0.5 GB at 1.5B) are reused
-            # by the variables bound after it rather than added on top of them. Its bytes are hashed again in file
-            # order, a chunk at a time.
-            largest = max(info["bind"], key=lambda n: math.prod(reader.shape(n)))
-            self._assign(info["bind"], [(largest, reader.read(largest))], expected, converter)
-            group: list[tuple[str, np.ndarray | None]] = []
+            group: list[tuple[str, np.ndarray]] = []
             names = reader.keys()
             for i, name in enumerate(names):
-                group.append((name, None if name == largest else reader.read(name)))
-                if sum(v.nbytes for _, v in group if v is not None) >= BIND_GROUP_BYTES or i == len(names) - 1:
+                group.append((name, reader.read(name)))
+                if sum(v.nbytes for _, v in group) >= BIND_GROUP_BYTES or i == len(names) - 1:
                     hashed = hasher.submit(hash_group, group)
-                    self._assign(info["bind"], [(n, v) for n, v in group if n in info["bind"] and v is not None],
-                                 expected, converter)
+                    self._assign(info["bind"], [(n, v) for n, v in group if n in info["bind"]], expected, converter)
                     hashed.result()
                     group = []
         check_digest(self.model_dir, info["file"], digest.hexdigest(), self.manifest)
@@ -213,11 +204,12 @@ class GenerationModel:
                 converter: ThreadPoolExecutor) -> None:
         """One Session.run setting the variables of `group` from their stored values.
 
-        Outside int8 each value is cast and laid out on the host (graph_weight on numpy arrays, in `converter`'s
-        threads) and fed straight to its variable's assign, past the graph's own cast and transposes: the variable
-        then keeps the fed buffer itself. Done in the graph, those steps' outputs came from TensorFlow's CPU pool
-        (a BFC allocator, which never hands memory back to the OS), so their transients stayed resident beside
-        the weights for the life of the worker: 0.29 GiB at 1.5B. int8 quantizes in the graph."""
+        Each value is cast, laid out (and for int8 quantized) on the host (graph_weight on numpy arrays, in
+        `converter`'s threads) and fed straight to its variables' assigns, past the graph's own cast, transposes and
+        quantization: the variable then keeps the fed buffer itself. Done in the graph, those steps' outputs came
+        from TensorFlow's CPU pool (a BFC allocator, which never hands memory back to the OS), so their transients
+        stayed resident beside the weights for the life of the worker: 0.29 GiB at 1.5B in bfloat16, and int8's
+        float32 transients held more (BENCHMARKS.md)."""
         import tensorflow as tf
 
         checked = []
@@ -229,32 +221,35 @@ class GenerationModel:
                 raise ModelError(f"{self.model_dir}: tensor {name} is {value.dtype}{value.shape}, the model wants "
                                  f"{feed.dtype.name}{expected.get(name)}")
             checked.append((name, feed, value))
-        if self.precision == "int8":
-            feeds = {feed: value for _, feed, value in checked}
-        else:
-            feeds = dict(converter.map(lambda c: self._host_form(bind[c[0]]["assign"], c[0], c[2]), checked))
+        feeds = dict(pair for fed in converter.map(lambda c: self._host_form(bind[c[0]]["assign"], c[0], c[2]),
+                                                  checked) for pair in fed)
         if feeds:
             self.session.run([f"{BIND_SCOPE}/{bind[name]['assign']}" for name, _ in group], feeds)
 
-    def _host_form(self, assign: str, name: str, value: np.ndarray):
-        """(the tensor its variable is assigned from, the weight in that tensor's dtype and layout, contiguous
-        and aligned so that TensorFlow keeps it without a copy)."""
+    def _host_form(self, assign: str, name: str, value: np.ndarray) -> list[tuple]:
+        """[(the tensor a variable of the weight is assigned from, its part of the weight in that tensor's dtype
+        and layout, contiguous and aligned so that TensorFlow keeps it without a copy)]: one variable per part of
+        the weight's graph form (an int8 weight's q, scale and offset; a single one otherwise)."""
         from gpt2.export import weight_dtype
-        from gpt2.model import Transposed, graph_weight
+        from gpt2.model import graph_weight
 
-        target = next(op.inputs[1] for op in self.graph.get_operation_by_name(f"{BIND_SCOPE}/{assign}").control_inputs
-                      if op.type == "AssignVariableOp")
+        group = self.graph.get_operation_by_name(f"{BIND_SCOPE}/{assign}")
+        targets = {op.inputs[0].op.name: op.inputs[1] for op in group.control_inputs if op.type == "AssignVariableOp"}
         form = graph_weight(name, value.astype(weight_dtype(name, self.precision).as_numpy_dtype, copy=False),
                             self.config, self.precision, xp=np)
-        form = form.t if isinstance(form, Transposed) else form
-        if tuple(form.shape) != tuple(target.shape) or form.dtype != target.dtype.as_numpy_dtype:
-            raise ModelError(f"{self.model_dir}: tensor {name} lays out as {form.dtype}{form.shape}, its variable "
-                             f"is {target.dtype.name}{tuple(target.shape)}")
-        if form.flags.c_contiguous and form.ctypes.data % tensorfile.ALIGNMENT == 0:
-            return target, form
-        aligned = tensorfile.aligned_empty(form.shape, form.dtype)
-        np.copyto(aligned, form)
-        return target, aligned
+        parts = form if isinstance(form, tuple) else (form,)  # the exporter's variables: weights/NAME[/i]
+        fed = []
+        for i, part in enumerate(parts):
+            target = targets.get(f"{BIND_SCOPE}/weights/{name}" + (f"/{i}" if i else ""))
+            if target is None or tuple(part.shape) != tuple(target.shape) or part.dtype != target.dtype.as_numpy_dtype:
+                raise ModelError(f"{self.model_dir}: tensor {name} lays out as {part.dtype}{part.shape}, its "
+                                 f"variable is {'missing' if target is None else target.dtype.name + str(tuple(target.shape))}")
+            if not (part.flags.c_contiguous and part.ctypes.data % tensorfile.ALIGNMENT == 0):
+                aligned = tensorfile.aligned_empty(part.shape, part.dtype)
+                np.copyto(aligned, part)
+                part = aligned
+            fed.append((target, part))
+        return fed
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),

@@ -122,14 +122,14 @@ def graph_weight(name: str, value, cfg: GPT2Config, precision: str, xp=tf) -> We
     - float32: (in, out), wte (C, Vp): a float32 matmul with a transposed operand runs 1.3-2x slower on CPUs.
     - bfloat16, float16: Transposed, (out, in), in reduction chunks when long; wte (Vp, C) is (out, in) already.
     - int8: Quantized, (out, in); wte (Vp, C).
-    xp=numpy computes the same form on the host from a numpy array (as views: the caller makes it contiguous),
-    for every precision but int8: the loader binds weights that way (gpt2.loader)."""
+    xp=numpy computes the same form on the host from a numpy array (as views: the caller makes it contiguous):
+    the loader binds weights that way (gpt2.loader)."""
     if name == "wte":
         value = xp.transpose(xp.pad(value, [[0, padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]]))  # (C, Vp)
     if not is_matrix(name) or precision == "float32":
         return value
     if precision == "int8":
-        return quantize(value)
+        return quantize(value, xp)
     value = xp.transpose(value)  # (out, in)
     n_out, n_in = value.shape
     c = reduction_chunks(n_in)
@@ -182,12 +182,30 @@ def matmul(x: tf.Tensor, w: Weight) -> tf.Tensor:
     return tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
 
 
-def quantize(w: tf.Tensor) -> Quantized:
-    """A float32 matrix (in, out) as int8 (out, in) with one scale per output channel (its largest |value| -> 127)."""
-    scale = tf.maximum(tf.reduce_max(tf.abs(w), axis=0), 1e-30) / 127.0  # (out,) zero channels stay zero
-    q = tf.cast(tf.round(tf.transpose(w) / scale[:, None]), tf.int8)  # (out, in)
-    sums = tf.reduce_sum(tf.cast(q, tf.float32), axis=1)  # (out,) exact: a few thousand int8 values
-    return Quantized(q, scale, -128.0 * sums * (scale / 127.0))
+QUANTIZE_ROWS = 1024  # rows per block when quantizing on the host
+
+
+def quantize(w, xp=tf) -> Quantized:
+    """A float32 matrix (in, out) as int8 (out, in) with one scale per output channel (its largest |value| -> 127).
+    xp=numpy computes the same bits on the host (IEEE float32 division, rounding half to even, exact sums)."""
+    if xp is tf:
+        scale = tf.maximum(tf.reduce_max(tf.abs(w), axis=0), 1e-30) / 127.0  # (out,) zero channels stay zero
+        q = tf.cast(tf.round(tf.transpose(w) / scale[:, None]), tf.int8)  # (out, in)
+        sums = tf.reduce_sum(tf.cast(q, tf.float32), axis=1)  # (out,) exact: a few thousand int8 values
+        return Quantized(q, scale, -128.0 * sums * (scale / 127.0))
+    f32 = xp.float32
+    scale = xp.maximum(xp.maximum(w.max(axis=0), -w.min(axis=0)), f32(1e-30)) / f32(127.0)  # (out,) no |w| copy
+    # A block of rows at a time along w's memory order: no float32 transient the size of w (wte's took 0.5 s of
+    # page faults at load).
+    rows, along_out = (w.T, True) if w.T.flags.c_contiguous else (w, False)  # wte is (C, Vp) over a (Vp, C) array
+    q = xp.empty(rows.shape, xp.int8)
+    for i in range(0, len(rows), QUANTIZE_ROWS):
+        block = slice(i, i + QUANTIZE_ROWS)
+        t = rows[block] / (scale[block, None] if along_out else scale)
+        q[block] = xp.rint(t, out=t)  # integers already: the cast is exact
+    q = q if along_out else xp.ascontiguousarray(q.T)  # (out, in)
+    sums = q.sum(axis=1, dtype=xp.int32).astype(f32)  # (out,)
+    return Quantized(q, scale, f32(-128.0) * sums * (scale / f32(127.0)))
 
 
 def matmul_int8(x: tf.Tensor, w: Quantized, keep_layout: bool = False) -> tf.Tensor:

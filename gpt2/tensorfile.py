@@ -15,7 +15,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -145,15 +145,6 @@ class Reader:
         out = aligned_empty(shape, DTYPES[dtype])
         self._read_into(memoryview(out.reshape(-1).view(np.uint8)), start, name)
         return out
-
-    def chunks(self, name: str, size: int = 16 << 20) -> Iterator[memoryview]:
-        """The tensor's bytes in chunks of `size` through one reused buffer (to hash it without holding it)."""
-        _, _, start, nbytes = self._entry(name)
-        buf = memoryview(bytearray(min(size, nbytes)))
-        for offset in range(0, nbytes, size):
-            view = buf[:min(size, nbytes - offset)]
-            self._read_into(view, start + offset, name)
-            yield view
 
     def _read_into(self, view: memoryview, start: int, name: str) -> None:
         """Positional reads (no shared file position: safe from several threads)."""

@@ -78,6 +78,24 @@ def test_weight_matmuls_keep_each_rows_bits(size, precision):
         assert not any(differ.values()), (name, n_in, n_out, differ)
 
 
+@pytest.mark.parametrize("name, shape", [("h0/mlp/c_proj/w", (3072, 768)), ("wte", (50257, 768))])
+def test_int8_quantized_on_the_host_is_the_graphs_quantization(name, shape):
+    """The loader quantizes int8 weights on the host (numpy, a block of rows at a time); frozen graphs and tests
+    quantize in TensorFlow. The same weight must give the same bits either way: int8 values, scales and offsets,
+    zero channels (and wte's padding rows) included."""
+    cfg = SIZES["124M"]
+    w = np.random.default_rng(3).normal(0, 0.02, shape).astype(np.float32)
+    w[5], w[:, 7] = 0.0, 0.0
+    host = graph_weight(name, w, cfg, "int8", xp=np)
+    graph = graph_weight(name, tf.constant(w), cfg, "int8")
+    want = (gmodel.padded_vocab(shape[0]), shape[1]) if name == "wte" else (shape[1], shape[0])  # (out, in)
+    assert host.q.shape == want
+    for h, g in zip(host, graph):
+        g = g.numpy()
+        assert h.dtype == g.dtype and h.shape == g.shape and h.flags.c_contiguous
+        assert h.tobytes() == g.tobytes()
+
+
 @pytest.mark.parametrize("n_in, n_out", [(768, 2304), (3072, 768), (768, 50304)])
 def test_int8_matmul_sums_the_integers_exactly(n_in, n_out):
     """matmul_int8's kernel at the real widths: its output is the integer sum of each quantized row times the
