@@ -62,6 +62,8 @@ SOFTMAX_MULTIPLE = 32  # attention's softmax runs over a width padded to a multi
 CANDIDATE_MULTIPLE = 16  # the sampler's candidates per row, rounded up to whole vectors of 16 floats
 ADMIT_ROWS = 16  # requests prefilled together when slots free up, at most (see admit)
 ADMIT_WIDTH = 1024 * 768  # and at most so many positions x n_embd (124M: 1024 prompt positions; 1.5B: 491)
+GELU_A = 2.0 * math.sqrt(2.0 / math.pi)  # GPT-2's GELU as y * sigmoid(y * (GELU_A + GELU_B * y^2)) (linear)
+GELU_B = GELU_A * 0.044715
 EXACT_SCALE = 2.0 ** 36  # row_sum_exp's fixed point: 2^36 * (2^16 values of at most 1) stays below 2^53
 
 
@@ -163,11 +165,12 @@ def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tens
 def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool = False) -> tf.Tensor:
     """x (M, in) @ w + b (then GPT-2's tanh GELU), float32 out. The matmul runs in w's dtype (float32, float16 or
     bfloat16); a Transposed w runs as its chunks, whose results are added in float32 in chunk order (see the
-    module docstring). The GELU is x * x * x, not tf.nn.gelu's Pow, which cost 10-17% of a decode step.
+    module docstring). The GELU is GPT-2's tanh approximation written with a sigmoid and y * y, not tf.nn.gelu's
+    Pow, which cost 10-17% of a decode step.
     """
     y = tf.nn.bias_add(matmul(x, w), b)
-    if gelu:
-        y = 0.5 * y * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * (y * y * y))))  # x*x*x: no Pow op
+    if gelu:  # 0.5 y (1 + tanh(z)) = y sigmoid(2z), z = sqrt(2/pi) (y + 0.044715 y^3): 6 element-wise ops, not 9
+        y = y * tf.sigmoid(y * (GELU_A + GELU_B * (y * y)))
     return y
 
 
@@ -352,23 +355,25 @@ def layer_params(params: Params, i: int) -> Callable[[str], Weight]:
 class KVCache:
     """The KV cache `past` (n_layer, 2, B, nh, L, hs) while a pass builds its graph: a flat buffer of rows of hs
     values, written in place (InplaceUpdate) layer by layer, so a write costs the same whatever L is (module
-    docstring)."""
+    docstring). columns (b, Tq): the cache columns the pass writes in each of its rows; slots (b,): the slot of
+    each row (default: 0..b-1). Every layer writes the same positions of its own part of the buffer, so their
+    row numbers are computed once."""
 
-    def __init__(self, past: tf.Tensor):
+    def __init__(self, past: tf.Tensor, columns: tf.Tensor, slots: tf.Tensor | None = None):
         self.shape = tf.shape(past)
         n_layer, _, self.B, self.nh, self.L, self.hs = tf.unstack(self.shape)
         self.rows = tf.reshape(past, [-1, self.hs])  # (n_layer*2*B*nh*L, hs) the same buffer, row-addressable
-
-    def write(self, i: int, k: tf.Tensor, v: tf.Tensor, columns: tf.Tensor, slots: tf.Tensor | None = None) -> None:
-        """Layer i's keys and values k, v (b, nh, Tq, hs) into columns (b, Tq) of slots (b,) (default: 0..b-1)."""
-        b = tf.shape(k)[0]
-        slots = tf.range(b) if slots is None else slots
+        slots = tf.range(tf.shape(columns)[0]) if slots is None else slots
         kind = tf.range(2)[:, None, None, None]  # (2, 1, 1, 1) K then V
         head = tf.range(self.nh)[None, None, :, None]  # (1, 1, nh, 1)
-        row = ((i * 2 + kind) * self.B + slots[None, :, None, None]) * self.nh + head  # (2, b, nh, 1)
-        index = row * self.L + columns[None, :, None, :]  # (2, b, nh, Tq)
-        self.rows = tf.raw_ops.InplaceUpdate(x=self.rows, i=tf.reshape(index, [-1]),
-                                             v=tf.reshape(tf.stack([k, v]), [-1, self.hs]))
+        row = (kind * self.B + slots[None, :, None, None]) * self.nh + head  # (2, b, nh, 1) in layer 0
+        self.index = tf.reshape(row * self.L + columns[None, :, None, :], [-1])  # (2*b*nh*Tq,) in layer 0
+        self.layer_rows = 2 * self.B * self.nh * self.L  # rows of one layer's keys and values
+
+    def write(self, i: int, kv: tf.Tensor) -> None:
+        """Layer i's keys and values kv (2, b, nh, Tq, hs) into the pass's columns of its slots."""
+        self.rows = tf.raw_ops.InplaceUpdate(x=self.rows, i=self.index + i * self.layer_rows,
+                                             v=tf.reshape(kv, [-1, self.hs]))
 
     def layer(self, i: int) -> tuple[tf.Tensor, tf.Tensor]:
         """Layer i's keys and values (B, nh, L, hs): views of the buffer, no copy."""
@@ -380,26 +385,26 @@ class KVCache:
 
 
 def block(x: tf.Tensor, p: Callable[[str], Weight], cfg: GPT2Config, B: tf.Tensor, Tq: tf.Tensor,
-          keys_values: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]], bias: tf.Tensor,
+          keys_values: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]], bias: tf.Tensor,
           dtype: tf.DType) -> tf.Tensor:
     """One transformer block on x (B*Tq, C) float32, Tq positions per row: attention, then the MLP, each on the
-    LayerNorm of the residual and added to it. keys_values(k, v) keeps this pass's keys and values (B, nh, Tq, hs)
+    LayerNorm of the residual and added to it. keys_values(kv) keeps this pass's keys and values (2, B, nh, Tq, hs)
     and gives those its queries attend to (B, nh, Tk, hs), masked by bias (B or 1, 1, Tq, Tk)."""
     nh, hs = cfg.n_head, cfg.head_size
     qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")), dtype)
-    q, k, v = tf.unstack(tf.transpose(tf.reshape(qkv, [B, Tq, 3, nh, hs]), [2, 0, 3, 1, 4]))  # (B, nh, Tq, hs)
-    a = attend(q, *keys_values(k, v), bias)  # (B, nh, Tq, hs)
+    qkv = tf.transpose(tf.reshape(qkv, [B, Tq, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, Tq, hs)
+    a = attend(qkv[0], *keys_values(qkv[1:]), bias)  # (B, nh, Tq, hs); qkv[1:] a view of K and V, no copy
     a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * Tq, cfg.n_embd])  # (B*Tq, C)
     x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
     return x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
 
 
 def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
-            keep: Callable[[int, tf.Tensor, tf.Tensor, tf.Tensor], None] | None = None,
+            keep: Callable[[int, tf.Tensor], None] | None = None,
             dtype: tf.DType | None = None) -> tf.Tensor:
-    """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f. keep(i, k, v, columns),
-    if given, is handed layer i's keys and values (B, nh, T, hs) and their cache columns (B, T). Padding comes
-    after each row's tokens, so the causal mask alone keeps it out of them; its own outputs are unused.
+    """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f. keep(i, kv), if given,
+    is handed layer i's keys and values (2, B, nh, T, hs), of columns [0, T). Padding comes after each row's
+    tokens, so the causal mask alone keeps it out of them; its own outputs are unused.
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     dtype = dtype or matmul_dtype(params)  # attention's: the cache's when there is one
@@ -409,10 +414,10 @@ def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
 
     x = tf.reshape(embed(params, ids, columns), [B * T, cfg.n_embd])  # (B*T, C)
     for i in range(cfg.n_layer):
-        def keys_values(k, v, i=i):  # the prompt attends to its own keys and values
+        def keys_values(kv, i=i):  # the prompt attends to its own keys and values
             if keep is not None:
-                keep(i, k, v, columns)
-            return k, v
+                keep(i, kv)
+            return kv[0], kv[1]
         x = block(x, layer_params(params, i), cfg, B, T, keys_values, bias, dtype)
     return x
 
@@ -425,11 +430,11 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
     layer, straight into the slots: no cache of the prompts' own, no copy of it.
     """
     U, T = tf.shape(ids)[0], tf.shape(ids)[1]
-    cache = None if past is None else KVCache(past)
     which = tf.range(U) if which is None else which
+    cache = None if past is None else KVCache(past, tf.broadcast_to(tf.range(T), [tf.size(which), T]), slots)
 
-    def keep(i, k, v, columns):
-        cache.write(i, tf.gather(k, which), tf.gather(v, which), tf.gather(columns, which), slots)
+    def keep(i, kv):
+        cache.write(i, tf.gather(kv, which, axis=1))
 
     x = forward(params, cfg, ids, None if cache is None else keep, None if past is None else past.dtype)
     last = tf.gather(tf.reshape(x, [U, T, cfg.n_embd]), lengths - 1, batch_dims=1)  # (U, C) each row's last token
@@ -442,12 +447,12 @@ def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tenso
     (B, Vp), updated past. Rows are independent: each writes its own column (continuous batching puts rows at
     different steps side by side), and key_bias (B, 1, 1, L) masks the columns a row has not written yet.
     """
-    cache = KVCache(past)
+    cache = KVCache(past, column[:, None])
     x = embed(params, token, pos)  # (B, C)
     params = {name: KeepLayout(w) if isinstance(w, Quantized) else w for name, w in params.items()}
     for i in range(cfg.n_layer):
-        def keys_values(k, v, i=i):  # the row's new key and value join its cache; it attends to all of it
-            cache.write(i, k, v, column[:, None])
+        def keys_values(kv, i=i):  # the row's new key and value join its cache; it attends to all of it
+            cache.write(i, kv)
             return cache.layer(i)
         x = block(x, layer_params(params, i), cfg, cache.B, 1, keys_values, key_bias, past.dtype)
     return lm_head(params, cfg, x), cache.past()
