@@ -11,7 +11,7 @@ import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from gpt2.sampling import FIELDS, HELP, TYPES, SamplingParams
-from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, max_batch_tokens_for
+from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
 from transforms.pacing import TARGET_RUN_SECONDS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -55,8 +55,8 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
     b.add_argument("--max_batch_tokens", type=int, default=None,
                    help=("slots x (longest prompt + max_new_tokens) at most: the KV cache's bound" if generating
                          else f"{rows} x (longest window) per batch at most") +
-                   f" (default: by the model's size, the cache bytes of {DEFAULT_MAX_BATCH_TOKENS} at 124M: "
-                   f"{max_batch_tokens_for(24, 1024)} at 355M, {max_batch_tokens_for(48, 1600)} at 1.5B)")
+                   f" (default: by the model's size: {max_batch_tokens_for(12, 768, not generating)}"
+                   f" at 124M, {max_batch_tokens_for(24, 1024)} at 355M, {max_batch_tokens_for(48, 1600)} at 1.5B)")
     b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
                    help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
                         "on Ampere GPUs, float16 on older GPUs, else float32); int8 (CPUs only) quantizes the weight "
@@ -133,12 +133,12 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**{name: getattr(args, name) for name in FIELDS})
 
 
-def max_batch_tokens(args: argparse.Namespace, manifest: dict) -> int:
+def max_batch_tokens(args: argparse.Namespace, manifest: dict, scoring: bool = False) -> int:
     """--max_batch_tokens, or by default the model's (transforms.batching.max_batch_tokens_for)."""
     config = manifest["config"]
     if args.max_batch_tokens is not None:
         return args.max_batch_tokens
-    return max_batch_tokens_for(config["n_layer"], config["n_embd"])
+    return max_batch_tokens_for(config["n_layer"], config["n_embd"], scoring)
 
 
 def _check_common(args: argparse.Namespace, beam_args: list[str], prog: str) -> PipelineOptions:

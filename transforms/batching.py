@@ -37,11 +37,12 @@ from transforms.records import Request
 BLOCK = 4096  # requests sorted and cut at a time: the memory bound of the cutting step
 # Defaults from the measured throughput curve within the memory goal (a worker under 2 GB for 124M), GPT-2 124M
 # bfloat16 on Sapphire Rapids (BENCHMARKS.md): 64 new tokens after 32-token prompts make ~400 tok/s at batch 32,
-# ~550 at 64, ~665 at 128, ~740 at 256; peak RSS with 66 + 64 tokens per row 1.6 GB at 64 rows, 1.9 GB at 96,
-# 2.15 GB at 128. So a batch may hold 128 rows, and at most 12288 rows x (longest prompt + new tokens) at 124M
-# (max_batch_tokens_for: the same cache bytes at other sizes).
+# ~550 at 64, ~665 at 128, ~740 at 256. So a batch may hold 128 rows, and at 124M at most 16384 rows x (longest
+# prompt + new tokens): the 1024 x 64 job (rows of up to 66 + 64) then runs 126 slots, 1.19x the tokens/s of
+# 12288's 94, and peaks at 1.87 GB (bfloat16) / 1.86 (int8) on AMD Zen 5 (max_batch_tokens_for: other sizes).
 DEFAULT_BATCH_SIZE = 128
-DEFAULT_MAX_BATCH_TOKENS = 12288
+DEFAULT_MAX_BATCH_TOKENS = 16384
+LARGE_MODEL_MAX_BATCH_TOKENS = 12288  # in 124M positions' cache bytes: the budget of models larger than 124M
 # A run holds up to this many requests per slot: the slots drain at a run's end (its last rows finish with fewer
 # neighbours), about one row's length of steps at falling occupancy, so the longer the run, the smaller that share
 # (with max_new_tokens spread evenly over 1..2x the mean: ~10% at 8 requests per slot).
@@ -198,12 +199,18 @@ def cut_runs(requests: Iterable[Request], batch_size: int) -> Iterator[list[Requ
         yield run
 
 
-def max_batch_tokens_for(n_layer: int, n_embd: int) -> int:
-    """A model's default max_batch_tokens: the positions whose KV cache takes the bytes of 124M's 12288 (432 MiB
-    in bfloat16): 12288 at 124M, 4608 at 355M, 2457 at 774M, 1474 at 1.5B. A position's cache grows with
-    n_layer x n_embd, so a token budget fixed at 124M's would be 3.8 GB of cache at 1.5B, more than its job's
-    memory goal (1.3x its weights + 1 GB)."""
-    return max(1, DEFAULT_MAX_BATCH_TOKENS * 12 * 768 // (n_layer * n_embd))
+def max_batch_tokens_for(n_layer: int, n_embd: int, scoring: bool = False) -> int:
+    """A model's default max_batch_tokens, as KV cache bytes (a position's cache grows with n_layer x n_embd).
+    124M and smaller: the bytes of DEFAULT_MAX_BATCH_TOKENS positions at 124M (576 MiB in bfloat16), within its
+    2 GB goal. Larger models: those of LARGE_MODEL_MAX_BATCH_TOKENS at 124M (432 MiB): 4608 positions at 355M,
+    2457 at 774M, 1474 at 1.5B, whose job then peaks at 4.92 GB against its goal of 1.3x its weights + 1 GB
+    (5.06 GB); 124M's budget would put it past that. BENCHMARKS.md has the measurements. Scoring keeps the
+    larger models' budget at every size: its memory is its windows' (T, T) attention, not a cache, and was not
+    measured at 124M's larger one."""
+    per_position = n_layer * n_embd
+    small = per_position <= 12 * 768 and not scoring
+    at_124m = DEFAULT_MAX_BATCH_TOKENS if small else LARGE_MODEL_MAX_BATCH_TOKENS
+    return max(1, at_124m * 12 * 768 // per_position)
 
 
 def run_slots(requests: list, batch_size: int, max_batch_tokens: int) -> int:

@@ -148,7 +148,7 @@ class ModelInfo(NamedTuple):
 
 
 def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None = None,
-                   max_batch_tokens: int | None = None) -> ModelInfo:
+                   max_batch_tokens: int | None = None, scoring: bool = False) -> ModelInfo:
     """A model's label, context size and max_batch_tokens: as given by a caller that has them (the file jobs read
     the manifest once before they start), else from its manifest (gpt2.manifest.ModelError if it is not a model
     directory)."""
@@ -158,5 +158,5 @@ def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None =
         label = label or model_label(manifest)
         n_ctx = n_ctx or config["n_ctx"]
         if max_batch_tokens is None:
-            max_batch_tokens = max_batch_tokens_for(config["n_layer"], config["n_embd"])
+            max_batch_tokens = max_batch_tokens_for(config["n_layer"], config["n_embd"], scoring)
     return ModelInfo(label, n_ctx, max_batch_tokens)

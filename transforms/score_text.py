@@ -257,7 +257,8 @@ class ScoreText(BatchWork):
                  clock: Callable[[], float] = time.time):
         batching = Batching(batch_size, DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens,
                             streaming, max_wait_secs, clock)  # the arguments checked before the manifest is read
-        model_label, n_ctx, max_batch_tokens = model_identity(model_dir, model_label, n_ctx, max_batch_tokens)
+        model_label, n_ctx, max_batch_tokens = model_identity(model_dir, model_label, n_ctx, max_batch_tokens,
+                                                              scoring=True)
         scoring = Scoring(n_ctx, n_ctx // 2 if stride is None else stride, text_key, prompt_key, completion_key,
                           bool(token_logprobs), model_label, batch_size, max_batch_tokens)
         super().__init__(RunBatches(scoring, shared_model(model_dir, precision, intra_op_threads)),
