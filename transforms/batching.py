@@ -39,7 +39,8 @@ BLOCK = 4096  # requests sorted and cut at a time: the memory bound of the cutti
 # bfloat16 on Sapphire Rapids (BENCHMARKS.md): 64 new tokens after 32-token prompts make ~400 tok/s at batch 32,
 # ~550 at 64, ~665 at 128, ~740 at 256. So a batch may hold 128 rows, and at 124M at most 16384 rows x (longest
 # prompt + new tokens): the 1024 x 64 job (rows of up to 66 + 64) then runs 126 slots, 1.19x the tokens/s of
-# 12288's 94, and peaks at 1.87 GB (bfloat16) / 1.86 (int8) on AMD Zen 5 (max_batch_tokens_for: other sizes).
+# 12288's 94, and peaks at 1870 MiB (bfloat16) / 1860 (int8) on AMD Zen 5, under 2 GB (1907 MiB) by little
+# (max_batch_tokens_for: other sizes).
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_MAX_BATCH_TOKENS = 16384
 LARGE_MODEL_MAX_BATCH_TOKENS = 12288  # in 124M positions' cache bytes: the budget of models larger than 124M
