@@ -241,9 +241,12 @@ class GenerationModel:
         fed = []
         for i, part in enumerate(parts):
             target = targets.get(f"{BIND_SCOPE}/weights/{name}" + (f"/{i}" if i else ""))
-            if target is None or tuple(part.shape) != tuple(target.shape) or part.dtype != target.dtype.as_numpy_dtype:
+            if target is None:
+                raise ModelError(f"{self.model_dir}: tensor {name} has {len(parts)} parts in its graph form, the "
+                                 f"graph has no variable for part {i}")
+            if tuple(part.shape) != tuple(target.shape) or part.dtype != target.dtype.as_numpy_dtype:
                 raise ModelError(f"{self.model_dir}: tensor {name} lays out as {part.dtype}{part.shape}, its "
-                                 f"variable is {'missing' if target is None else target.dtype.name + str(tuple(target.shape))}")
+                                 f"variable is {target.dtype.name}{tuple(target.shape)}")
             if not (part.flags.c_contiguous and part.ctypes.data % tensorfile.ALIGNMENT == 0):
                 aligned = tensorfile.aligned_empty(part.shape, part.dtype)
                 np.copyto(aligned, part)

@@ -54,9 +54,9 @@ ALLOWED_OPS = frozenset("""
     BroadcastTo Cast ConcatV2 Const Cumsum DivNoNan Enter Equal Exit Exp ExpandDims Fill FloorDiv GatherV2 Greater
     GreaterEqual Identity IdentityN InplaceUpdate LeftShift Less LessEqual Log LogSoftmax LogicalAnd LogicalNot
     LogicalOr LoopCond MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2
-    Placeholder Pow Prod Range ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Slice Snapshot
-    Sigmoid Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh TensorListConcatV2
-    TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
+    Placeholder Pow Prod Range ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Sigmoid Slice
+    Snapshot Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh
+    TensorListConcatV2 TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
     TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
     _QuantizedMatMul RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
 """.split())

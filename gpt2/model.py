@@ -43,8 +43,8 @@ depends on nothing but the row:
   any order and at any length, so int8 rows are the same bits in any batch as well.
 The tests check these at the real layer widths (tests/test_invariance.py). A consequence the same tests show: in
 bfloat16, a row's prompt and tokens so far, prefilled, give the same next values as decoding did (in int8 too with
-a bfloat16 cache; not with a float32 one, whose prefill (T, T) and decode step (1, L) matmuls round apart). float32 keeps the tokens
-of a row whatever its batch; its logits may differ in last bits that never reach a token.
+a bfloat16 cache; not with a float32 one, whose prefill (T, T) and decode step (1, L) matmuls round apart).
+float32 keeps the tokens of a row whatever its batch; its logits may differ in last bits that never reach a token.
 """
 from __future__ import annotations
 

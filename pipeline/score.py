@@ -32,7 +32,8 @@ def scoring(args, manifest: dict, model: str, done: tuple[str, ...], paths: list
         output_dir=args.output, model_dir=args.model_dir, model_label=model, n_ctx=n_ctx,
         text_column=args.text_column if args.completion_column is None else args.prompt_column,
         completion_column=args.completion_column, id_column=args.id_column, stride=stride,
-        token_logprobs=args.token_logprobs, batch_size=args.batch_size, max_batch_tokens=max_batch_tokens(args, manifest, scoring=True),
+        token_logprobs=args.token_logprobs, batch_size=args.batch_size,
+        max_batch_tokens=max_batch_tokens(args, manifest, scoring=True),
         precision=args.precision, intra_op_threads=args.intra_op_threads, output_format=args.output_format,
         done_files=done, options=tuple(options.items())))
 
