@@ -152,3 +152,11 @@ def test_run_slots_come_from_the_memory_budget():
     assert run_slots(run, 16, 12288) == 16  # batch_size
     assert run_slots(run, 128, 79 * 10 + 78) == 10  # max_batch_tokens
     assert run_slots(run, 128, 10) == 1  # a row always runs
+
+
+def test_a_run_stretches_its_slots_a_little_when_that_saves_a_wave():
+    run = [req(i, 66) for i in range(256)]  # 130 positions a row: 16384 allows 126 slots
+    assert run_slots(run, 128, 16384) == 128  # two waves, not 126 + 126 + 4 (a cache 1.6% over the budget)
+    assert run_slots(run[:252], 128, 16384) == 126  # whole waves already
+    assert run_slots(run, 128, 120 * 130) == 120  # 128 would be 6.7% over: three waves (120 + 120 + 16)
+    assert run_slots(run, 127, 16384) == 126  # never beyond batch_size

@@ -6,7 +6,7 @@ import numpy as np
 
 from gpt2.sampling import SamplingParams
 from transforms import generate as generate_module
-from transforms.generate import GenerateBatches
+from transforms.generate import GenerateBatches, Generation
 from transforms.pacing import Pace, part_rows, parts
 from transforms.records import Request
 
@@ -46,6 +46,17 @@ def test_parts_keep_a_rows_samples_together_and_cover_every_unit_once_in_order()
     assert sum(len(u) for u in got[0]) == 55 % 4  # the rows beyond whole slot-fulls
     assert all(sum(len(u) for u in part) <= 8 for part in got[1:-1])  # one slot-full, or a unit that overflows it
     assert max(sum(len(u) for u in part) for part in got[1:]) > 4  # the 5 samples overflowed a slot-full whole
+
+
+def test_a_run_is_decoded_longest_prompts_first(monkeypatch):
+    """A run comes sorted by prompt length; its parts take the longest first, so the first large part sizes the
+    KV cache buffer that the later ones reuse."""
+    monkeypatch.setattr(generate_module, "_PACE", Pace())
+    run = [Request(f"r{i}", "", [7] * (i + 1), SamplingParams(max_new_tokens=8), "in.parquet", i) for i in range(10)]
+    task = Generation(batch_size=4)
+    got = list(task.parts(task.units(run)))
+    assert [sum(len(u) for u in part) for part in got] == [2, 4, 4]
+    assert [len(r.token_ids) for part in got for u in part for r in u] == list(range(10, 0, -1))
 
 
 def test_a_run_in_parts_gives_every_row_what_it_gets_alone(model_dir, model, monkeypatch):

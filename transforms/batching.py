@@ -38,9 +38,9 @@ BLOCK = 4096  # requests sorted and cut at a time: the memory bound of the cutti
 # Defaults from the measured throughput curve within the memory goal (a worker under 2 GB for 124M), GPT-2 124M
 # bfloat16 on Sapphire Rapids (BENCHMARKS.md): 64 new tokens after 32-token prompts make ~400 tok/s at batch 32,
 # ~550 at 64, ~665 at 128, ~740 at 256. So a batch may hold 128 rows, and at 124M at most 16384 rows x (longest
-# prompt + new tokens): the 1024 x 64 job (rows of up to 66 + 64) then runs 126 slots, 1.19x the tokens/s of
-# 12288's 94, and peaks at 1870 MiB (bfloat16) / 1860 (int8) on AMD Zen 5, under 2 GB (1907 MiB) by little
-# (max_batch_tokens_for: other sizes).
+# prompt + new tokens): the 1024 x 64 job (rows of up to 66 + 64) then runs 126 slots (128 stretched, run_slots),
+# 1.19x the tokens/s of 12288's 94, and peaks at 1870 MiB (bfloat16) / 1860 (int8) on AMD Zen 5, under 2 GB
+# (1907 MiB) by little (max_batch_tokens_for: other sizes).
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_MAX_BATCH_TOKENS = 16384
 LARGE_MODEL_MAX_BATCH_TOKENS = 12288  # in 124M positions' cache bytes: the budget of models larger than 124M
@@ -48,6 +48,7 @@ LARGE_MODEL_MAX_BATCH_TOKENS = 12288  # in 124M positions' cache bytes: the budg
 # neighbours), about one row's length of steps at falling occupancy, so the longer the run, the smaller that share
 # (with max_new_tokens spread evenly over 1..2x the mean: ~10% at 8 requests per slot).
 RUN_ROWS_PER_SLOT = 8
+SLOT_STRETCH = 32  # a run may exceed its slots' budget by 1/SLOT_STRETCH to save a wave (run_slots)
 # Costs in row-steps, the compute of one row through one decode step.
 STEP_FIXED_COST = 16.0  # GPT-2 124M, Sapphire Rapids: a step is 32 ms at batch 1, 64 at 8, 150 at 64 (fits 6-34 rows)
 PREFILL_TOKEN_COST = 0.4  # a prompt token in prefill costs a third to a half of a row-step (large matmuls run better)
@@ -216,9 +217,20 @@ def max_batch_tokens_for(n_layer: int, n_embd: int, scoring: bool = False) -> in
 
 def run_slots(requests: list, batch_size: int, max_batch_tokens: int) -> int:
     """The slots of a run: batch_size, fewer where the KV cache would exceed max_batch_tokens positions (each
-    slot holds the run's longest prompt + its largest max_new_tokens), and no more than the run has rows."""
+    slot holds the run's longest prompt + its largest max_new_tokens), and no more than the run has rows. A run
+    that fills its slots several times over may take up to 1/SLOT_STRETCH more slots than the budget allows when
+    that saves it a wave: rows of like max_new_tokens decode in waves, and a last wave of a few rows costs nearly
+    a whole wave's steps (each step reads every weight). 256 rows of up to 66 + 64 positions at 16384: 126 slots
+    would run 126 + 126 + 4 rows, 128 run two waves (a cache 1.6% over the budget)."""
     width = max(len(r.token_ids) for r in requests) + max(r.params.max_new_tokens for r in requests)
-    return max(1, min(batch_size, max_batch_tokens // width, len(requests)))
+    rows = len(requests)
+    slots = max(1, min(batch_size, max_batch_tokens // width, rows))
+    waves = -(-rows // slots)
+    if waves > 1:
+        stretched = -(-rows // (waves - 1))  # the slots that run the rows in one wave fewer
+        if stretched <= min(batch_size, slots + slots // SLOT_STRETCH):
+            return stretched
+    return slots
 
 
 # A run's memory bound is its slots' (run_slots), set where it is decoded: cut_runs does not need max_batch_tokens.

@@ -133,7 +133,11 @@ class Generation(Task):
     def parts(self, units: list[list[Request]]):
         rows = [r for u in units for r in u]
         slots = run_slots(rows, self.batch_size, self.max_batch_tokens)
-        return parts(units, _PACE, slots, lambda u: sum(r.params.max_new_tokens for r in u), self.target_seconds)
+        # Longest prompts first (a run comes sorted by prompt length): the first large part sizes the worker's KV
+        # cache buffer for the whole run and later parts reuse it, where shortest first grew it part by part, each
+        # new buffer's pages faulted in afresh (0.3-0.6 s per 600 MB here).
+        return parts(units[::-1], _PACE, slots, lambda u: sum(r.params.max_new_tokens for r in u),
+                     self.target_seconds)
 
     def failure(self, unit: list[Request], error: Exception) -> str:
         r = unit[0]
