@@ -48,8 +48,9 @@ def part_rows(rate: float | None, slots: int, tokens_per_row: float, rows_left: 
     """How many of the rows left the next part takes. Before any rate is known, the rows beyond the run's whole
     slot-fulls (rows_left mod slots; a slot-full when there are none): a first part as short as any (its longest
     row's steps), after which every part is whole slot-fulls, so no part ends on a wave of a few rows. 256 rows at
-    126 slots: 4, then 2 x 126; a first part of 16 rows had left 240 (a last wave of 114), a slot-full one 130 (a
-    last wave of 4); the 124M 256 x 64 job runs 1.09x faster than with 16 (BENCHMARKS.md). Then the rows whose
+    126 slots (had run_slots not stretched them to 128): 4, then 2 x 126; a first part of 16 rows had left 240 (a
+    last wave of 114), a slot-full one 130 (a last wave of 4); the 124M 256 x 64 job ran 1.09x faster than with 16
+    (BENCHMARKS.md). Then the rows whose
     tokens take about target_seconds at `rate`, in whole slot-fulls, at least one. A remainder smaller than one
     slot-full joins this part rather than running on its own at low occupancy."""
     if rate is None:
