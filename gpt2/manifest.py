@@ -56,8 +56,8 @@ ALLOWED_OPS = frozenset("""
     LogicalOr LoopCond MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2
     Placeholder Pow Prod Range ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Sigmoid Slice
     Snapshot Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh
-    TensorListConcatV2 TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve TensorListSetItem
-    TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
+    TensorListConcatV2 TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve
+    TensorListSetItem TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
     _QuantizedMatMul RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
 """.split())
 

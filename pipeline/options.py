@@ -53,7 +53,8 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
                    help="rows decoded at once at most: the slots of continuous batching (a row that ends frees its "
                         "slot for the next)" if generating else f"{rows} per batch at most")
     b.add_argument("--max_batch_tokens", type=int, default=None,
-                   help=("slots x (longest prompt + max_new_tokens) at most: the KV cache's bound" if generating
+                   help=("slots x (longest prompt + max_new_tokens) at most: the KV cache's bound (a run may go 1/32 "
+                          "over when that saves it a wave of decode)" if generating
                          else f"{rows} x (longest window) per batch at most") +
                    f" (default: by the model's size: {max_batch_tokens_for(12, 768, not generating)}"
                    f" at 124M, {max_batch_tokens_for(24, 1024)} at 355M, {max_batch_tokens_for(48, 1600)} at 1.5B)")

@@ -135,7 +135,7 @@ class Generation(Task):
         slots = run_slots(rows, self.batch_size, self.max_batch_tokens)
         # Longest prompts first (a run comes sorted by prompt length): the first large part sizes the worker's KV
         # cache buffer for the whole run and later parts reuse it, where shortest first grew it part by part, each
-        # new buffer's pages faulted in afresh (0.3-0.6 s per 600 MB here).
+        # new buffer's pages faulted in afresh (0.35-1.4 s per 600 MB on a VM, BENCHMARKS.md).
         return parts(units[::-1], _PACE, slots, lambda u: sum(r.params.max_new_tokens for r in u),
                      self.target_seconds)
 
