@@ -52,6 +52,16 @@ from gpt2.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
 from pipeline.sample_data import PROMPTS  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
+# --max_isa: each engine's own switch to keep below an ISA, so an AVX-512 machine runs every side as an AVX2-only
+# CPU would (the same instructions; not its caches, clocks or memory). Ours and transformers' oneDNN read
+# ONEDNN_MAX_CPU_ISA, OpenVINO both it and OV_CPU_MAX_ISA, CTranslate2 CT2_FORCE_CPU_ISA, PyTorch's own
+# kernels ATEN_CPU_CAPABILITY. (numpy's few AVX-512 loops stay; no side spends its time there.)
+ISA_CAPS = {
+    "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2", "CT2_FORCE_CPU_ISA": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"},
+    "AVX512_CORE": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "OV_CPU_MAX_ISA": "AVX512_CORE",
+                    "CT2_FORCE_CPU_ISA": "AVX512", "ATEN_CPU_CAPABILITY": "avx512"},
+}
 MARKERS = ("<!-- whole_job: written by python -m bench.whole_job -->", "<!-- /whole_job -->")
 MAX_PROMPT_TOKENS = 66
 SHARDS = 4
@@ -308,6 +318,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS), help="CPU engines to run too")
     p.add_argument("--peers_python", default=sys.executable, help="the Python that has the peers installed")
     p.add_argument("--no_hf", action="store_true", help="skip the transformers sides")
+    p.add_argument("--max_isa", choices=sorted(ISA_CAPS),
+                   help="run every side below this ISA, through each engine's own switch (an AVX2-only CPU's "
+                        "instructions on this one; the table's machine line says so)")
     p.add_argument("--quick", action="store_true", help="tiny model, 24 prompts, 4 new tokens, 1 repeat")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -319,6 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.update(ISA_CAPS.get(args.max_isa, {}))  # every side inherits it; cpu_features names the cap
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         text = run(args, Path(args.workdir))

@@ -79,13 +79,42 @@ def process_placement() -> Placement:
         return _placement
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+# oneDNN's ISA levels in order (the values ONEDNN_MAX_CPU_ISA takes), each with the CPU flags it adds to the one
+# before. oneDNN kernels use nothing above the level the variable caps them at, so those flags count as absent:
+# with oneDNN capped at AVX2 on a bfloat16 CPU, bfloat16 matmuls fall back to slow paths or fail to build.
+ONEDNN_ISA_LEVELS = (
+    ("SSE41", ("sse4_1",)),
+    ("AVX", ("avx",)),
+    ("AVX2", ("avx2", "fma")),
+    ("AVX2_VNNI", ("avx_vnni",)),
+    ("AVX2_VNNI_2", ("avx_vnni_int8", "avx_ne_convert")),
+    ("AVX512_CORE", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd")),
+    ("AVX512_CORE_VNNI", ("avx512_vnni",)),
+    ("AVX512_CORE_BF16", ("avx512_bf16",)),
+    ("AVX512_CORE_FP16", ("avx512_fp16",)),  # also spelled AVX10_1_512
+    ("AVX512_CORE_AMX", ("amx_tile", "amx_int8", "amx_bf16")),  # also spelled AVX10_1_512_AMX
+)
+ISA_ALIASES = {"AVX10_1_512": "AVX512_CORE_FP16", "AVX10_1_512_AMX": "AVX512_CORE_AMX"}
+
+
+def cpu_flags(cpuinfo: str | None = None, max_isa: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none), less those above oneDNN's ISA cap
+    (`max_isa`; by default the environment's ONEDNN_MAX_CPU_ISA, as oneDNN reads it)."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.exists() else ""
     m = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
-    return set(m.group(1).split()) if m else set()
+    flags = set(m.group(1).split()) if m else set()
+    return flags - above_isa(os.environ.get("ONEDNN_MAX_CPU_ISA", "") if max_isa is None else max_isa)
+
+
+def above_isa(max_isa: str) -> set[str]:
+    """The flags of oneDNN's ISA levels above `max_isa` (none for "", ALL or a level this table does not know)."""
+    names = [name for name, _ in ONEDNN_ISA_LEVELS]
+    cap = ISA_ALIASES.get(max_isa.strip().upper(), max_isa.strip().upper())
+    if cap not in names:
+        return set()
+    return {flag for _, flags in ONEDNN_ISA_LEVELS[names.index(cap) + 1:] for flag in flags}
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:

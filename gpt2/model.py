@@ -284,12 +284,21 @@ def mlp(x: tf.Tensor, p: Callable[[str], tf.Tensor]) -> tf.Tensor:
     return linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b"))  # (M, C)
 
 
-def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-    """Scaled dot-product attention. q (B, nh, Tq, hs), k/v (B, nh, Tk, hs) in the weights' dtype, bias
-    (B, 1, Tq, Tk) additive mask. The matmuls run in the weights' dtype, the softmax in float32."""
+def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor, float64_sums: bool = False) -> tf.Tensor:
+    """Scaled dot-product attention. q (B, nh, Tq, hs), k/v (B, nh, Tk, hs) in the cache's dtype, bias
+    (B, 1, Tq, Tk) additive mask. The matmuls run in the cache's dtype, the softmax in float32.
+
+    float64_sums (int8 weights with a float32 cache, several queries a row: prefill, scoring): multiply in float64
+    and round once to float32. oneDNN's AVX2 float32 batch matmul sums even q . k's 64 products in an order that
+    depends on Tq and Tk (the part's padded prompt length), so an int8 row, the same bits in every weight matmul in
+    any batch, changed with its batch on CPUs without bfloat16 units. float64's matmul is Eigen's (no oneDNN kernel) and each product
+    is exact in it: the float32 it rounds to is the same bits in any order but in vanishingly rare ties (a prefill
+    of 128 x 64 tokens on AVX2: +10%). Decode's one query a row needs none: its float32 kernel keeps a row's bits
+    at any width and batch (test_invariance)."""
     q = q * tf.constant(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) + bias  # (B, nh, Tq, Tk)
-    return tf.matmul(tf.cast(softmax(w), v.dtype), v)  # (B, nh, Tq, hs)
+    dtype = tf.float64 if float64_sums else q.dtype
+    w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32) + bias  # (B, nh, Tq, Tk)
+    return tf.cast(tf.matmul(tf.cast(softmax(w), dtype), tf.cast(v, dtype)), v.dtype)  # (B, nh, Tq, hs)
 
 
 def softmax(w: tf.Tensor) -> tf.Tensor:
@@ -393,7 +402,8 @@ def block(x: tf.Tensor, p: Callable[[str], Weight], cfg: GPT2Config, B: tf.Tenso
     nh, hs = cfg.n_head, cfg.head_size
     qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")), dtype)
     qkv = tf.transpose(tf.reshape(qkv, [B, Tq, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, Tq, hs)
-    a = attend(qkv[0], *keys_values(qkv[1:]), bias)  # (B, nh, Tq, hs); qkv[1:] a view of K and V, no copy
+    exact = dtype == tf.float32 and isinstance(p("attn/c_attn/w"), Quantized)  # int8 prefill, float32 cache
+    a = attend(qkv[0], *keys_values(qkv[1:]), bias, exact)  # (B, nh, Tq, hs); qkv[1:] a view of K and V, no copy
     a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * Tq, cfg.n_embd])  # (B*Tq, C)
     x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
     return x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)

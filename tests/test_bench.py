@@ -109,3 +109,18 @@ def test_quick_sizes_benchmark_measures_export_and_load(tmp_path):
     assert all(float(cells[i]) > 0 for i in (2, 3, 5, 6, 9, 10))  # seconds and peaks of both exports and the load
     assert "bind" in cells[12] and "warm_up" in cells[12]
     assert "Machine: " in p.stdout and not [d for d in tmp_path.iterdir() if d.is_dir()]  # logs only are kept
+
+
+def test_an_isa_cap_reaches_every_engines_switch_and_the_machine_line(tmp_path, monkeypatch):
+    """--max_isa AVX2 sets each engine's own switch (oneDNN, OpenVINO, CTranslate2, PyTorch), and a table made
+    under it names the cap and lists no vector units above it."""
+    from bench.machine import cpu_features
+
+    caps = whole_job.ISA_CAPS["AVX2"]
+    assert set(caps) == {"ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA", "CT2_FORCE_CPU_ISA", "ATEN_CPU_CAPABILITY"}
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: Zen 4\nflags\t\t: fma avx2 avx512f avx512_bf16 avx512_vnni\n")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", caps["ONEDNN_MAX_CPU_ISA"])
+    assert cpu_features(info) == ("Zen 4 (ISA capped at AVX2)", ["avx2"])
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert cpu_features(info) == ("Zen 4", ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"])

@@ -104,4 +104,19 @@ def test_int8_runs_its_bfloat16_cache_graph_where_the_cpu_has_bfloat16_units():
 
 def test_cpu_flags_are_read_from_cpuinfo():
     info = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 amx_bf16\n"
-    assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16"} and cpu_name(info) == "Some CPU"
+    assert cpu_flags(info, max_isa="") == {"fpu", "avx2", "amx_bf16"} and cpu_name(info) == "Some CPU"
+
+
+def test_flags_above_onednns_isa_cap_count_as_absent(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA keeps oneDNN's kernels below an ISA: a Zen 4 capped at AVX2 must choose as an AVX2-only
+    CPU does (float32, int8 with a float32 cache), or it would pick bfloat16 graphs oneDNN then cannot build."""
+    info = "model name\t: Zen 4\nflags\t\t: " + " ".join(sorted(ZEN4 | {"avx512bw", "avx512_vnni"})) + "\n"
+    assert cpu_flags(info, max_isa="AVX2") == {"avx2", "fma"}
+    assert cpu_flags(info, max_isa="avx512_core_vnni") == {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}
+    for cap in ("", "ALL", "AVX10_1_512_AMX", "SOMETHING_NEW"):  # no cap, or above every flag it has
+        assert cpu_flags(info, max_isa=cap) == ZEN4 | {"avx512bw", "avx512_vnni"}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # what the process runs with, by default
+    assert choose_precision(ALL, CPU, cpu_flags(info))[0] == "float32"
+    assert graph_key("int8", [*ALL, INT8_BF16_CACHE], cpu_flags(info)) == "int8"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert choose_precision(ALL, CPU, cpu_flags(info))[0] == "bfloat16"
