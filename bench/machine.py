@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2.config import GPT2Config
-from gpt2.device import VECTOR_FLAGS, above_isa, cpu_flags, cpu_name
+from gpt2.device import VECTOR_FLAGS, cpu_flags, cpu_name
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -80,6 +80,6 @@ def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, list[str]]
         return platform.processor() or platform.machine(), []
     info = path.read_text()
     present = cpu_flags(info)  # less what ONEDNN_MAX_CPU_ISA caps away, and the name says so
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    name = cpu_name(info) + (f" (ISA capped at {cap})" if above_isa(cap) & cpu_flags(info, "ALL") else "")
+    capped = present != cpu_flags(info, max_isa="ALL")
+    name = cpu_name(info) + (f" (ISA capped at {os.environ['ONEDNN_MAX_CPU_ISA']})" if capped else "")
     return name, [f for f in VECTOR_FLAGS if f in present]

@@ -291,13 +291,13 @@ def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor, float64_su
     float64_sums (int8 weights with a float32 cache, several queries a row: prefill, scoring): multiply in float64
     and round once to float32. oneDNN's AVX2 float32 batch matmul sums even q . k's 64 products in an order that
     depends on Tq and Tk (the part's padded prompt length), so an int8 row, the same bits in every weight matmul in
-    any batch, changed with its batch on CPUs without bfloat16 units. float64's matmul is Eigen's (no oneDNN kernel) and each product
-    is exact in it: the float32 it rounds to is the same bits in any order but in vanishingly rare ties (a prefill
-    of 128 x 64 tokens on AVX2: +10%). Decode's one query a row needs none: its float32 kernel keeps a row's bits
-    at any width and batch (test_invariance)."""
+    any batch, changed with its batch on CPUs without bfloat16 units. float64's matmul is Eigen's (no oneDNN
+    kernel) and each product is exact in it: the float32 it rounds to is the same bits in any order but in
+    vanishingly rare ties (a prefill of 128 x 64 tokens on AVX2: +10%). Decode's one query a row needs none: its
+    float32 kernel keeps a row's bits at any width and batch (test_invariance)."""
     q = q * tf.constant(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     dtype = tf.float64 if float64_sums else q.dtype
-    w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32) + bias  # (B, nh, Tq, Tk)
+    w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32) + bias  # (B,nh,Tq,Tk)
     return tf.cast(tf.matmul(tf.cast(softmax(w), dtype), tf.cast(v, dtype)), v.dtype)  # (B, nh, Tq, hs)
 
 

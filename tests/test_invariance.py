@@ -5,8 +5,8 @@ whole 124M model; the tiny model's tests (test_continuous, test_engine) check th
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,8 +339,9 @@ INT8_TESTS = ("int8 and (sums_the_integers_exactly or keep_each_rows_bits and 12
 
 def test_int8_is_exact_and_batch_invariant_without_vnni():
     """CPUs without VNNI (AVX2, early AVX-512) run other oneDNN int8 kernels, which add pairs of products in int16
-    (gpt2.model.limit_pairs), and int8's cache is float32 there (gpt2.model.attend). int8's exactness and row tests
-    again, in a process of their own with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA, read once per process)."""
+    (test_int8_matmul_sums_the_integers_exactly), and int8's cache is float32 there (gpt2.model.attend). int8's
+    exactness and row tests again, in a process of their own with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA, read
+    once per process)."""
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):
         pytest.skip("this process runs under an ISA cap already")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "TF_CPP_MIN_LOG_LEVEL": "2"}
