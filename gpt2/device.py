@@ -180,13 +180,30 @@ def graph_key(precision: str, graphs: Sequence[str], flags: set[str] | None = No
     return precision
 
 
-def session_config(intra_threads: int | None = None, inter_threads: int = 2, placement: Placement | None = None):
+def engine_threads(threads: int | None = None) -> int:
+    """The cores a worker process's generation uses: `threads`, else those this process may run on."""
+    if threads is not None:
+        return threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def session_config(threads: int | None = None, placement: Placement | None = None):
+    """The Session's config for `threads` cores (engine_threads). On a CPU each op runs on one thread and
+    `threads` runs go side by side (TensorFlow's inter-op threads; GenerationModel splits a batch into that many
+    parts): a decode step's ~600 small ops, each split over two threads, spent more on waking and waiting for them
+    than they saved (1.7 of 2 cores busy, 11k context switches a second), and one thread per run was 1.1-1.3x
+    faster at 64-128 rows a batch (BENCHMARKS.md). On a GPU the ops' threads feed the device: as TensorFlow means."""
     import tensorflow as tf
 
     placement = placement or process_placement()
+    threads = engine_threads(threads)
+    on_cpu = placement.device.startswith("/CPU")
     config = tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=intra_threads or os.cpu_count() or 1,
-        inter_op_parallelism_threads=inter_threads,
+        intra_op_parallelism_threads=1 if on_cpu else threads,
+        inter_op_parallelism_threads=threads if on_cpu else 2,
         allow_soft_placement=True)  # ops without a GPU kernel (if any) run on the CPU instead of failing
     config.gpu_options.allow_growth = True  # share the GPU with other processes instead of grabbing it all
     # The exporter already ran Grappler's device-independent passes. On a CPU none runs at load: the device ones
@@ -194,7 +211,7 @@ def session_config(intra_threads: int | None = None, inter_threads: int = 2, pla
     # made bfloat16 rows depend on their batch (the fused kernel's rounding differs between 1 and several rows;
     # BENCHMARKS.md). On a GPU the device-specific passes (fusions, host pinning) run as TensorFlow means.
     rewrite = config.graph_options.rewrite_options
-    if placement.device.startswith("/CPU"):
+    if on_cpu:
         rewrite.disable_meta_optimizer = True
     else:
         for name in ("constant_folding", "arithmetic_optimization", "dependency_optimization", "loop_optimization",

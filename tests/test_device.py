@@ -36,15 +36,19 @@ def test_claims_are_exclusive_while_held(tmp_path):
 
 
 def test_session_config_for_a_gpu():
-    config = session_config(intra_threads=3, placement=Placement("/GPU:0", 2))
+    config = session_config(3, placement=Placement("/GPU:0", 2))
     assert config.gpu_options.visible_device_list == "2" and config.gpu_options.allow_growth
     assert config.allow_soft_placement and config.intra_op_parallelism_threads == 3
+    assert not config.graph_options.rewrite_options.disable_meta_optimizer
 
 
 def test_session_config_for_the_cpu():
     config = session_config(placement=Placement("/CPU:0"))
     assert config.gpu_options.visible_device_list == "" and config.allow_soft_placement
-    assert config.intra_op_parallelism_threads == os.cpu_count()
+    # one thread an op, a run per core side by side (the cores this process may use)
+    assert config.intra_op_parallelism_threads == 1
+    assert config.inter_op_parallelism_threads == len(os.sched_getaffinity(0))
+    assert session_config(3, placement=Placement("/CPU:0")).inter_op_parallelism_threads == 3
 
 
 def test_the_graph_is_imported_on_the_chosen_device(model):

@@ -257,6 +257,18 @@ def test_samples_of_one_prompt_share_its_prefill_and_equal_alone(model):
     assert together[1].token_ids == model.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0].token_ids
 
 
+def test_split_rows_keeps_a_prompts_samples_together_and_balances_the_runs():
+    from gpt2.loader import split_rows
+
+    prompts = [[1], [2, 2], [1], [3], [2, 2], [4, 4, 4]]
+    costs = [10, 11, 10, 30, 11, 12]
+    # prompts [3] (cost 30), [2, 2] (rows 1 and 4: 22), [1] (rows 0 and 2: 20), [4, 4, 4] (12), largest first to
+    # the least loaded run: every row once, a prompt's rows together, 42 and 42
+    assert split_rows(prompts, costs, 2) == [[3, 5], [0, 1, 2, 4]]
+    assert split_rows([[1]] * 4, [1] * 4, 2) == [[0, 2], [1, 3]]  # one prompt's samples: spread to use both
+    assert split_rows(prompts, costs, 1) == [list(range(6))]
+
+
 def test_scores_match_hf(model, hf_model):
     """The graph's scoring output: every token's log-probability given the tokens before it, as transformers
     computes it, for texts of different lengths in one batch (padding must not change them)."""
