@@ -61,7 +61,9 @@ VOCAB_MULTIPLE = 64  # the LM head's width is padded to a multiple of this (5025
 SOFTMAX_MULTIPLE = 32  # attention's softmax runs over a width padded to a multiple of this (see attend)
 CANDIDATE_MULTIPLE = 16  # the sampler's candidates per row, rounded up to whole vectors of 16 floats
 ADMIT_ROWS = 16  # requests prefilled together when slots free up, at most (see admit)
-ADMIT_WIDTH = 1024 * 768  # and at most so many positions x n_embd (124M: 1024 prompt positions; 1.5B: 491)
+# and at most so many positions x n_embd (124M: 512 prompt positions; 1.5B: 245). A CPU runs a run per core side
+# by side (gpt2.loader), each prefilling its own group: 124M's 1024 x 64 job peaked 50 MiB higher at 1024 positions.
+ADMIT_WIDTH = 512 * 768
 GELU_A = 2.0 * math.sqrt(2.0 / math.pi)  # GPT-2's GELU as y * sigmoid(y * (GELU_A + GELU_B * y^2)) (linear)
 GELU_B = GELU_A * 0.044715
 EXACT_SCALE = 2.0 ** 36  # row_sum_exp's fixed point: 2^36 * (2^16 values of at most 1) stays below 2^53
