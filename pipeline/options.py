@@ -64,7 +64,8 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
                         "matrices, slightly less accurate, never chosen by auto (on Zen 4 slower than bfloat16); "
                         "each row records the one used")
     b.add_argument("--intra_op_threads", type=int, default=None,
-                   help="TensorFlow threads per worker process (default: all cores)")
+                   help="cores generation uses per worker process (default: all it may run on); on a CPU a "
+                        "batch runs as that many parts side by side, each op on one thread")
     if generating:
         b.add_argument("--run_seconds", type=float, default=TARGET_RUN_SECONDS,
                        help="seconds of work per Session.run, from the worker's measured rate: rows done and "

@@ -66,8 +66,8 @@ class GenerateText(BatchWork):
       come out and a failed run is retried at that granularity.
     streaming: None = decide by the input (unbounded: batch by size or max_wait_secs); True or False to force.
     max_wait_secs: on unbounded input, how long a row may wait for its batch to fill.
-    precision, intra_op_threads: what the workers run the graph in (auto = the device's fastest) and with how many
-      TensorFlow threads (default: all cores).
+    precision, intra_op_threads: what the workers run the graph in (auto = the device's fastest) and on how many
+      cores (default: all a worker process may run on; on a CPU a batch runs as that many parts side by side).
     model_label, n_ctx: the model's label and context size when the caller has them already (the job reads
       the manifest once before it starts); by default read from model_dir's manifest.
     clock: for tests (seconds, as time.time): the clock of the maximum wait.
