@@ -190,19 +190,21 @@ def engine_threads(threads: int | None = None) -> int:
         return os.cpu_count() or 1
 
 
-def session_config(threads: int | None = None, placement: Placement | None = None):
-    """The Session's config for `threads` cores (engine_threads). On a CPU each op runs on one thread and
-    `threads` runs go side by side (TensorFlow's inter-op threads; GenerationModel splits a batch into that many
-    parts): a decode step's ~600 small ops, each split over two threads, spent more on waking and waiting for them
-    than they saved (1.7 of 2 cores busy, 11k context switches a second), and one thread per run was 1.1-1.3x
-    faster at 64-128 rows a batch (BENCHMARKS.md). On a GPU the ops' threads feed the device: as TensorFlow means."""
+def session_config(threads: int | None = None, placement: Placement | None = None, one_thread_ops: bool = False):
+    """The Session's config for `threads` cores (engine_threads): `threads` runs may go side by side (TensorFlow's
+    inter-op threads; GenerationModel splits a batch into parts), and each op uses `threads` threads, or one with
+    one_thread_ops on a CPU. At 124M a decode step's ~600 ops are small (a (128, 768) add is 30-60 us), and each op
+    split over two threads spent more on waking and waiting for them than it saved: 1.7 of 2 cores busy, 11k
+    context switches a second; one thread an op, two parts side by side, was 1.24-1.34x faster at 128 rows. Where a
+    run's step is bound by reading the weights (774M at 16 rows: 7.2-7.7 s on one thread, 4.5-5.5 on two) each op
+    keeps every core (BENCHMARKS.md). TensorFlow sizes the op threads once per process, by its first Session."""
     import tensorflow as tf
 
     placement = placement or process_placement()
     threads = engine_threads(threads)
     on_cpu = placement.device.startswith("/CPU")
     config = tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=1 if on_cpu else threads,
+        intra_op_parallelism_threads=1 if on_cpu and one_thread_ops else threads,
         inter_op_parallelism_threads=threads if on_cpu else 2,
         allow_soft_placement=True)  # ops without a GPU kernel (if any) run on the CPU instead of failing
     config.gpu_options.allow_growth = True  # share the GPU with other processes instead of grabbing it all

@@ -37,6 +37,7 @@ SCORE_SCOPE = "score"  # where scoring's nodes are imported on first use (extern
 # reads every weight each step, and below about 32 rows a step is bound by those reads (bfloat16 124M, 2 cores:
 # 8 rows 0.93 s in two parts against 0.79 in one, 64 rows alike, 128 rows 1.25x faster in two).
 PART_SLOTS = 32
+PARTS_WIDTH = 768  # models up to this n_embd run each op on one thread on a CPU (GenerationModel)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -161,7 +162,12 @@ class GenerationModel:
         stage_done("graph")
 
         self.graph = tf.Graph()
-        self.session = tf.compat.v1.Session(graph=self.graph, config=session_config(intra_threads, placement))
+        # On a CPU a call's rows run as a part per core side by side (generate). At widths up to PARTS_WIDTH
+        # (124M) the pipeline's runs hold enough slots for two parts or more (transforms.batching: 128 slots at
+        # 124M, at most ~35 above), and each op then runs on one thread; wider models keep every core on each op.
+        one_thread_ops = placement.device.startswith("/CPU") and self.config.n_embd <= PARTS_WIDTH
+        self.session = tf.compat.v1.Session(graph=self.graph,
+                                            config=session_config(intra_threads, placement, one_thread_ops))
         self._parts = engine_threads(intra_threads) if placement.device.startswith("/CPU") else 1
         # Close the Session when the model is garbage-collected (e.g. the last DoFn holding it torn down).
         self._close_session = weakref.finalize(self, self.session.close)

@@ -45,10 +45,12 @@ def test_session_config_for_a_gpu():
 def test_session_config_for_the_cpu():
     config = session_config(placement=Placement("/CPU:0"))
     assert config.gpu_options.visible_device_list == "" and config.allow_soft_placement
-    # one thread an op, a run per core side by side (the cores this process may use)
-    assert config.intra_op_parallelism_threads == 1
-    assert config.inter_op_parallelism_threads == len(os.sched_getaffinity(0))
-    assert session_config(3, placement=Placement("/CPU:0")).inter_op_parallelism_threads == 3
+    # a run per core side by side (the cores this process may use), each op on every core or on one
+    cores = len(os.sched_getaffinity(0))
+    assert (config.intra_op_parallelism_threads, config.inter_op_parallelism_threads) == (cores, cores)
+    config = session_config(3, placement=Placement("/CPU:0"), one_thread_ops=True)
+    assert (config.intra_op_parallelism_threads, config.inter_op_parallelism_threads) == (1, 3)
+    assert session_config(3, placement=Placement("/GPU:0"), one_thread_ops=True).intra_op_parallelism_threads == 3
 
 
 def test_the_graph_is_imported_on_the_chosen_device(model):
