@@ -65,7 +65,7 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
                         "each row records the one used")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="cores generation uses per worker process (default: all it may run on); on a CPU a "
-                        "batch runs as that many parts side by side, each op on one thread")
+                        "batch runs as that many parts side by side (at 124M each op on one thread)")
     if generating:
         b.add_argument("--run_seconds", type=float, default=TARGET_RUN_SECONDS,
                        help="seconds of work per Session.run, from the worker's measured rate: rows done and "
