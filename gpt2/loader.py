@@ -124,7 +124,7 @@ class GenerationModel:
     precision: "auto" (the device's fastest: bfloat16 on CPUs with AMX or AVX512-BF16 and on Ampere GPUs,
     float16 on older GPUs, else float32), or "float32" | "bfloat16" | "float16" | "int8" (CPUs only).
     intra_threads: the cores generation uses (default: those the process may run on). On a CPU a call's rows run
-    as that many parts side by side, each op of a part on one thread (gpt2.device.session_config).
+    as that many parts side by side (generate), and up to PARTS_WIDTH each op on one thread (gpt2.device).
     """
 
     def __init__(self, model_dir: str | Path, *, precision: str = "auto", intra_threads: int | None = None,
