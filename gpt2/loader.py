@@ -17,7 +17,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -98,6 +98,23 @@ def split_rows(prompts: Sequence[Sequence[int]], costs: Sequence[int], parts: in
         runs[least].extend(rows)
         load[least] += sum(costs[r] for r in rows)
     return [sorted(rows) for rows in runs]
+
+
+def side_by_side(parts: list[list[int]], run: Callable[[list[int]], list]) -> list:
+    """run(rows) for each part (row indices), the first in this thread and the others each in a thread of its own
+    (Session.run releases the GIL), their results put back in row order."""
+    if len(parts) == 1:
+        return run(parts[0])
+    done: list = [None] * sum(map(len, parts))
+    with ThreadPoolExecutor(len(parts) - 1) as pool:
+        others = [pool.submit(run, rows) for rows in parts[1:]]
+        for rows, results in zip(parts, [run(parts[0])] + [f.result() for f in others]):
+            for r, result in zip(rows, results):
+                done[r] = result
+    # The parts' threads each kept what oneDNN freed in their own C heap (int8: 0.1 GiB a run, growing run by run:
+    # the 1024 x 64 job peaked at 2139 MiB, against 1874 in one part); handed back after each call.
+    release_free_memory()
+    return done
 
 
 def sub_graph(graph_def, outputs: Sequence[str]):
@@ -331,23 +348,10 @@ class GenerationModel:
         slots = min(slots or len(prompts), len(prompts))
         parts = split_rows(prompts, [len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)],
                            min(self._parts, max(1, slots // PART_SLOTS)))
-        if len(parts) == 1:
-            return self._generate(prompts, params, logprobs, slots, stops)
 
-        def run(rows: list[int]) -> list[Completion]:  # a part keeps its share of the slots (rounded up)
-            return self._generate([prompts[r] for r in rows], [params[r] for r in rows], logprobs,
-                                  -(-slots * len(rows) // len(prompts)), stops)
-
-        done: list[Completion | None] = [None] * len(prompts)
-        with ThreadPoolExecutor(len(parts) - 1) as pool:  # Session.run releases the GIL: the parts run side by side
-            others = [pool.submit(run, rows) for rows in parts[1:]]
-            for rows, completions in zip(parts, [run(parts[0])] + [f.result() for f in others]):
-                for r, c in zip(rows, completions):
-                    done[r] = c
-        # The parts' threads each kept what oneDNN freed in their own C heap (int8: 0.1 GiB a run, growing run by
-        # run: the 1024 x 64 job peaked at 2139 MiB, against 1874 in one part); handed back after each call.
-        release_free_memory()
-        return done
+        return side_by_side(parts, lambda rows: self._generate(  # a part keeps its share of the slots, rounded up
+            [prompts[r] for r in rows], [params[r] for r in rows], logprobs, -(-slots * len(rows) // len(prompts)),
+            stops))
 
     def _generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], logprobs: bool,
                   slots: int, stops: Sequence[str]) -> list[Completion]:
@@ -403,12 +407,7 @@ class GenerationModel:
         # first, so each run pads to about the same length.
         order = sorted(range(len(texts)), key=lambda r: -len(texts[r]))
         parts = [order[i::self._parts] for i in range(min(self._parts, len(texts)))]
-        done: list[list[float] | None] = [None] * len(texts)
-        with ThreadPoolExecutor(len(parts)) as pool:
-            for rows, logprobs in zip(parts, pool.map(lambda rows: self._score_run([texts[r] for r in rows]), parts)):
-                for r, lp in zip(rows, logprobs):
-                    done[r] = lp
-        return done
+        return side_by_side(parts, lambda rows: self._score_run([texts[r] for r in rows]))
 
     def _score_run(self, texts: Sequence[Sequence[int]]) -> list[list[float]]:
         lengths = np.array([len(ids) for ids in texts], np.int32)
