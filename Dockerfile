@@ -12,10 +12,10 @@ FROM apache/beam_python3.11_sdk:2.77.0
 ARG EXTRA_PIP=""
 WORKDIR /opt/gpt2-beam
 COPY setup.py requirements.txt MANIFEST.in README.md ./
-COPY gpt2 gpt2
+COPY lmgraph lmgraph
 COPY pipeline pipeline
 COPY transforms transforms
 # Installed (not editable), no pip cache; Beam pinned to the base image's own version, so that resolving the
 # project's requirements cannot replace the Beam the harness was built with.
 RUN pip install --no-cache-dir . ${EXTRA_PIP} "apache-beam[gcp]==2.77.0" \
-    && python -c "import gpt2.loader, transforms.job, pipeline.run"
+    && python -c "import lmgraph.loader, transforms.job, pipeline.run"

@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-if ! "$PY" -c "import gpt2, apache_beam, tensorflow, tiktoken" 2>/dev/null; then
+if ! "$PY" -c "import lmgraph, apache_beam, tensorflow, tiktoken" 2>/dev/null; then
   echo "installing the project into $VENV (first run only)" >&2
   "$PY" -m pip install -q --upgrade pip
   # setuptools' build backend warns "Editable installation ..." on every editable install: a note, not a problem
@@ -39,7 +39,7 @@ extra=()
 if [ -z "$model_dir" ]; then
   model_dir="models/gpt2-124M-random"
   # (re-)export when missing, or written by an older exporter than this checkout's loader reads
-  if ! "$PY" -c "import sys; from gpt2.manifest import read_manifest; read_manifest(sys.argv[1])" "$model_dir" \
+  if ! "$PY" -c "import sys; from lmgraph.manifest import read_manifest; read_manifest(sys.argv[1])" "$model_dir" \
       2>/dev/null; then
     echo "exporting the demo model (random weights, GPT-2 124M shape) to $model_dir" >&2
     echo "  for real weights: python -m pipeline.export --checkpoint DIR --output MODEL_DIR" >&2

@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Distributed batch generation with GPT-2 as a frozen TensorFlow graph on Apache Beam",
     python_requires=">=3.10",
-    packages=find_packages(include=["gpt2", "gpt2.*", "pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    packages=find_packages(include=["lmgraph", "lmgraph.*", "pipeline", "pipeline.*", "transforms", "transforms.*"]),
     install_requires=requirements,
     extras_require={
         # The reference implementation for parity tests, real services and the sdist builder for the tests; never at

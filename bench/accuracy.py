@@ -30,11 +30,11 @@ import numpy as np
 
 from bench.machine import cpu_features
 from bench.whole_job import ROOT, prompt_texts
-from gpt2.checkpoint import random_weights, save_hf
-from gpt2.config import SIZES
-from gpt2.device import bf16_units, cpu_flags
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer, default_vocab_dir
+from lmgraph.checkpoint import random_weights, save_hf
+from lmgraph.config import SIZES
+from lmgraph.device import bf16_units, cpu_flags
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer, default_vocab_dir
 
 OUTLIER_DIMS = (138, 378, 447)  # where trained GPT-2 124M has its large residual features
 OUTLIER_GAIN = 50.0
@@ -83,7 +83,7 @@ def compare(ref_logprobs: list[list[float]], ref_tokens: list[list[int]], logpro
 
 
 def run(args: argparse.Namespace, work: Path) -> str:
-    from gpt2.loader import GenerationModel
+    from lmgraph.loader import GenerationModel
 
     hf_dir, model_dir = work / "hf", work / "model"
     make_checkpoint(args.size, hf_dir, args.outliers)

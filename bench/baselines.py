@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import model as gmodel
-from gpt2.checkpoint import Weights
-from gpt2.config import EOT_TOKEN, GPT2Config
+from lmgraph import model as gmodel
+from lmgraph.checkpoint import Weights
+from lmgraph.config import EOT_TOKEN, GPT2Config
 
 
 class HuggingFace:
@@ -44,7 +44,7 @@ class NaiveSession:
     """
 
     def __init__(self, cfg: GPT2Config, weights: Weights, threads: int):
-        from gpt2.device import session_config
+        from lmgraph.device import session_config
 
         self.graph = tf.Graph()
         with self.graph.as_default():

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gpt2.config import GPT2Config
-from gpt2.device import VECTOR_FLAGS, cpu_flags, cpu_name
+from lmgraph.config import GPT2Config
+from lmgraph.device import VECTOR_FLAGS, cpu_flags, cpu_name
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -73,7 +73,7 @@ def measure() -> Machine:
 
 
 def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, list[str]]:
-    """(CPU model name, the gpt2.device.VECTOR_FLAGS it has, in that order), from /proc/cpuinfo (the first CPU
+    """(CPU model name, the lmgraph.device.VECTOR_FLAGS it has, in that order), from /proc/cpuinfo (the first CPU
     listed). Without /proc/cpuinfo (not Linux): platform's processor name and no flags."""
     path = Path(cpuinfo)
     if not path.exists():

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gpt2.loader import GenerationModel
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer
+from lmgraph.loader import GenerationModel
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer
 from pipeline.sample_data import PROMPTS
 from transforms.batching import BATCHES, plan_batches, run_slots
 

@@ -39,8 +39,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench.machine import cpu_features  # noqa: E402
 from bench.results import BENCHMARKS, write_between  # noqa: E402
 from bench.whole_job import MAX_PROMPT_TOKENS, SHARDS, prompt_texts, run_child, setup  # noqa: E402
-from gpt2.config import SIZES  # noqa: E402
-from gpt2.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
+from lmgraph.config import SIZES  # noqa: E402
+from lmgraph.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
 
 MARKERS = ("<!-- ragged: written by python -m bench.ragged -->", "<!-- /ragged -->")
 STOP = "."  # in ~2% of GPT-2's tokens: sampled rows from random weights end after ~50 tokens, spread widely
@@ -80,8 +80,8 @@ def whole_job(model_dir: Path, inputs: str, out: Path, mean: int, threads: int,
 
 def engine(model_dir: Path, prompts: list[list[int]], mean: int, slots: int, threads: int) -> dict:
     """The engine alone: continuous vs static on uniform and ragged rows; stop strings in the graph vs cut after."""
-    from gpt2.loader import GenerationModel
-    from gpt2.sampling import SamplingParams
+    from lmgraph.loader import GenerationModel
+    from lmgraph.sampling import SamplingParams
     from transforms.detokenize import apply_stop
 
     model = GenerationModel(model_dir, intra_threads=threads)

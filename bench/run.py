@@ -24,13 +24,13 @@ import tensorflow as tf  # noqa: E402
 
 from bench import baselines, machine, pipeline_job  # noqa: E402
 from bench.results import BENCHMARKS, write_between  # noqa: E402
-from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
-from gpt2.config import SIZES, GPT2Config  # noqa: E402
-from gpt2.device import Placement, choose_precision, cpu_flags  # noqa: E402
-from gpt2.export import export  # noqa: E402
-from gpt2.loader import GenerationModel  # noqa: E402
-from gpt2.sampling import SamplingParams  # noqa: E402
-from gpt2.tokenizer import default_vocab_dir  # noqa: E402
+from lmgraph.checkpoint import random_weights, save_hf  # noqa: E402
+from lmgraph.config import SIZES, GPT2Config  # noqa: E402
+from lmgraph.device import Placement, choose_precision, cpu_flags  # noqa: E402
+from lmgraph.export import export  # noqa: E402
+from lmgraph.loader import GenerationModel  # noqa: E402
+from lmgraph.sampling import SamplingParams  # noqa: E402
+from lmgraph.tokenizer import default_vocab_dir  # noqa: E402
 
 MARKERS = ("<!-- results: written by python -m bench.run -->", "<!-- /results -->")
 FULL = dict(size="124M", Ts=(32, 128), Bs=(1, 8, 64), N=64, naive_B=8, naive_steps=6,

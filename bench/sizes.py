@@ -8,7 +8,7 @@
 For each size, one after another (never two large models at once; each size's files are deleted before the next):
   - export from random weights: `python -m pipeline.export --random SIZE` (float32 weights file, the default);
   - for --hf_sizes, export from a Hugging Face checkpoint (config.json + model.safetensors, float32) written
-    beforehand by `gpt2.checkpoint.save_hf` (not measured);
+    beforehand by `lmgraph.checkpoint.save_hf` (not measured);
   - load at bfloat16: `GenerationModel(dir, precision="bfloat16")` in a fresh process, which reports its own load
     seconds (TensorFlow's import excluded) and their stages.
 Peak RSS is each process's ru_maxrss from os.wait4 (bench.whole_job.run_child). Ratios: export peak over the
@@ -45,9 +45,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.machine import cpu_features  # noqa: E402
 from bench.whole_job import MAX_PROMPT_TOKENS, ROOT, Setup, prompt_texts, run_child, run_hf, run_ours  # noqa: E402
-from gpt2.checkpoint import expected_shapes  # noqa: E402
-from gpt2.config import SIZES  # noqa: E402
-from gpt2.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
+from lmgraph.checkpoint import expected_shapes  # noqa: E402
+from lmgraph.config import SIZES  # noqa: E402
+from lmgraph.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
 
 SIZE_NAMES = ["124M", "355M", "774M", "1558M"]
 HF_SIDES = {"hf_fp32": "float32", "hf_bf16": "bfloat16"}
@@ -57,7 +57,7 @@ MIB = 2**20  # run_child's peak RSS unit
 # Run as its own process in the checkout under test: load a model at bfloat16 and print what the load reported.
 LOAD = """\
 import json, sys, time
-from gpt2.loader import GenerationModel
+from lmgraph.loader import GenerationModel
 m = GenerationModel(sys.argv[1], precision="bfloat16")
 print(json.dumps({"seconds": m.load_seconds, "stages": getattr(m, "load_breakdown", {})}))
 """
@@ -65,9 +65,9 @@ print(json.dumps({"seconds": m.load_seconds, "stages": getattr(m, "load_breakdow
 WRITE_HF = """\
 import shutil, sys
 from pathlib import Path
-from gpt2.checkpoint import random_tensors, save_hf
-from gpt2.config import SIZES
-from gpt2.tokenizer import default_vocab_dir
+from lmgraph.checkpoint import random_tensors, save_hf
+from lmgraph.config import SIZES
+from lmgraph.tokenizer import default_vocab_dir
 cfg, out = SIZES[sys.argv[1]], Path(sys.argv[2])
 save_hf(out, cfg, random_tensors(cfg, seed=0))
 shutil.copyfile(default_vocab_dir() / "encoder.json", out / "vocab.json")

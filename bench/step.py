@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from gpt2.loader import GenerationModel
-from gpt2.sampling import SamplingParams
+from lmgraph.loader import GenerationModel
+from lmgraph.sampling import SamplingParams
 
 
 def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], int]:
@@ -35,7 +35,7 @@ def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], 
     with graph.as_default():
         x = tf.compat.v1.placeholder(dtype, (B, C))
         h = tf.compat.v1.placeholder(dtype, (B, 4 * C))
-        # The engine's layout: (in, out) in float32, (out, in) with transpose_b otherwise (gpt2.model.Transposed).
+        # The engine's layout: (in, out) in float32, (out, in) with transpose_b otherwise (lmgraph.model.Transposed).
         flip = model.precision != "float32"
         weights = [tf.compat.v1.get_variable(f"w{i}", initializer=rng.standard_normal(s[::-1] if flip else s)
                                              .astype(dtype.as_numpy_dtype), use_resource=True, trainable=False)

@@ -46,9 +46,9 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench.machine import cpu_features  # noqa: E402
 from bench.peers import PEERS, convert  # noqa: E402
 from bench.results import BENCHMARKS, write_between  # noqa: E402
-from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
-from gpt2.config import SIZES  # noqa: E402
-from gpt2.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
+from lmgraph.checkpoint import random_weights, save_hf  # noqa: E402
+from lmgraph.config import SIZES  # noqa: E402
+from lmgraph.tokenizer import Tokenizer, default_vocab_dir  # noqa: E402
 from pipeline.sample_data import PROMPTS  # noqa: E402
 
 ROOT = Path(__file__).parents[1]

@@ -34,12 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from gpt2 import import_tensorflow
+    from lmgraph import import_tensorflow
 
-    import_tensorflow()  # before gpt2.export imports it: quietly (gpt2/__init__.py)
-    from gpt2 import checkpoint, export
-    from gpt2.config import SIZES
-    from gpt2.tokenizer import default_vocab_dir
+    import_tensorflow()  # before lmgraph.export imports it: quietly (lmgraph/__init__.py)
+    from lmgraph import checkpoint, export
+    from lmgraph.config import SIZES
+    from lmgraph.tokenizer import default_vocab_dir
 
     start = time.perf_counter()
     if args.random:

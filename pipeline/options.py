@@ -10,7 +10,7 @@ import logging
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from gpt2.sampling import FIELDS, HELP, TYPES, SamplingParams
+from lmgraph.sampling import FIELDS, HELP, TYPES, SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
 from transforms.pacing import TARGET_RUN_SECONDS
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--logprobs", action="store_true",
                     help="completions get `logprobs`: each token's log-probability under the model")
     s = p.add_argument_group("sampling (per-row columns of the same names override these)")
-    for name in FIELDS:  # gpt2.sampling.SamplingParams: one option per field, its default and type
+    for name in FIELDS:  # lmgraph.sampling.SamplingParams: one option per field, its default and type
         help = OPTION_HELP.get(name, HELP[name])
         if TYPES[name] is bool:
             s.add_argument(f"--{name}", action="store_true", help=help)

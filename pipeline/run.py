@@ -24,8 +24,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from gpt2 import show_tensorflow_logs
-from gpt2.manifest import ModelError, model_label
+from lmgraph import show_tensorflow_logs
+from lmgraph.manifest import ModelError, model_label
 from pipeline import progress
 from pipeline.options import UsageError, max_batch_tokens, parse, sampling
 from transforms.job import GenerateCompletions, JobConfig
@@ -36,7 +36,7 @@ from transforms.records import NUM_SAMPLES
 from transforms.write import errors_path, output_path, read_columns
 
 log = logging.getLogger("pipeline.run")  # not __name__: that is "__main__" under `python -m`
-OUR_LOGGERS = ("pipeline", "transforms", "gpt2")
+OUR_LOGGERS = ("pipeline", "transforms", "lmgraph")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # Runners whose workers run on this machine, where the launcher reads progress from the workers' files.
 LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")

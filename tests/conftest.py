@@ -8,9 +8,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
-from gpt2.checkpoint import random_weights, save_hf  # noqa: E402
-from gpt2.config import GPT2Config  # noqa: E402
-from gpt2.tokenizer import default_vocab_dir  # noqa: E402
+from lmgraph.checkpoint import random_weights, save_hf  # noqa: E402
+from lmgraph.config import GPT2Config  # noqa: E402
+from lmgraph.tokenizer import default_vocab_dir  # noqa: E402
 
 # Small but real: the full GPT-2 vocabulary, 3 layers, 4 heads. A larger init std than GPT-2's 0.02 makes the
 # random model's distributions peaked, so greedy choices are not near-ties that float rounding could flip.
@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory, hf_dir):
 @pytest.fixture(scope="session")
 def model(model_dir):
     """float32: the precision compared with transformers' float32 exactly."""
-    from gpt2.loader import GenerationModel
+    from lmgraph.loader import GenerationModel
 
     m = GenerationModel(model_dir, precision="float32", intra_threads=2)
     yield m
@@ -59,7 +59,7 @@ def model(model_dir):
 @pytest.fixture(scope="session")
 def bf16_model(model_dir):
     """bfloat16: what "auto" picks on CPUs with AMX or AVX512-BF16 (and, run here, tested on any CPU)."""
-    from gpt2.loader import GenerationModel
+    from lmgraph.loader import GenerationModel
 
     m = GenerationModel(model_dir, precision="bfloat16", intra_threads=2)
     yield m

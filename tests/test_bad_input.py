@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer
 from pipeline.run import main
 from transforms.records import PromptRow
 from transforms.unique_ids import split_duplicates

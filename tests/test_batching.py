@@ -8,7 +8,7 @@ import random
 import apache_beam as beam
 from apache_beam.testing.util import assert_that
 
-from gpt2.sampling import SamplingParams
+from lmgraph.sampling import SamplingParams
 from transforms.batching import (BATCHES, RUN_ROWS_PER_SLOT, BatchByLength, batch_cost, cut_batches, plan_batches,
                                  run_slots)
 from transforms.records import Request

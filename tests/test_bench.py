@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from bench import pipeline_job, ragged, run, whole_job
-from gpt2.sampling import SamplingParams
+from lmgraph.sampling import SamplingParams
 
 
 def test_quick_benchmark_runs_every_side(tmp_path):

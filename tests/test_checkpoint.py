@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save, save_file
 
-from gpt2 import tensorfile
-from gpt2.checkpoint import (CheckpointError, expected_shapes, load_checkpoint, random_tensors, random_weights,
+from lmgraph import tensorfile
+from lmgraph.checkpoint import (CheckpointError, expected_shapes, load_checkpoint, random_tensors, random_weights,
                              read_checkpoint, save_hf, save_openai)
-from gpt2.config import SIZES, GPT2Config
-from gpt2.export import stored_dtype, write_weights
-from gpt2.tokenizer import default_vocab_dir
+from lmgraph.config import SIZES, GPT2Config
+from lmgraph.export import stored_dtype, write_weights
+from lmgraph.tokenizer import default_vocab_dir
 from tests.conftest import TINY, write_hf_checkpoint
 
 
@@ -105,7 +105,7 @@ def test_random_tensors_are_random_weights_one_at_a_time():
 def test_weights_file_is_what_safetensors_writes_for_the_converted_tensors(tmp_path, tiny_weights, dtype):
     import tensorflow as tf
 
-    from gpt2.export import weight_dtype
+    from lmgraph.export import weight_dtype
 
     write_weights(tmp_path / "w.safetensors", TINY, iter(tiny_weights.items()), dtype)
     ref = {n: w.astype(weight_dtype(n, dtype).as_numpy_dtype).view(stored_dtype(n, dtype))
@@ -144,7 +144,7 @@ def test_openai_and_hf_checkpoints_and_random_export_the_same_weights(tmp_path, 
 def test_hf_checkpoint_in_bfloat16_and_float16_reads_as_float32(tmp_path, tiny_weights):
     import tensorflow as tf
 
-    from gpt2.checkpoint import hf_names
+    from lmgraph.checkpoint import hf_names
 
     for dtype in (tf.bfloat16, tf.float16):
         d = tmp_path / dtype.name

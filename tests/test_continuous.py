@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer, default_vocab_dir
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer, default_vocab_dir
 from transforms.detokenize import apply_stop
 
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from gpt2.device import (Placement, choose_precision, claim_gpu, cpu_flags, cpu_name, graph_key,
+from lmgraph.device import (Placement, choose_precision, claim_gpu, cpu_flags, cpu_name, graph_key,
                          process_placement, resolve_precision, select_device, session_config)
-from gpt2.manifest import INT8_BF16_CACHE
+from lmgraph.manifest import INT8_BF16_CACHE
 
 GPUS = [f"/physical_device:GPU:{i}" for i in range(4)]
 

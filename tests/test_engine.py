@@ -6,12 +6,12 @@ import pytest
 import tensorflow as tf
 import torch
 
-from gpt2 import model as gmodel
-from gpt2.checkpoint import load_checkpoint, random_weights, save_openai
-from gpt2.config import EOT_TOKEN
-from gpt2.loader import GenerationModel
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import default_vocab_dir
+from lmgraph import model as gmodel
+from lmgraph.checkpoint import load_checkpoint, random_weights, save_openai
+from lmgraph.config import EOT_TOKEN
+from lmgraph.loader import GenerationModel
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import default_vocab_dir
 
 from tests.conftest import TINY, TINY_STD, write_hf_checkpoint
 
@@ -258,7 +258,7 @@ def test_samples_of_one_prompt_share_its_prefill_and_equal_alone(model):
 
 
 def test_split_rows_keeps_a_prompts_samples_together_and_balances_the_runs():
-    from gpt2.loader import split_rows
+    from lmgraph.loader import split_rows
 
     prompts = [[1], [2, 2], [1], [3], [2, 2], [4, 4, 4]]
     costs = [10, 11, 10, 30, 11, 12]

@@ -23,9 +23,9 @@ import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.utils.shared import Shared
 
-from gpt2.loader import GenerationModel
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer
+from lmgraph.loader import GenerationModel
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer
 from pipeline.run import run
 from transforms.generate import GenerateBatches
 from transforms.records import ERRORS, Request

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from gpt2.manifest import ModelError, read_manifest, verify_files
+from lmgraph.manifest import ModelError, read_manifest, verify_files
 from pipeline.run import main, run
 from tests.helpers import completions, free_port, serve, write_shards
 from transforms.model_cache import CACHE_ENV, check_model_dir, fetch_model

@@ -17,9 +17,9 @@ from apache_beam.pipeline import PipelineVisitor
 from apache_beam.testing import test_stream
 from apache_beam.transforms.window import TimestampedValue
 
-from gpt2.manifest import INPUTS, ModelError
-from gpt2.sampling import FIELDS, SamplingParams
-from gpt2.tokenizer import Tokenizer
+from lmgraph.manifest import INPUTS, ModelError
+from lmgraph.sampling import FIELDS, SamplingParams
+from lmgraph.tokenizer import Tokenizer
 from pipeline.options import parse
 from transforms import GenerateText
 from transforms.detokenize import COMPLETION_FIELDS
@@ -243,7 +243,7 @@ def test_bounded_input_takes_the_cost_model_path_and_streaming_can_be_forced(mod
 # --- one list of sampling fields; no TensorFlow where the model does not run -----------------------------------
 
 def test_sampling_fields_are_the_graph_inputs_the_options_and_the_columns():
-    assert list(INPUTS)[6:] == list(FIELDS)  # export passes the inputs to gpt2.model.generate in this order
+    assert list(INPUTS)[6:] == list(FIELDS)  # export passes the inputs to lmgraph.model.generate in this order
     args, _ = parse(["--input", "x", "--output", "o", "--model_dir", "m", "--ignore_eos", "--top_k", "3"])
     assert {name: getattr(args, name) for name in FIELDS} == {
         "max_new_tokens": 64, "temperature": 0.0, "top_k": 3, "top_p": 1.0, "seed": 0, "ignore_eos": True}

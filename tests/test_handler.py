@@ -6,8 +6,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer
 from transforms import GPT2ModelHandler
 from transforms.batching import DEFAULT_BATCH_SIZE
 from transforms.detokenize import COMPLETION_FIELDS

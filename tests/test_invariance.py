@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import model as gmodel
-from gpt2.config import GPT2Config, SIZES
-from gpt2.device import cpu_flags, session_config
-from gpt2.export import weight_dtype
-from gpt2.model import graph_weight
-from gpt2.sampling import SamplingParams
+from lmgraph import model as gmodel
+from lmgraph.config import GPT2Config, SIZES
+from lmgraph.device import cpu_flags, session_config
+from lmgraph.export import weight_dtype
+from lmgraph.model import graph_weight
+from lmgraph.sampling import SamplingParams
 
 ROWS = (1, 2, 7, 64, 65, 128, 300)
 # float16 is GPU-only in this sense: on CPUs without AVX512-FP16 TensorFlow runs float16 matmuls through Eigen,
 # whose blocking changes a row's sums with the row count at any width (README, Precision).
-# int8 quantizes each row with its own scale and sums integers: exact by construction (gpt2.model.matmul_int8).
+# int8 quantizes each row with its own scale and sums integers: exact by construction (lmgraph.model.matmul_int8).
 LOW_PRECISIONS = ("bfloat16", "int8")
 # The int8 matmuls of decode steps run another oneDNN kernel (on weights it keeps laid out: model.KeepLayout)
 MATMUL_FORMS = (*LOW_PRECISIONS, "int8-decode")
@@ -145,8 +145,8 @@ def test_int8_weights_are_reordered_once_not_every_call(tmp_path, keep_layout, r
     script = tmp_path / "run.py"
     script.write_text(
         "import numpy as np, tensorflow as tf\n"
-        "from gpt2 import model\n"
-        "from gpt2.device import session_config\n"
+        "from lmgraph import model\n"
+        "from lmgraph.device import session_config\n"
         "g = tf.Graph()\n"
         "with g.as_default():\n"
         "    x = tf.compat.v1.placeholder(tf.float32, [None, 768])\n"
@@ -157,7 +157,7 @@ def test_int8_weights_are_reordered_once_not_every_call(tmp_path, keep_layout, r
         "s.run(init)\n"
         "for m in (1, 64, 7, 64, 128):\n"
         "    s.run(y, {x: np.ones((m, 768), np.float32)})\n")
-    root = str(Path(__file__).resolve().parents[1])  # this checkout's gpt2, whatever is installed
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's lmgraph, whatever is installed
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": root}
     log = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True,
                          cwd=root).stdout
@@ -244,7 +244,7 @@ def test_attention_keeps_a_rows_bits_whatever_the_cache_width(precision):
 def test_int8_prefill_attention_keeps_a_rows_bits_whatever_the_parts_length():
     """Prefill's attention with a float32 cache (int8 weights on CPUs without bfloat16 units): a prompt of T
     tokens alone, and as one of a part padded to a longer prompt (other values in its padding), gives its T
-    positions the same bits (float64 sums: gpt2.model.attend)."""
+    positions the same bits (float64 sums: lmgraph.model.attend)."""
     rng = np.random.default_rng(6)
     nh, hs = 12, 64
     graph = tf.Graph()
@@ -290,7 +290,7 @@ def dir_124m(tmp_path_factory):
 @pytest.fixture(scope="module", params=LOW_PRECISIONS)
 def model_124m(request, dir_124m):
     """The 124M model in bfloat16 (the default on CPUs with bf16 units) and in int8, run here on any CPU."""
-    from gpt2.loader import GenerationModel
+    from lmgraph.loader import GenerationModel
 
     m = GenerationModel(dir_124m, precision=request.param, intra_threads=2)
     yield m
@@ -357,7 +357,7 @@ INT8_TESTS = ("int8 and (sums_the_integers_exactly or keep_each_rows_bits and 12
 
 def test_int8_is_exact_and_batch_invariant_without_vnni():
     """CPUs without VNNI (AVX2, early AVX-512) run other oneDNN int8 kernels, which add pairs of products in int16
-    (test_int8_matmul_sums_the_integers_exactly), and int8's cache is float32 there (gpt2.model.attend). int8's
+    (test_int8_matmul_sums_the_integers_exactly), and int8's cache is float32 there (lmgraph.model.attend). int8's
     exactness and row tests again, in a process of their own with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA, read
     once per process)."""
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):

@@ -10,11 +10,11 @@ import sys
 import pytest
 import tensorflow as tf
 
-from gpt2.checkpoint import CheckpointError, detect_format
-from gpt2.manifest import sha256_file
-from gpt2.loader import GenerationModel
-from gpt2.manifest import ModelError
-from gpt2.sampling import SamplingParams
+from lmgraph.checkpoint import CheckpointError, detect_format
+from lmgraph.manifest import sha256_file
+from lmgraph.loader import GenerationModel
+from lmgraph.manifest import ModelError
+from lmgraph.sampling import SamplingParams
 
 
 GRAPHS = {"model.pb", "model-bfloat16.pb", "model-float16.pb", "model-int8.pb", "model-int8-bfloat16-cache.pb"}
@@ -123,8 +123,8 @@ def test_random_export_is_labelled(tmp_path):
 
 
 def test_cpu_allocator_pool_is_on_unless_the_user_says_otherwise():
-    """Importing gpt2 turns on TensorFlow's BFC pool for CPU memory (no page faults per run); a user's setting wins."""
-    code = "import os, gpt2; print(os.environ['TF_CPU_ALLOCATOR_USE_BFC'])"
+    """Importing lmgraph turns on TensorFlow's BFC pool for CPU memory (no page faults per run); a user's setting wins."""
+    code = "import os, lmgraph; print(os.environ['TF_CPU_ALLOCATOR_USE_BFC'])"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
     default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     user = subprocess.run([sys.executable, "-c", code], env={**env, "TF_CPU_ALLOCATOR_USE_BFC": "false"},
@@ -143,7 +143,7 @@ def test_weights_file_outside_the_manifests_files_is_refused(copy_dir):
 
 def test_weights_with_a_tensor_of_another_shape_are_refused(copy_dir, model_dir):
     """A weights file whose header declares another shape (same bytes) is refused, whatever the graph allows."""
-    from gpt2 import tensorfile
+    from lmgraph import tensorfile
 
     with tensorfile.Reader(copy_dir / "weights.safetensors") as r:
         tensors = {n: r.read(n) for n in r.keys()}
@@ -151,19 +151,19 @@ def test_weights_with_a_tensor_of_another_shape_are_refused(copy_dir, model_dir)
     tensorfile.write(copy_dir / "weights.safetensors", {n: (a.dtype, a.shape) for n, a in tensors.items()},
                      tensors.items())
     m = json.loads((copy_dir / "manifest.json").read_text())
-    from gpt2.manifest import sha256_file
+    from lmgraph.manifest import sha256_file
 
     rewrite_manifest(copy_dir, files={**m["files"], "weights.safetensors": sha256_file(copy_dir / "weights.safetensors")})
     with pytest.raises(ModelError, match="tensor wpe is float32"):
         GenerationModel(copy_dir, precision="float32")
 
 
-# --- weights cast and laid out on the host at load (gpt2.loader._host_form) --------------------------------------
+# --- weights cast and laid out on the host at load (lmgraph.loader._host_form) --------------------------------------
 
 def graph_form(name, w, cfg, precision):
     """TensorFlow's own cast and layout of a stored weight: what the graph's assign computes."""
-    from gpt2.export import weight_dtype
-    from gpt2.model import Transposed, graph_weight
+    from lmgraph.export import weight_dtype
+    from lmgraph.model import Transposed, graph_weight
 
     form = graph_weight(name, tf.cast(w, weight_dtype(name, precision)), cfg, precision)
     return (form.t if isinstance(form, Transposed) else form).numpy()
@@ -193,9 +193,9 @@ def test_host_layout_equals_the_graphs_at_real_widths(precision):
     """The tiny model has no reduction chunks; GPT-2's widths do (3072 -> 4 x 768), and wte is padded."""
     import numpy as np
 
-    from gpt2.config import GPT2Config
-    from gpt2.export import weight_dtype
-    from gpt2.model import Transposed, graph_weight
+    from lmgraph.config import GPT2Config
+    from lmgraph.export import weight_dtype
+    from lmgraph.model import Transposed, graph_weight
 
     cfg, rng = GPT2Config(), np.random.default_rng(0)
     for name, shape in {"wte": (cfg.n_vocab, 768), "h0/attn/c_attn/w": (768, 2304), "h0/mlp/c_proj/w": (3072, 768),

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gpt2.tokenizer import Tokenizer
+from lmgraph.tokenizer import Tokenizer
 from pipeline.run import run
 from transforms.detokenize import COMPLETION_FIELDS, completion_fields, completion_row
 from transforms.write import COMPLETIONS_SCHEMA, completions_schema

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpt2.sampling import SamplingParams
+from lmgraph.sampling import SamplingParams
 from transforms import generate as generate_module
 from transforms.generate import GenerateBatches, Generation
 from transforms.pacing import Pace, part_rows, parts

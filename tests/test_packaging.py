@@ -17,7 +17,7 @@ from apache_beam.pipeline import PipelineVisitor
 from transforms.job import GenerateCompletions, JobConfig
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("gpt2", "pipeline", "transforms")
+PACKAGES = ("lmgraph", "pipeline", "transforms")
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", "build", "dist",
                                      "models", "data", "output")
 

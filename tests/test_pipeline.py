@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2.device import process_placement, resolve_precision
-from gpt2.manifest import PRECISIONS
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer
+from lmgraph.device import process_placement, resolve_precision
+from lmgraph.manifest import PRECISIONS
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer
 from pipeline.run import main, run
 from transforms.validate import row_seed
 from transforms.write import COMPLETIONS_SCHEMA, ERRORS_SCHEMA

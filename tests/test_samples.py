@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2.sampling import SamplingParams
-from gpt2.tokenizer import Tokenizer
+from lmgraph.sampling import SamplingParams
+from lmgraph.tokenizer import Tokenizer
 from pipeline.run import run
 from transforms import GenerateText
 from transforms.batching import BATCHES, cut_batches, plan_batches, sort_key

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gpt2.config import EOT_TOKEN
-from gpt2.tokenizer import Tokenizer
+from lmgraph.config import EOT_TOKEN
+from lmgraph.tokenizer import Tokenizer
 from pipeline.score import main, run
 from transforms import ScoreText
 from transforms.score_text import score_windows, scores_schema

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
-from gpt2.tokenizer import Tokenizer, default_vocab_dir
+from lmgraph.tokenizer import Tokenizer, default_vocab_dir
 
 CORPUS = [
     "Hello world", "", " ", "   leading and trailing   ", "tabs\tand\nnewlines\r\n\n  mixed \t",

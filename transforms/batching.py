@@ -1,7 +1,7 @@
 """Batching: runs of requests for continuous batching (generation), cost-model batches of texts (scoring).
 
 Generation (policy RUNS) hands the engine runs of up to RUN_ROWS_PER_SLOT x batch_size requests, decoded in slots, a
-row that ends freeing its slot for the next (gpt2/model.py). So a run need not hold rows of like max_new_tokens, and
+row that ends freeing its slot for the next (lmgraph/model.py). So a run need not hold rows of like max_new_tokens, and
 it is sorted by prompt length only: the engine prefills the requests it admits together padded to the longest, so
 neighbours in that order keep padding low. Its slots come from the memory budget (`run_slots`). A row's samples
 share a prompt, prefilled once: the sort keeps them adjacent, and a run holds them all unless they alone exceed it.

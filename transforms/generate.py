@@ -10,7 +10,7 @@ from typing import Sequence
 
 from apache_beam.metrics import Metrics
 
-from gpt2.sampling import SamplingParams
+from lmgraph.sampling import SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, RUNS, group_key, run_slots
 from transforms.detokenize import completion_row
 from transforms.pacing import TARGET_RUN_SECONDS, Pace, parts

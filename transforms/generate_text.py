@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 
 import apache_beam as beam
 
-from gpt2.sampling import sampling_params
+from lmgraph.sampling import sampling_params
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 from transforms.generate import GenerateBatches, Generation
 from transforms.model_cache import model_identity

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from gpt2.sampling import FIELDS, sampling_params
+from lmgraph.sampling import FIELDS, sampling_params
 from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
 from transforms.generate import Generation
 from transforms.model_cache import local_model_dir

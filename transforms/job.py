@@ -8,7 +8,7 @@ import dataclasses
 import apache_beam as beam
 import pyarrow as pa
 
-from gpt2.sampling import SamplingParams
+from lmgraph.sampling import SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE
 from transforms.generate_text import GenerateText
 from transforms.pacing import TARGET_RUN_SECONDS

@@ -26,7 +26,7 @@ from typing import NamedTuple
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from gpt2.manifest import MANIFEST, ModelError, model_label, read_manifest, verify_files
+from lmgraph.manifest import MANIFEST, ModelError, model_label, read_manifest, verify_files
 from transforms.batching import max_batch_tokens_for
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ def _open(path: str):
 
 
 def listed_files(manifest: dict) -> list[str]:
-    """The manifest's file names (gpt2.manifest.read_manifest has refused any that could lead outside the
+    """The manifest's file names (lmgraph.manifest.read_manifest has refused any that could lead outside the
     model directory, before anything is written under that name)."""
     return list(manifest["files"])
 
 
 def _remote_manifest(model_dir: str, into: Path) -> tuple[bytes, dict]:
-    """Read model_dir's manifest through FileSystems into `into`, validated as gpt2.manifest.read_manifest does."""
+    """Read model_dir's manifest through FileSystems into `into`, validated as lmgraph.manifest.read_manifest does."""
     path = FileSystems.join(model_dir, MANIFEST)
     if not FileSystems.exists(path):
         raise ModelError(f"{model_dir}: no manifest.json (is this a directory written by `python -m pipeline.export`?)")
@@ -150,7 +150,7 @@ class ModelInfo(NamedTuple):
 def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None = None,
                    max_batch_tokens: int | None = None, scoring: bool = False) -> ModelInfo:
     """A model's label, context size and max_batch_tokens: as given by a caller that has them (the file jobs read
-    the manifest once before they start), else from its manifest (gpt2.manifest.ModelError if it is not a model
+    the manifest once before they start), else from its manifest (lmgraph.manifest.ModelError if it is not a model
     directory)."""
     if label is None or n_ctx is None or max_batch_tokens is None:
         manifest = model_manifest(model_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gpt2.sampling import FIELDS, SamplingParams
+from lmgraph.sampling import FIELDS, SamplingParams
 
 ERRORS = "errors"  # tag of every DoFn's dead-letter output
 NUM_SAMPLES = "num_samples"  # completions per prompt: a per-row column or key like the sampling fields, not one

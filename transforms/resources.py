@@ -21,14 +21,14 @@ class SharedResource:
 
 
 def load_tokenizer(model_dir: str):
-    from gpt2.tokenizer import Tokenizer
+    from lmgraph.tokenizer import Tokenizer
     from transforms.model_cache import local_model_dir
 
     return Tokenizer(local_model_dir(model_dir))
 
 
 def load_model(model_dir: str, precision: str = "auto", intra_threads: int | None = None):
-    from gpt2.loader import GenerationModel
+    from lmgraph.loader import GenerationModel
     from transforms.model_cache import local_model_dir
 
     return GenerationModel(local_model_dir(model_dir), precision=precision, intra_threads=intra_threads)

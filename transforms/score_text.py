@@ -38,7 +38,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import apache_beam as beam
 import pyarrow as pa
 
-from gpt2.config import EOT_TOKEN
+from lmgraph.config import EOT_TOKEN
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, SCORE_BATCHES, cut_windows
 from transforms.model_cache import model_identity
 from transforms.progress import SCORED_TOKENS

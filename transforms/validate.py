@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gpt2.sampling import SamplingParams, coerce
+from lmgraph.sampling import SamplingParams, coerce
 from transforms.records import NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request
 
 ROW_KEYS = ("id", "prompt")  # besides the per-row options (ROW_OPTIONS), the keys a dict row's generation reads

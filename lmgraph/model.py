@@ -8,11 +8,11 @@ below).
 The KV cache is one tensor, `past` (n_layer, 2, S, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
 bfloat16 cache halves the bytes attention reads each step; int8 weights come with a float32 cache, or bfloat16 on
-CPUs with bfloat16 units: gpt2.device.graph_key). A slot's row holds its request's prompt in columns [0, length)
+CPUs with bfloat16 units: lmgraph.device.graph_key). A slot's row holds its request's prompt in columns [0, length)
 and its k-th new token in column length + k, as the request alone would. It is the run's share of the `cache`
 input, written in place through `InplaceUpdate` on a row view (rows of hs values), so a step costs the same
 whatever L is; `tensor_scatter_nd_update` or `concat` would copy the whole cache every step. This is safe because
-the loader feeds each concurrent run a buffer of its own (gpt2.loader), nothing else holds it during the run, and
+the loader feeds each concurrent run a buffer of its own (lmgraph.loader), nothing else holds it during the run, and
 every read of a column depends on the write before it.
 
 Sampling is per row: a row's choice depends only on its own logits, parameters, seed and step, never on its
@@ -37,7 +37,7 @@ depends on nothing but the row:
   attention softmax's width to SOFTMAX_MULTIPLE (`softmax`).
 - The log-sum-exp over the vocabulary sums integers (`row_sum_exp`), which is exact in any order.
 - LayerNorm divides by sqrt, not rsqrt (Eigen's vector and scalar rsqrt round differently), and Grappler's
-  fusions stay off at load on CPUs (gpt2.device.session_config; the fused MatMul + BiasAdd rounds differently for
+  fusions stay off at load on CPUs (lmgraph.device.session_config; the fused MatMul + BiasAdd rounds differently for
   1 row than for 2).
 - int8 weights (`matmul_int8`): each row is quantized with its own scale and the kernel sums integers, exact in
   any order and at any length, so int8 rows are the same bits in any batch as well.
@@ -53,7 +53,7 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
-from gpt2.config import EOT_TOKEN, GPT2Config
+from lmgraph.config import EOT_TOKEN, GPT2Config
 
 NEG_INF = -1e9  # additive mask; finite so a fully masked (padding) query row stays finite
 MAX_REDUCTION = 768  # inputs a bfloat16/float16 matmul sums in one call (see the module docstring)
@@ -62,7 +62,7 @@ SOFTMAX_MULTIPLE = 32  # attention's softmax runs over a width padded to a multi
 CANDIDATE_MULTIPLE = 16  # the sampler's candidates per row, rounded up to whole vectors of 16 floats
 ADMIT_ROWS = 16  # requests prefilled together when slots free up, at most (see admit)
 # and at most so many positions x n_embd (124M: 512 prompt positions; 1.5B: 245). A CPU runs a run per core side
-# by side (gpt2.loader), each prefilling its own group: 124M's 1024 x 64 job peaked 50 MiB higher at 1024 positions.
+# by side (lmgraph.loader), each prefilling its own group: 124M's 1024 x 64 job peaked 50 MiB higher at 1024 positions.
 ADMIT_WIDTH = 512 * 768
 GELU_A = 2.0 * math.sqrt(2.0 / math.pi)  # GPT-2's GELU as y * sigmoid(y * (GELU_A + GELU_B * y^2)) (linear)
 GELU_B = GELU_A * 0.044715
@@ -127,7 +127,7 @@ def graph_weight(name: str, value, cfg: GPT2Config, precision: str, xp=tf) -> We
     - bfloat16, float16: Transposed, (out, in), in reduction chunks when long; wte (Vp, C) is (out, in) already.
     - int8: Quantized, (out, in); wte (Vp, C).
     xp=numpy computes the same form on the host from a numpy array (as views: the caller makes it contiguous):
-    the loader binds weights that way (gpt2.loader)."""
+    the loader binds weights that way (lmgraph.loader)."""
     if name == "wte":
         value = xp.transpose(xp.pad(value, [[0, padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]]))  # (C, Vp)
     if not is_matrix(name) or precision == "float32":

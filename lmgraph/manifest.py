@@ -20,7 +20,7 @@ FORMAT_VERSION = 8  # 3: one graph per precision, weights bound at load by defau
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 # Graphs by key: one per precision, and int8 weights with a bfloat16 KV cache and attention for CPUs with bfloat16
-# units (gpt2.device.graph_key): a float32 cache reads twice the bytes each step.
+# units (lmgraph.device.graph_key): a float32 cache reads twice the bytes each step.
 INT8_BF16_CACHE = "int8+bfloat16_cache"
 GRAPH_KEYS = (*PRECISIONS, INT8_BF16_CACHE)
 
@@ -44,7 +44,7 @@ INPUTS = {
 # graph's cache dtype (so not in INPUTS: its dtype is the precision's). Fed by the loader from a buffer of its own.
 CACHE_INPUT = "cache_buffer"
 OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
-# The same graph scores given text (gpt2.model.score), sharing the weights: its own inputs and output.
+# The same graph scores given text (lmgraph.model.score), sharing the weights: its own inputs and output.
 SCORE_INPUTS = {"score_ids": ("int32", [None, None]), "score_lengths": ("int32", [None])}  # (B, T) right padded
 SCORE_OUTPUTS = ["token_logprobs"]  # (B, T) log p(token | tokens before it)
 

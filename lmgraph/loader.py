@@ -1,8 +1,8 @@
 """The engine: a verified model directory loaded into its own Session, in the precision chosen for this device.
 
 Loading (`GenerationModel(model_dir)`): read and check the manifest, verify every file's sha256, choose the
-precision (auto: the fastest the device has, see gpt2.device), parse that precision's graph and refuse ops outside
-the allowlist (gpt2.manifest), import it on the process's device, bind the weights one tensor at a time from
+precision (auto: the fastest the device has, see lmgraph.device), parse that precision's graph and refuse ops outside
+the allowlist (lmgraph.manifest), import it on the process's device, bind the weights one tensor at a time from
 weights.safetensors (cast to the precision), then warm up: Grappler and kernel selection run at the first
 Session.run, so that is paid in setup, not by the first batch.
 """
@@ -21,13 +21,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from gpt2 import import_tensorflow, tensorfile
-from gpt2.checkpoint import expected_shapes
-from gpt2.config import EOT_TOKEN, GPT2Config
-from gpt2.device import engine_threads, graph_key, process_placement, resolve_precision, session_config
-from gpt2.manifest import (CACHE_INPUT, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError,
+from lmgraph import import_tensorflow, tensorfile
+from lmgraph.checkpoint import expected_shapes
+from lmgraph.config import EOT_TOKEN, GPT2Config
+from lmgraph.device import engine_threads, graph_key, process_placement, resolve_precision, session_config
+from lmgraph.manifest import (CACHE_INPUT, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError,
                            check_digest, check_ops, model_label, read_manifest, verify_files)
-from gpt2.sampling import FIELDS, SamplingParams
+from lmgraph.sampling import FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
 BIND_GROUP_BYTES = 64 << 20
@@ -141,7 +141,7 @@ class GenerationModel:
     precision: "auto" (the device's fastest: bfloat16 on CPUs with AMX or AVX512-BF16 and on Ampere GPUs,
     float16 on older GPUs, else float32), or "float32" | "bfloat16" | "float16" | "int8" (CPUs only).
     intra_threads: the cores generation uses (default: those the process may run on). On a CPU a call's rows run
-    as that many parts side by side (generate), and up to PARTS_WIDTH each op on one thread (gpt2.device).
+    as that many parts side by side (generate), and up to PARTS_WIDTH each op on one thread (lmgraph.device).
     """
 
     def __init__(self, model_dir: str | Path, *, precision: str = "auto", intra_threads: int | None = None,
@@ -294,8 +294,8 @@ class GenerationModel:
         """[(the tensor a variable of the weight is assigned from, its part of the weight in that tensor's dtype
         and layout, contiguous and aligned so that TensorFlow keeps it without a copy)]: one variable per part of
         the weight's graph form (an int8 weight's q, scale and offset; a single one otherwise)."""
-        from gpt2.export import weight_dtype
-        from gpt2.model import graph_weight
+        from lmgraph.export import weight_dtype
+        from lmgraph.model import graph_weight
 
         group = self.graph.get_operation_by_name(f"{BIND_SCOPE}/{assign}")
         targets = {op.inputs[0].op.name: op.inputs[1] for op in group.control_inputs if op.type == "AssignVariableOp"}
@@ -381,7 +381,7 @@ class GenerationModel:
         return [done[i] for i in np.argsort(order, kind="stable")]
 
     def _cache(self, positions: int) -> np.ndarray:
-        """A zeroed KV cache buffer for `positions` positions (gpt2.model.generate writes the run's cache into it
+        """A zeroed KV cache buffer for `positions` positions (lmgraph.model.generate writes the run's cache into it
         in place): one kept from an earlier run, grown when too small, so a worker holds one cache's memory
         (per concurrent run) outside TensorFlow's pool, aligned so that TensorFlow feeds it without a copy."""
         c = self.config

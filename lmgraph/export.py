@@ -2,7 +2,7 @@
 
 MODEL_DIR/
   model.pb, model-bfloat16.pb, model-float16.pb
-                      GraphDefs of `gpt2.model.generate` for float32, bfloat16 and float16 weight matrices. The
+                      GraphDefs of `lmgraph.model.generate` for float32, bfloat16 and float16 weight matrices. The
                       whole generation loop is fixed in the graph; the weights are read-only variables with no
                       gradient or optimizer, bound once at load from weights.safetensors ("external", the default)
   weights.safetensors the weights, float32 (or --dtype), read without pickle and cast at load to the precision run
@@ -31,13 +31,13 @@ from typing import Iterable
 import numpy as np
 import tensorflow as tf
 
-from gpt2 import model, tensorfile
-from gpt2.model import graph_weight, is_matrix
-from gpt2.checkpoint import Weights, expected_shapes
-from gpt2.config import GPT2Config
-from gpt2.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, INPUTS, INT8_BF16_CACHE, OUTPUTS, PRECISIONS,
+from lmgraph import model, tensorfile
+from lmgraph.model import graph_weight, is_matrix
+from lmgraph.checkpoint import Weights, expected_shapes
+from lmgraph.config import GPT2Config
+from lmgraph.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, INPUTS, INT8_BF16_CACHE, OUTPUTS, PRECISIONS,
                            SCORE_INPUTS, SCORE_OUTPUTS, sha256_file)
-from gpt2.tokenizer import Tokenizer, find_vocab_files
+from lmgraph.tokenizer import Tokenizer, find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
@@ -147,7 +147,7 @@ def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]],
            vocab_dir: str | Path, *, dtype: str = "float32", weights_mode: str = "external",
            source: dict | None = None, name: str = "gpt2") -> dict:
     """Write a model directory; returns its manifest. `weights`: a dict, or (name, float32 array) pairs as
-    gpt2.checkpoint's readers yield them, which the external mode consumes one at a time (an export holds one
+    lmgraph.checkpoint's readers yield them, which the external mode consumes one at a time (an export holds one
     tensor of the model at a time, not the model).
 
     weights_mode "external" (default): graphs for every precision, weights stored in `dtype` and cast at load.

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from gpt2.manifest import INT8_BF16_CACHE, PRECISIONS
+from lmgraph.manifest import INT8_BF16_CACHE, PRECISIONS
 
 # CPU flags (as /proc/cpuinfo names them) whose presence makes bfloat16 matmuls faster than float32: AMX tiles
 # (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). On AVX2-only CPUs TensorFlow's bfloat16

@@ -1,4 +1,5 @@
-"""GPT-2 as one TensorFlow generation graph: checkpoints, tokenizer, the graph, export and safe loading."""
+"""Language models as one TensorFlow generation graph: configs, checkpoints, tokenizers, the graph, export and safe
+loading."""
 
 import os
 import sys
@@ -7,7 +8,7 @@ import sys
 # which the loader now keeps itself) to the OS after every Session.run, so the next run page-faults them in
 # again: 2.2 million minor faults per run at batch 64, prompt 128, 16% of CPU time in the kernel. Its BFC pool
 # keeps them (2.4 thousand faults, +19-22% tokens/s there; BENCHMARKS.md attempt 11). The pool never gives memory
-# back, so nothing that lives long or varies in size should come from it (gpt2.loader). TensorFlow reads this when it creates its CPU device, so it is set on importing
+# back, so nothing that lives long or varies in size should come from it (lmgraph.loader). TensorFlow reads this when it creates its CPU device, so it is set on importing
 # this package, before any Session; an explicit setting in the environment wins.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from gpt2 import tensorfile
-from gpt2.config import GPT2Config
+from lmgraph import tensorfile
+from lmgraph.config import GPT2Config
 
 Weights = dict[str, np.ndarray]
 Tensors = Iterator[tuple[str, np.ndarray]]  # (canonical name, array), one at a time

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpt2.config import EOT_TOKEN
+from lmgraph.config import EOT_TOKEN
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")  # never cache or fetch: we only read local files
 import tiktoken  # noqa: E402

@@ -3,8 +3,8 @@
 Everything else comes from this one list of fields (`FIELDS`): the job's command-line options
 (pipeline/options.py), the per-row override columns and keys (transforms/read.py, transforms/validate.py), the
 defaults `GenerateText` and `GPT2ModelHandler` take as keyword arguments, and the per-row graph inputs
-(gpt2/manifest.py INPUTS after input_ids, input_lengths, prompt_index and want_logprobs, fed in this order by
-gpt2/loader.py; a test checks that the two lists agree).
+(lmgraph/manifest.py INPUTS after input_ids, input_lengths, prompt_index and want_logprobs, fed in this order by
+lmgraph/loader.py; a test checks that the two lists agree).
 """
 from __future__ import annotations
 
