@@ -17,6 +17,9 @@ from lmgraph.manifest import INT8_BF16_CACHE, PRECISIONS
 # (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). On AVX2-only CPUs TensorFlow's bfloat16
 # matmuls run about 2x slower than float32 (BENCHMARKS.md), so those stay float32.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# CPU flags of int8 dot products straight into int32 (VNNI, AMX). Without them oneDNN's int8 matmul adds each pair of
+# u8 x s8 products in saturating int16 first (BENCHMARKS.md), which is less accurate.
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")  # named with figures
 
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from lmgraph import model as gmodel
 from lmgraph.config import GPT2Config, SIZES
-from lmgraph.device import cpu_flags, session_config
+from lmgraph.device import INT8_DOT_FLAGS, cpu_flags, session_config
 from lmgraph.export import weight_dtype
 from lmgraph.model import graph_weight
 from lmgraph.sampling import SamplingParams
@@ -29,7 +29,6 @@ ROWS = (1, 2, 7, 64, 65, 128, 300)
 LOW_PRECISIONS = ("bfloat16", "int8")
 # The int8 matmuls of decode steps run another oneDNN kernel (on weights it keeps laid out: model.KeepLayout)
 MATMUL_FORMS = (*LOW_PRECISIONS, "int8-decode")
-INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # int8 dot products straight into int32
 
 
 def alone_vs_together(build, width: int, rows=ROWS, seed: int = 0, scale: float = 1.0) -> dict[int, int]:
