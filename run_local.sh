@@ -15,11 +15,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-if ! "$PY" -c "import lmgraph, apache_beam, tensorflow, tiktoken" 2>/dev/null; then
-  echo "installing the project into $VENV (first run only)" >&2
-  "$PY" -m pip install -q --upgrade pip
+# The locked versions (requirements.lock), again whenever the lock changed since this venv was installed
+if ! cmp -s requirements.lock "$VENV/installed.lock" \
+    || ! "$PY" -c "import lmgraph, apache_beam, tensorflow, tiktoken" 2>/dev/null; then
+  echo "installing the locked versions and the project into $VENV" >&2
+  "$PY" -m pip install -q "pip==26.3"
+  "$PY" -m pip install -q -r requirements.lock
   # setuptools' build backend warns "Editable installation ..." on every editable install: a note, not a problem
-  PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q -e .
+  PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  cp requirements.lock "$VENV/installed.lock"
 fi
 
 input="" output="" model_dir=""

@@ -11,6 +11,7 @@ import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lmgraph.sampling import FIELDS, HELP, TYPES, SamplingParams
+from pipeline.beam_version import WORKER_BEAM_VERSION, worker_beam_mismatch
 from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
 from transforms.pacing import TARGET_RUN_SECONDS
 
@@ -66,6 +67,10 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="cores generation uses per worker process (default: all it may run on); on a CPU a "
                         "batch runs as that many parts side by side (at 124M each op on one thread)")
+    b.add_argument("--worker_beam_version", default=WORKER_BEAM_VERSION,
+                   help="the Beam version in the workers' image or pool, which must be this launcher's (default: the "
+                        f"locked {WORKER_BEAM_VERSION}, as this repository's Dockerfile installs); checked when a job "
+                        "on a remote runner names its workers (--sdk_container_image, --environment_config)")
     if generating:
         b.add_argument("--run_seconds", type=float, default=TARGET_RUN_SECONDS,
                        help="seconds of work per Session.run, from the worker's measured rate: rows done and "
@@ -166,6 +171,9 @@ def _check_common(args: argparse.Namespace, beam_args: list[str], prog: str) -> 
     unknown = [a for a in beam_args if a.startswith("--") and a[2:].split("=")[0] not in known]
     if unknown:
         raise UsageError(f"unknown option(s): {' '.join(unknown)} (see {prog} --help)")
+    mismatch = worker_beam_mismatch(options, args.worker_beam_version)
+    if mismatch:
+        raise UsageError(mismatch)
     return options
 
 
