@@ -112,10 +112,13 @@ def _write(out_dir: str | Path, tokenizer: Tokenizer, bos_id: int | None, eos_id
     return TokenizerIds(tokenizer.get_vocab_size(), bos_id, eos_ids, special)
 
 
-def write_byte_level_tokenizer(out_dir: str | Path, bos: bool, chat_template: str) -> TokenizerIds:
+def write_byte_level_tokenizer(out_dir: str | Path, bos: bool, chat_template: str,
+                               specials: bool = True) -> TokenizerIds:
     """GPT-2's byte-level BPE plus BYTE_LEVEL_SPECIALS. bos=True: Llama-3-like, the post-processor adds
     <|begin_of_text|> before every text and eos_token is <|eot_id|>; bos=False: Qwen2-like, nothing added and
-    eos_token is <|im_end|>. Either way a row also ends at <|endoftext|>."""
+    eos_token is <|im_end|>. Either way a row also ends at <|endoftext|>. specials=False: GPT-2's 50257 tokens
+    alone (for a GPT-2 model's directory): the template's markers are then plain text, and <|endoftext|> is the
+    BOS (bos=True) and the eos."""
     from lmgraph.tokenizer import default_vocab_dir
 
     vocab_dir = default_vocab_dir()
@@ -125,16 +128,17 @@ def write_byte_level_tokenizer(out_dir: str | Path, bos: bool, chat_template: st
     tokenizer = Tokenizer(models.BPE(vocab, merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([GPT2_EOT] + BYTE_LEVEL_SPECIALS)  # GPT2_EOT keeps its id 50256
-    ids = {t: tokenizer.token_to_id(t) for t in [GPT2_EOT] + BYTE_LEVEL_SPECIALS}
-    bos_id = ids["<|begin_of_text|>"] if bos else None
+    added = [GPT2_EOT] + (BYTE_LEVEL_SPECIALS if specials else [])
+    tokenizer.add_special_tokens(added)  # GPT2_EOT keeps its id 50256
+    ids = {t: tokenizer.token_to_id(t) for t in added}
+    bos_token = "<|begin_of_text|>" if specials else GPT2_EOT
+    bos_id = ids[bos_token] if bos else None
     if bos:
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-            special_tokens=[("<|begin_of_text|>", bos_id)])
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)])
     else:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # Qwen2's: adds nothing
-    eos_ids = (ids["<|eot_id|>" if bos else "<|im_end|>"], ids[GPT2_EOT])
+    eos_ids = (ids["<|eot_id|>" if bos else "<|im_end|>"], ids[GPT2_EOT]) if specials else (ids[GPT2_EOT],)
     # clean_up_tokenization_spaces False as Llama 3 and Qwen2 ship it: decode returns the tokens' text untouched
     return _write(out_dir, tokenizer, bos_id, eos_ids, chat_template, {"clean_up_tokenization_spaces": False})
 

@@ -14,6 +14,7 @@ from lmgraph.sampling import FIELDS, HELP, TYPES, SamplingParams
 from pipeline.beam_version import WORKER_BEAM_VERSION, worker_beam_mismatch
 from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
 from transforms.pacing import TARGET_RUN_SECONDS
+from transforms.records import MESSAGES
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # A sampling field's help, where the run's option means more than the field (the run seed).
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser("python -m pipeline.run", "Batch text generation with GPT-2 (one TensorFlow graph)")
     io = _io_options(p, "completions")
     io.add_argument("--prompt_column", default="prompt")
+    io.add_argument("--messages_column", default=MESSAGES,
+                    help="chat rows: a list of {role, content} (Parquet list<struct<role, content>>, a JSON array in "
+                         "JSON Lines) given instead of a prompt, rendered with the model's chat template; the "
+                         "completion's prompt is the rendered text")
     io.add_argument("--logprobs", action="store_true",
                     help="completions get `logprobs`: each token's log-probability under the model")
     s = p.add_argument_group("sampling (per-row columns of the same names override these)")

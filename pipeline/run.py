@@ -216,6 +216,7 @@ def generation(args, manifest: dict, model: str, done: tuple[str, ...], paths: l
         output_dir=args.output, model_dir=args.model_dir, model_label=model, n_ctx=manifest["config"]["n_ctx"],
         defaults=sampling(args),
         seed=args.seed, stops=tuple(args.stop), truncate=args.truncate, prompt_column=args.prompt_column,
+        messages_column=args.messages_column,
         id_column=args.id_column, batch_size=args.batch_size, max_batch_tokens=max_batch_tokens(args, manifest),
         run_seconds=args.run_seconds, precision=args.precision, intra_op_threads=args.intra_op_threads,
         output_format=args.output_format,

@@ -19,14 +19,27 @@ def completion_fields(logprobs: bool = False, samples: bool = False) -> tuple[st
     return fields
 
 
+def stripped_space(tokenizer, token_ids: list[int]) -> str:
+    """" " when decode dropped the space the first token begins with (a SentencePiece decoder does: "▁Paris" alone
+    decodes to "Paris"), else "". The graph matched stop strings on the tokens' bytes, space included."""
+    if not token_ids:
+        return ""
+    first = tokenizer.token_bytes(token_ids[0])
+    shown = tokenizer.decode(token_ids[:1])
+    return " " if first.startswith(b" ") and shown == first.decode("utf-8", "replace")[1:] else ""
+
+
 def apply_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[str, list[int], bool]:
     """(text, token ids, stopped): the text cut before the first stop string, and the tokens whose decoding
-    lies within that text. Without a stop string, everything unchanged."""
+    lies within that text. Without a stop string, everything unchanged. Stop strings are looked for where the graph
+    looked: in the text with the space a SentencePiece decoder drops put back (a stop string " Paris" at the very
+    start leaves an empty text)."""
     text = tokenizer.decode(token_ids)
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    lead = stripped_space(tokenizer, token_ids) if any(stops) else ""
+    cut = min((i for i in ((lead + text).find(s) for s in stops if s) if i >= 0), default=-1)
     if cut < 0:
         return text, token_ids, False
-    text = text[:cut]
+    text = text[:max(cut - len(lead), 0)]
     n = len(token_ids)
     while n and not text.startswith(tokenizer.decode(token_ids[:n])):
         n -= 1

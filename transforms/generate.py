@@ -1,5 +1,5 @@
 """Generation as a task of the batch skeleton (transforms/work.py): rows -> requests, one per sample (validate.py's
-checks, tokenized to fit the context); runs of requests -> completions with the GPT-2 generation graph (continuous
+checks, a chat row's messages rendered with the model's chat template, tokenized to fit the context); runs of requests -> completions with the GPT-2 generation graph (continuous
 batching: transforms/batching.py cuts the runs and sets their slots; a worker decodes a run in parts of about
 `target_seconds` each, one Session.run per part, transforms/pacing.py); completions -> rows (detokenize.py).
 """
@@ -43,7 +43,8 @@ class Generation(Task):
 
     Requests: a row's sampling fields over `defaults`, its seed from `seed` and its id, num_samples requests (a
     row's `num_samples` overrides it; None: 1, and only rows that set it have `sample` in their outputs), its prompt
-    tokenized to fit n_ctx with max_new_tokens after it (truncate "left": its last tokens that do).
+    (or its chat messages rendered with the model's template: then the output row's `prompt` is that text)
+    tokenized to fit n_ctx with max_new_tokens after it (truncate "left": its BOS and its last tokens that do).
     Runs: `run_slots` rows decoded at a time (batch_size, fewer where max_batch_tokens says the cache would not
     fit); `stops` end a row in the graph as soon as its text holds one (`format` cuts it out); logprobs: the graph
     also gives each token's log-probability (else it skips the log-sum-exp). A run is decoded in parts of about
@@ -77,17 +78,29 @@ class Generation(Task):
         if not self.target_seconds > 0:
             raise ValueError(f"run_seconds must be > 0, got {self.target_seconds!r}")
 
-    def params(self, prompt, overrides: dict, seed_key) -> SamplingParams:
-        """A prompt's sampling parameters: ValueError naming what is wrong with the prompt or an override."""
+    def prompt(self, tokenizer, prompt, messages) -> tuple[str, list[int]]:
+        """A row's prompt text and its token ids: its prompt encoded (with the BOS the tokenizer adds, if any), or
+        its chat messages rendered with the model's chat template and encoded as they are; ValueError saying what is
+        wrong (lmgraph.chat.ChatError for messages)."""
+        if messages is not None:
+            if prompt is not None:
+                raise ValueError("the row has both a prompt and messages: give one")
+            return tokenizer.render_chat(messages), tokenizer.encode_chat(messages)
         error = prompt_error(prompt)
         if error is not None:
-            raise ValueError(error)
+            raise ValueError(error + " (a row needs a prompt, or messages)" if prompt is None else error)
+        return prompt, tokenizer.encode(prompt)
+
+    def params(self, overrides: dict, seed_key) -> SamplingParams:
+        """A row's sampling parameters: ValueError naming what is wrong with an override."""
         return resolve_params(overrides, self.defaults, self.seed, seed_key)
 
-    def tokens(self, tokenizer, prompt: str, params: SamplingParams) -> list[int]:
-        """The prompt's token ids that fit the context with params.max_new_tokens after them: ValueError if none."""
-        ids = tokenizer.encode(prompt)
-        kept = fit_context(ids, params.max_new_tokens, self.n_ctx, self.truncate)
+    def tokens(self, tokenizer, ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids that fit the context with params.max_new_tokens after them: ValueError if none.
+        Truncated on the left, a prompt keeps the tokens the tokenizer puts before every text (its BOS)."""
+        prefix = tokenizer.encode("")  # [BOS], or [] (a method, not an attribute: the handler's engine proxies)
+        keep = len(prefix) if prefix and ids[:len(prefix)] == prefix else 0
+        kept = fit_context(ids, params.max_new_tokens, self.n_ctx, self.truncate, keep)
         if len(kept) < len(ids):
             Metrics.counter(NAMESPACE, "truncated_prompts").inc()
         return kept
@@ -102,12 +115,13 @@ class Generation(Task):
         try:
             if row.id is None:
                 raise ValueError("id is null")
-            params = self.params(row.prompt, {k: v for k, v in row.overrides.items() if k != NUM_SAMPLES}, row.id)
+            prompt, ids = self.prompt(tokenizer, row.prompt, row.messages)
+            params = self.params({k: v for k, v in row.overrides.items() if k != NUM_SAMPLES}, row.id)
             num_samples = resolve_num_samples(n, self.num_samples or 1)
-            ids = self.tokens(tokenizer, row.prompt, params)
+            ids = self.tokens(tokenizer, ids, params)
         except ValueError as e:
             return row.dead_letter(str(e))
-        return list(expand_samples(Request(row.id, row.prompt, ids, params, row.source, row.row_index, row.extra,
+        return list(expand_samples(Request(row.id, prompt, ids, params, row.source, row.row_index, row.extra,
                                            num_samples=num_samples,
                                            with_sample=self.num_samples is not None or n is not None)))
 

@@ -6,8 +6,9 @@
                         #        (logprobs=True: `logprobs` after completion_token_ids, one per token)
     result.errors       # dicts: id, prompt, error + the input row's other keys
 
-An input row is a dict with `id` (any value; a row's seed derives from the run seed and str(id)), `prompt` (text),
-optionally a value per sampling field (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos: None = the
+An input row is a dict with `id` (any value; a row's seed derives from the run seed and str(id)), `prompt` (text)
+or, a chat row, `messages` (a list of {role, content}: rendered with the model's chat template and the generation
+prompt, as transformers' apply_chat_template does; its completion's `prompt` is the rendered text), optionally a value per sampling field (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos: None = the
 default) and `num_samples`, and anything else, passed through to its output row untouched (where a key is named
 like an output field, the output field wins). Every input row comes out exactly once as an error with its reason,
 or as its completions: num_samples of them (default 1), each with `sample` (0..num_samples-1, after `id`) when

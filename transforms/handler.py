@@ -5,11 +5,13 @@
 
     keyed = pairs | RunInference(KeyedModelHandler(GPT2ModelHandler("models/gpt2")))  # (key, prompt) in and out
 
-An example is a prompt string, or a dict like GenerateText's rows (`prompt`, optional `id`, optional per-row
-sampling values). A string's seed derives from the run seed and the prompt itself (a dict's from its id when it has
-one), so a completion never depends on the batch it was in; the same prompt sampled twice gives the same text (give
-the rows ids to sample them apart). `inference` holds the completion row's fields (id, prompt, completion,
-completion_token_ids, prompt_tokens, completion_tokens, finish_reason, model, precision; id None for a string).
+An example is a prompt string, a conversation (a list of {role, content} messages, rendered with the model's chat
+template), or a dict like GenerateText's rows (`prompt` or `messages`, optional `id`, optional per-row sampling
+values). A string's seed derives from the run seed and the prompt itself (a conversation's from its rendered text, a
+dict's from its id when it has one), so a completion never depends on the batch it was in; the same prompt sampled
+twice gives the same text (give the rows ids to sample them apart). `inference` holds the completion row's fields
+(id, prompt, completion, completion_token_ids, prompt_tokens, completion_tokens, finish_reason, model, precision; id
+None for a string or a conversation).
 
 As Beam's ModelHandler: `load_model` loads the engine and tokenizer once per worker process (RunInference shares
 them across its threads), `run_inference` completes one batch. Batching is RunInference's (BatchElements: the
@@ -18,9 +20,10 @@ ModelHandler). Within a batch, what is better here than a plain model call is ke
 generation task (transforms/generate.py), sorted by prompt length, with as many slots as max_batch_tokens allows
 (a row that ends frees its slot for the next; stop strings end rows in the graph), and a run that fails is split
 and retried down to single rows. A batch with a bad example (not a string, empty, too long for the context, bad
-sampling value) or a row that fails alone raises, naming the example and why: with
-`RunInference(...).with_exception_handling()`, Beam routes that batch to `failed_inferences`, as it documents (use
-`max_batch_size=1` to have single examples routed, or GenerateText for a per-row dead-letter output).
+sampling value, malformed messages, messages for a model without a chat template) or a row that fails alone
+raises, naming the example and why: with `RunInference(...).with_exception_handling()`, Beam routes that batch to
+`failed_inferences`, as it documents (use `max_batch_size=1` to have single examples routed, or GenerateText for a
+per-row dead-letter output).
 `inference_args` may set sampling values (and `seed`, the run seed) for one RunInference.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ from lmgraph.sampling import FIELDS, sampling_params
 from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
 from transforms.generate import Generation
 from transforms.model_cache import local_model_dir
-from transforms.records import Request, Result
+from transforms.records import MESSAGES, Request, Result
 from transforms.resources import load_model, load_tokenizer
 from transforms.work import split_and_retry
 
@@ -59,11 +62,21 @@ class GPT2Engine:
         c = self._model.config
         return self._model.name, self._model.precision, c.n_ctx, max_batch_tokens_for(c.n_layer, c.n_embd)
 
+    # the tokenizer's methods that the generation task calls (transforms/generate.py, detokenize.py)
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
 
+    def render_chat(self, messages: list[dict]) -> str:
+        return self._tokenizer.render_chat(messages)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self._tokenizer.encode_chat(messages)
+
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._tokenizer.token_bytes(token)
 
     def generate(self, prompts, params, logprobs=False, slots=None, stops=()):
         return self._model.generate(prompts, params, logprobs, slots, stops)
@@ -135,13 +148,16 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
 def example_request(i: int, example, engine: GPT2Engine, task: Generation) -> Request:
     """The example as a Request; ValueError naming it and what is wrong."""
     if isinstance(example, Mapping):
-        row_id, prompt = example.get("id"), example.get("prompt")
+        row_id, prompt, messages = example.get("id"), example.get("prompt"), example.get(MESSAGES)
         overrides = {k: example[k] for k in FIELDS if k in example}
+    elif isinstance(example, list):  # a conversation
+        row_id, prompt, messages, overrides = None, None, example, {}
     else:
-        row_id, prompt, overrides = None, example, {}
+        row_id, prompt, messages, overrides = None, example, None, {}
     try:
-        params = task.params(prompt, overrides, prompt if row_id is None else row_id)
-        return Request(row_id, prompt, task.tokens(engine, prompt, params), params)
+        text, ids = task.prompt(engine, prompt, messages)
+        params = task.params(overrides, text if row_id is None else row_id)
+        return Request(row_id, text, task.tokens(engine, ids, params), params)
     except ValueError as e:
         raise ValueError(f"example {i} ({_show(example)}): {e}") from None
 

@@ -13,7 +13,7 @@ from transforms.batching import DEFAULT_BATCH_SIZE
 from transforms.generate_text import GenerateText
 from transforms.pacing import TARGET_RUN_SECONDS
 from transforms.read import OVERRIDE_COLUMNS, ReadPrompts
-from transforms.records import ERRORS
+from transforms.records import ERRORS, MESSAGES
 from transforms.score_text import ScoreText, scores_schema
 from transforms.unique_ids import UniqueIds
 from transforms.write import WriteResults, completions_schema, read_ids
@@ -44,6 +44,7 @@ class JobConfig(FileJobConfig):
     stops: tuple[str, ...] = ()
     truncate: str = "none"
     prompt_column: str = "prompt"
+    messages_column: str = MESSAGES  # a chat row's messages, where a row has no prompt
     run_seconds: float = TARGET_RUN_SECONDS  # work per Session.run (transforms/pacing.py)
     logprobs: bool = False  # completions get `logprobs`
     num_samples: int = 1  # completions per row (a num_samples column overrides it)
@@ -61,9 +62,10 @@ class ScoreJobConfig(FileJobConfig):
 
 def read_unique_rows(paths, prompt_column: str, id_column: str, done_files: tuple[str, ...],
                      extra_columns: tuple[str, ...] = (), overrides: tuple[str, ...] = OVERRIDE_COLUMNS,
-                     options: dict | None = None):
+                     options: dict | None = None, messages_column: str | None = None):
     """Input paths -> (rows with unique ids that are not done, [their dead letters so far]): both jobs' input."""
-    read = paths | "Read" >> ReadPrompts(prompt_column, id_column, extra_columns, overrides, options)
+    read = paths | "Read" >> ReadPrompts(prompt_column, id_column, extra_columns, overrides, options,
+                                         messages_column)
     done_ids = None
     if done_files:
         done_ids = (paths.pipeline | "DoneFiles" >> beam.Create(done_files)
@@ -94,7 +96,8 @@ class GenerateCompletions(FileJob):
 
     def expand(self, paths):
         c = self.c
-        rows, errors = read_unique_rows(paths, c.prompt_column, c.id_column, c.done_files)
+        rows, errors = read_unique_rows(paths, c.prompt_column, c.id_column, c.done_files,
+                                        messages_column=c.messages_column)
         sampling = {f.name: getattr(c.defaults, f.name) for f in dataclasses.fields(c.defaults) if f.name != "seed"}
         generated = rows | "GenerateText" >> GenerateText(
             c.model_dir, stop=c.stops, truncate=c.truncate, seed=c.seed, batch_size=c.batch_size,

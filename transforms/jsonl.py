@@ -2,8 +2,8 @@
 
 Lines are split on "\\n" only (JSON text never holds a raw newline; U+2028 and its like may sit inside a string) and
 read one at a time. A blank line is not a row. A row's `row_index` is its line number, from 1 as editors count, and
-without an id a row's id is `<shard>:<line number>`. A line that is not UTF-8, not a JSON object, or has no prompt
-key is a dead letter naming the file and line.
+without an id a row's id is `<shard>:<line number>`. A line that is not UTF-8, not a JSON object, or has neither a
+prompt key nor (a chat row) a messages key is a dead letter naming the file and line.
 """
 from __future__ import annotations
 
@@ -36,10 +36,11 @@ def _excerpt(text: str, limit: int = 60) -> str:
 
 def parse_row(line: bytes, number: int, path: str, shard: str, prompt_column: str, id_column: str,
               extra_columns: tuple[str, ...] = (), overrides: tuple[str, ...] = ROW_OPTIONS,
-              options: dict[str, str] | None = None) -> PromptRow | dict:
+              options: dict[str, str] | None = None, messages_column: str | None = None) -> PromptRow | dict:
     """One line as a PromptRow, or its dead letter (a dict) saying what is wrong with it. The prompt key's value is
-    the row's `prompt`; `extra_columns` are keys it must also have, kept in `extra` under their names; `overrides`
-    the optional per-row keys. options: the command-line option naming each required key, for the messages."""
+    the row's `prompt`, the messages key's (a chat row: a line needs one of the two) its `messages`; `extra_columns`
+    are keys it must also have, kept in `extra` under their names; `overrides` the optional per-row keys. options:
+    the command-line option naming each required key, for the messages."""
     where, rid = position(path, number), f"{shard}:{number}"
     try:
         text = line.decode("utf-8")
@@ -54,19 +55,25 @@ def parse_row(line: bytes, number: int, path: str, shard: str, prompt_column: st
                                       f"{_excerpt(text)}", path, number)
     if obj.get(id_column) is not None:
         rid = str(obj[id_column])
-    prompt = obj.get(prompt_column)
+    prompt, messages = obj.get(prompt_column), obj.get(messages_column) if messages_column else None
     options = options or {prompt_column: "--prompt_column"}
-    for column in (prompt_column, *extra_columns):
-        if column not in obj:
-            return dead_letter(rid, None, f"{where}: no {column!r} key (keys: {sorted(obj)}; see "
-                                          f"{options.get(column, '--prompt_column')})", path, number)
+    missing = [c for c in (prompt_column, *extra_columns) if c not in obj]
+    if missing and missing[0] == prompt_column and messages_column in obj:  # a chat row needs no prompt
+        missing.pop(0)
+    if missing:
+        column = missing[0]
+        chat = f" nor {messages_column!r} key (see --messages_column)" if column == prompt_column and \
+            messages_column else ""
+        return dead_letter(rid, None, f"{where}: no {column!r} key (keys: {sorted(obj)}; see "
+                                      f"{options.get(column, '--prompt_column')}){chat}", path, number)
     extra = {c: obj[c] for c in extra_columns}
-    for name, value in ((id_column, rid), (prompt_column, prompt), *extra.items()):
+    given = prompt if messages is None else json.dumps(messages, ensure_ascii=False)  # what a dead letter shows
+    for name, value in ((id_column, rid), (prompt_column, prompt), (messages_column, given), *extra.items()):
         if isinstance(value, str) and _SURROGATE.search(value):  # no UTF-8 file, Parquet or JSONL, can hold it
             safe = lambda s: s.encode("utf-8", "backslashreplace").decode() if isinstance(s, str) else s  # noqa
-            return dead_letter(safe(rid), safe(prompt), f"{where}: {name} is not valid Unicode text (a lone "
-                                                        f"surrogate escape)", path, number)
-    return PromptRow(rid, prompt, {c: obj[c] for c in overrides if c in obj}, path, number, extra)
+            return dead_letter(safe(rid), safe(given), f"{where}: {name} is not valid Unicode text (a lone "
+                                                       f"surrogate escape)", path, number)
+    return PromptRow(rid, prompt, {c: obj[c] for c in overrides if c in obj}, path, number, extra, messages)
 
 
 def read_rows(f: IO[bytes], path: str, shard: str, prompt_column: str, id_column: str,

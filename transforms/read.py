@@ -84,14 +84,24 @@ def _decode(raw: bytes | None) -> str | bytes | None:
         return raw
 
 
+def missing_column(column: str, names: list[str], options: dict) -> str:
+    """"no prompt column 'p' (columns: [...]; see --prompt_column)": a required column not found."""
+    option = options.get(column, "--prompt_column")
+    role = option.removeprefix("--").removesuffix("_column")
+    return f"no {role} column {column!r} (columns: {names}; see {option})"
+
+
 class ListRowGroups(beam.DoFn):
     """path -> (path, row group, first row index) for every row group of a Parquet file, (path, None, 0) for a JSON
     Lines file; an unreadable Parquet file, or one without a required column, is a dead letter. options: the
-    command-line option naming each required column (column -> "--x_column"), for the message."""
+    command-line option naming each required column (column -> "--x_column"), for the message. With a
+    messages_column, a file needs the prompt column or that one (chat rows), or both."""
 
-    def __init__(self, prompt_column: str, extra_columns: tuple[str, ...] = (), options: dict | None = None):
+    def __init__(self, prompt_column: str, extra_columns: tuple[str, ...] = (), options: dict | None = None,
+                 messages_column: str | None = None):
         self.prompt_column, self.extra_columns = prompt_column, tuple(extra_columns)
         self.options = options or {prompt_column: "--prompt_column"}
+        self.messages_column = messages_column
 
     def process(self, path: str):
         yield from ([(path, None, 0)] if is_jsonl(path) else self.row_groups(path))
@@ -99,12 +109,15 @@ class ListRowGroups(beam.DoFn):
     def row_groups(self, path: str):
         try:
             pf = open_parquet(path)
-            for column in (self.prompt_column, *self.extra_columns):
-                if column not in pf.schema_arrow.names:
-                    option = self.options.get(column, "--prompt_column")
-                    role = option.removeprefix("--").removesuffix("_column")
-                    raise ValueError(f"no {role} column {column!r} (columns: {pf.schema_arrow.names}; "
-                                     f"see {option})")
+            names = pf.schema_arrow.names
+            if self.prompt_column not in names and self.messages_column not in names:
+                error = missing_column(self.prompt_column, names, self.options)
+                if self.messages_column is not None:
+                    error += f" and no messages column {self.messages_column!r} (see --messages_column)"
+                raise ValueError(error)
+            for column in self.extra_columns:
+                if column not in names:
+                    raise ValueError(missing_column(column, names, self.options))
             offset = 0
             for rg in range(pf.metadata.num_row_groups):
                 yield path, rg, offset
@@ -118,12 +131,15 @@ class ListRowGroups(beam.DoFn):
 class ReadRowGroup(beam.DoFn):
     """(path, row group, first row index) -> PromptRow for each row, dead letters under ERRORS; (path, None, 0): the
     rows of a JSON Lines file. extra_columns: required columns kept in each row's `extra` under their names;
-    overrides: the optional per-row columns read into its `overrides`."""
+    overrides: the optional per-row columns read into its `overrides`; messages_column: read into a chat row's
+    `messages` where the file has it (a row may then have no prompt)."""
 
     def __init__(self, prompt_column: str, id_column: str, extra_columns: tuple[str, ...] = (),
-                 overrides: tuple[str, ...] = OVERRIDE_COLUMNS, options: dict | None = None):
+                 overrides: tuple[str, ...] = OVERRIDE_COLUMNS, options: dict | None = None,
+                 messages_column: str | None = None):
         self.prompt_column, self.id_column = prompt_column, id_column
         self.extra_columns, self.overrides, self.options = tuple(extra_columns), tuple(overrides), options
+        self.messages_column = messages_column
 
     def process(self, element):
         path, rg, offset = element
@@ -134,16 +150,19 @@ class ReadRowGroup(beam.DoFn):
         names = pf.schema_arrow.names
         has_id = self.id_column in names
         overrides = [c for c in self.overrides if c in names]
-        columns = [self.prompt_column] + ([self.id_column] if has_id else []) + list(self.extra_columns) + overrides
+        texts = [c for c in (self.prompt_column, self.messages_column) if c in names]  # one of them, or both
+        columns = texts + ([self.id_column] if has_id else []) + list(self.extra_columns) + overrides
         row = offset
         try:
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[rg], columns=columns):
                 data = {name: column_values(col) for name, col in zip(batch.schema.names, batch.columns)}
-                for i, prompt in enumerate(data[self.prompt_column]):
+                nulls = [None] * batch.num_rows
+                prompts, chats = data.get(self.prompt_column, nulls), data.get(self.messages_column, nulls)
+                for i, prompt in enumerate(prompts):
                     rid = data[self.id_column][i] if has_id else None
                     rid = f"{shard_name(path)}:{row}" if rid is None else str(rid)
                     yield PromptRow(rid, prompt, {c: data[c][i] for c in overrides}, path, row,
-                                    {c: data[c][i] for c in self.extra_columns})
+                                    {c: data[c][i] for c in self.extra_columns}, chats[i])
                     row += 1
         except Exception as e:  # noqa: BLE001 - a corrupt row group: each of its unread rows is a dead letter
             end = offset + pf.metadata.row_group(rg).num_rows
@@ -167,7 +186,7 @@ class ReadRowGroup(beam.DoFn):
         with f:
             for row in jsonl.read_rows(f, path, shard_name(path), self.prompt_column, self.id_column,
                                        extra_columns=self.extra_columns, overrides=self.overrides,
-                                       options=self.options):
+                                       options=self.options, messages_column=self.messages_column):
                 yield row if isinstance(row, PromptRow) else beam.pvalue.TaggedOutput(ERRORS, row)
 
 
@@ -176,23 +195,29 @@ class ReadPrompts(beam.PTransform):
 
     prompt_column: read as each row's `prompt` (the scoring job: its text, or its prompt); extra_columns: further
     required columns, in each row's `extra` under their names; overrides: optional per-row columns (default: the
-    sampling fields and num_samples); options: the option naming each required column, for error messages.
+    sampling fields and num_samples); options: the option naming each required column, for error messages;
+    messages_column (the generation job): a chat row's messages, in a file's column (Parquet list<struct<role,
+    content>>) or a line's key (a JSON array of objects), read into each row's `messages`.
     """
 
     def __init__(self, prompt_column: str = "prompt", id_column: str = "id", extra_columns: tuple[str, ...] = (),
-                 overrides: tuple[str, ...] = OVERRIDE_COLUMNS, options: dict | None = None):
+                 overrides: tuple[str, ...] = OVERRIDE_COLUMNS, options: dict | None = None,
+                 messages_column: str | None = None):
         super().__init__()
         self.prompt_column, self.id_column = prompt_column, id_column
         self.extra_columns, self.overrides = tuple(extra_columns), tuple(overrides)
         self.options = options or {prompt_column: "--prompt_column"}
+        self.messages_column = messages_column
 
     def expand(self, paths):
         groups = paths | "ListRowGroups" >> beam.ParDo(ListRowGroups(
-            self.prompt_column, self.extra_columns, self.options)).with_outputs(ERRORS, main="row_groups")
+            self.prompt_column, self.extra_columns, self.options, self.messages_column)).with_outputs(
+            ERRORS, main="row_groups")
         rows = (groups.row_groups
                 | "SpreadRowGroups" >> beam.Reshuffle()
                 | "ReadRowGroup" >> beam.ParDo(ReadRowGroup(
-                    self.prompt_column, self.id_column, self.extra_columns, self.overrides, self.options))
+                    self.prompt_column, self.id_column, self.extra_columns, self.overrides, self.options,
+                    self.messages_column))
                 .with_outputs(ERRORS, main="rows"))
         errors = (groups[ERRORS], rows[ERRORS]) | "ReadErrors" >> beam.Flatten()
         return {"rows": rows.rows, ERRORS: errors}

@@ -1,14 +1,16 @@
 """The records that flow between the transforms, and the dead-letter record every stage can emit.
 
-Every record of a row, whatever the work, is a `Record`: its id, its text (the prompt, or the text scored), where
-it was read (`source`, `row_index`: a Parquet file's row number from 0, a JSONL file's line number from 1) and its
-passthrough keys (`extra`). Its error messages name the file and row or line, and its output rows carry both so that
+Every record of a row, whatever the work, is a `Record`: its id, its text (the prompt, or the text scored; a chat
+row has `messages` instead of a prompt until transforms/generate.py renders them), where it was read (`source`,
+`row_index`: a Parquet file's row number from 0, a JSONL file's line number from 1) and its passthrough keys
+(`extra`). Its error messages name the file and row or line, and its output rows carry both so that
 the writer puts them in that file's outputs. A row given to `GenerateText` or `ScoreText` as a dict has no source;
 its keys other than those the work reads are `extra`, passed through to its output row untouched.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from lmgraph.sampling import FIELDS, SamplingParams
@@ -16,6 +18,7 @@ from lmgraph.sampling import FIELDS, SamplingParams
 ERRORS = "errors"  # tag of every DoFn's dead-letter output
 NUM_SAMPLES = "num_samples"  # completions per prompt: a per-row column or key like the sampling fields, not one
 ROW_OPTIONS = FIELDS + (NUM_SAMPLES,)  # the per-row columns and keys of a generation row besides id and prompt
+MESSAGES = "messages"  # a chat row's key (GenerateText, the handler): a list of {role, content}, instead of a prompt
 
 
 class Record:
@@ -43,19 +46,28 @@ class Record:
 
 @dataclasses.dataclass
 class PromptRow(Record):
-    """One input row as read: the prompt value is not checked yet."""
+    """One input row as read: the prompt (or chat messages) value is not checked yet."""
     id: Any
     prompt: Any
     overrides: dict  # sampling field -> value (None = use the run's default)
     source: str | None = None
     row_index: int = -1
     extra: dict = dataclasses.field(default_factory=dict)
+    messages: Any = None  # a chat row's messages (then prompt is None), rendered with the model's chat template
+
+    def given(self) -> Any:
+        """What the row gave to generate from: its prompt, or else its messages as JSON text."""
+        return self.prompt if self.prompt is not None or self.messages is None else messages_text(self.messages)
+
+    def dead_letter(self, error: str) -> dict:
+        return dead_letter(self.id, self.given(), self.located(error), self.source, self.row_index, self.extra)
 
 
 @dataclasses.dataclass
 class Request(Record):
     """A valid prompt, tokenized, with its resolved sampling parameters: one sample of its row (`sample` of
-    `num_samples`; params.seed is that sample's seed)."""
+    `num_samples`; params.seed is that sample's seed). A chat row's prompt is its messages rendered with the chat
+    template: the text its token ids are, and its output row's `prompt`."""
     id: Any
     prompt: str
     token_ids: list[int]
@@ -97,6 +109,12 @@ def dead_letter(id: Any, prompt: Any, error: str, source: str | None, row_index:
     if source is not None:
         row.update(source=source, row_index=row_index)
     return with_keys(row, extra or {})
+
+
+def messages_text(messages: Any) -> str:
+    """A chat row's messages as JSON text for its dead letter (lone surrogates escaped: no file could hold them)."""
+    text = json.dumps(messages, ensure_ascii=False, default=repr)
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 def with_keys(row: dict, extra: dict) -> dict:

@@ -21,10 +21,11 @@ class SharedResource:
 
 
 def load_tokenizer(model_dir: str):
-    from lmgraph.tokenizer import Tokenizer
+    """The model's tokenizer (lmgraph.tokenizer.load_tokenizer: its tokenizer.json, else GPT-2's files)."""
+    from lmgraph.tokenizer import load_tokenizer as load
     from transforms.model_cache import local_model_dir
 
-    return Tokenizer(local_model_dir(model_dir))
+    return load(local_model_dir(model_dir))
 
 
 def load_model(model_dir: str, precision: str = "auto", intra_threads: int | None = None):

@@ -7,7 +7,9 @@
     result.errors  # dicts: id, error + the row's other keys
 
 Every token of a text is scored, the first given <|endoftext|> (the rolling log-likelihood convention: token id
-50256 is put before the text's tokens, and `GenerationModel.score` gives log p(token | the tokens before it)). In
+50256 is put before the text's tokens, and `GenerationModel.score` gives log p(token | the tokens before it)). That
+is GPT-2's; any model's tokenizer names what goes first (`score_prefix`): a Llama's BOS, or, for a tokenizer that
+adds none (Qwen2), nothing: its text's first token is then context only, not scored (nor counted in `tokens`). In
 completion mode (`completion_key`) only the completion's tokens are scored, each given <|endoftext|>, the prompt's
 tokens and the completion's tokens before it; prompt and completion are tokenized apart (as lm-eval-harness does
 with a context and its continuation), so the completion's tokens are those it has on its own. An empty prompt ("")
@@ -38,7 +40,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import apache_beam as beam
 import pyarrow as pa
 
-from lmgraph.config import EOT_TOKEN
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, SCORE_BATCHES, cut_windows
 from transforms.model_cache import model_identity
 from transforms.progress import SCORED_TOKENS
@@ -205,9 +206,15 @@ class Scoring(Task):
         error = self.error(row, completion)
         if error is not None:
             return row.dead_letter(error)
-        head = tokenizer.encode(row.prompt) if row.prompt else []  # the text, or the prompt (maybe "")
-        seq = [EOT_TOKEN] + head + ([] if completion is None else tokenizer.encode(completion))
-        windows = score_windows(len(seq), 1 if completion is None else 1 + len(head), self.n_ctx, self.stride)
+        # The text's tokens after the tokenizer's score_prefix (GPT-2: <|endoftext|>; Llama: its BOS; Qwen2: none,
+        # so the text's first token is the context of the rest and not scored)
+        prefix = tokenizer.score_prefix
+        head = tokenizer.encode_plain(row.prompt) if row.prompt else []  # the text, or the prompt (maybe "")
+        seq = prefix + head + ([] if completion is None else tokenizer.encode_plain(completion))
+        windows = score_windows(len(seq), 1 if completion is None else len(prefix) + len(head), self.n_ctx,
+                                self.stride)
+        if not windows:
+            return row.dead_letter("nothing to score: one token, and the model has no BOS to score it after")
         return [dataclasses.replace(row, windows=[seq[b:e] for b, e, _ in windows],
                                     keep=[f - b - 1 for b, e, f in windows])]
 

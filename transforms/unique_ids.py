@@ -20,7 +20,7 @@ from transforms.records import ERRORS, PromptRow, dead_letter, position
 def split_duplicates(rows: list[PromptRow]) -> tuple[PromptRow, list[dict]]:
     """Rows sharing one id -> (the row kept, dead letters for the others)."""
     first, *others = sorted(rows, key=lambda r: (r.source, r.row_index))
-    return first, [dead_letter(r.id, r.prompt, f"{position(r.source, r.row_index)}: duplicate id {r.id!r}: also at "
+    return first, [dead_letter(r.id, r.given(), f"{position(r.source, r.row_index)}: duplicate id {r.id!r}: also at "
                                f"{position(first.source, first.row_index)}, which is the row kept", r.source,
                                r.row_index)
                    for r in others]

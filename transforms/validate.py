@@ -12,9 +12,9 @@ from typing import Iterator
 import numpy as np
 
 from lmgraph.sampling import SamplingParams, coerce
-from transforms.records import NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request
+from transforms.records import MESSAGES, NUM_SAMPLES, ROW_OPTIONS, PromptRow, Request
 
-ROW_KEYS = ("id", "prompt")  # besides the per-row options (ROW_OPTIONS), the keys a dict row's generation reads
+ROW_KEYS = ("id", "prompt", MESSAGES)  # besides the per-row options (ROW_OPTIONS), the keys generation reads
 
 
 def row_seed(run_seed: int, row_id) -> int:
@@ -72,30 +72,32 @@ def prompt_error(prompt, name: str = "prompt", blank_ok: bool = False) -> str | 
     return None
 
 
-def fit_context(ids: list[int], max_new_tokens: int, n_ctx: int, truncate: str) -> list[int]:
+def fit_context(ids: list[int], max_new_tokens: int, n_ctx: int, truncate: str, keep: int = 0) -> list[int]:
     """The prompt ids if they fit the context with max_new_tokens after them (with truncate == "left", the
-    prompt's last tokens that do), else ValueError saying why not."""
+    prompt's first `keep` tokens (its BOS) and its last tokens that fit after them), else ValueError saying why
+    not."""
     room = n_ctx - max_new_tokens
     if room < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {n_ctx}-token context")
     if len(ids) > room:
         if truncate == "left":
-            return ids[-room:]
+            keep = min(keep, room - 1)  # at least one token of the prompt's own
+            return ids[:keep] + ids[len(ids) - (room - keep):]
         raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model context of {n_ctx} "
                          f"(use --truncate left, or truncate='left' in GenerateText, to keep the prompt's end)")
     return ids
 
 
 def to_prompt_row(element) -> PromptRow:
-    """A dict row (id, prompt, sampling overrides, anything else passed through) as a PromptRow; a PromptRow (what
-    the job's reader emits) as it is. Raise ValueError for anything else."""
+    """A dict row (id, prompt or messages, sampling overrides, anything else passed through) as a PromptRow; a
+    PromptRow (what the job's reader emits) as it is. Raise ValueError for anything else."""
     if isinstance(element, PromptRow):
         return element
     if not isinstance(element, Mapping):
         raise ValueError(f"a row must be a dict with id and prompt, not {type(element).__name__}")
     overrides = {k: element[k] for k in ROW_OPTIONS if k in element}
     extra = {k: v for k, v in element.items() if k not in ROW_KEYS and k not in overrides}
-    return PromptRow(element.get("id"), element.get("prompt"), overrides, extra=extra)
+    return PromptRow(element.get("id"), element.get("prompt"), overrides, extra=extra, messages=element.get(MESSAGES))
 
 
 def expand_samples(request: Request) -> Iterator[Request]:
