@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from lmgraph import model as gmodel
 from lmgraph.checkpoint import Weights
-from lmgraph.config import EOT_TOKEN, GPT2Config
+from lmgraph.config import EOT_TOKEN, ModelConfig
 
 
 class HuggingFace:
@@ -43,7 +43,7 @@ class NaiveSession:
     textbook one, which computes logits at every position.
     """
 
-    def __init__(self, cfg: GPT2Config, weights: Weights, threads: int):
+    def __init__(self, cfg: ModelConfig, weights: Weights, threads: int):
         from lmgraph.device import session_config
 
         self.graph = tf.Graph()

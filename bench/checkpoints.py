@@ -1,12 +1,13 @@
 """Random-weight checkpoints in Hugging Face's layout, made by transformers itself (nothing can be downloaded here):
 for the parity tests and for bench.whole_job's peers, which convert the same directory with their own tools.
 
-    make_checkpoint(out_dir, "smollm2-135m")            # config.json, model.safetensors, generation_config.json
-    make_checkpoint(out_dir, "tiny-qwen2", dtype="bfloat16", shards=2)
+    make_model(out_dir, "smollm2-135m")                 # + tokenizer.json (GPT-2's BPE + chat tokens), ChatML
+    make_model(out_dir, "tiny-llama", tokenizer="llama3")
+    make_checkpoint(out_dir, "tiny-qwen2", dtype="bfloat16", shards=2)   # weights and configs only
 
 SHAPES holds the real shapes of the checkpoints users run (hidden / MLP / layers / heads / kv heads) and tiny ones of
-each family for fast tests. The vocabulary is GPT-2's (50257) plus the chat tokens of bench.hf_tokenizers where a
-tokenizer is written, so every shape takes the same tokenizer files.
+each family for fast tests. The byte-level tokenizers are GPT-2's vocabulary plus the chat tokens of
+bench.hf_tokenizers (50263 ids, where SmolLM2 has 49152 and Qwen2.5 151936: the LM head's width differs from theirs).
 """
 from __future__ import annotations
 
@@ -46,20 +47,36 @@ SHAPES: dict[str, dict] = {
                          tie_word_embeddings=False, max_position_embeddings=512, sliding_window=256),
 }
 GPT2_VOCAB = 50257
+TOKENIZERS = ("chatml", "llama3", "sentencepiece")  # Qwen2 / SmolLM2-like, Llama-3-like, Llama-2 / Mistral-like
+
+
+def make_model(out_dir: str | Path, shape: str, tokenizer: str = "chatml", **kwargs) -> Path:
+    """A checkpoint directory as users have it: make_checkpoint's files plus a tokenizer (TOKENIZERS) and its chat
+    template, the config's vocabulary, BOS and end-of-sequence ids (a list: a row ends at any) taken from it."""
+    from bench import hf_tokenizers as ht
+
+    if tokenizer == "sentencepiece":
+        ids = ht.write_sentencepiece_tokenizer(out_dir, chat_template=ht.LLAMA2)
+    else:
+        ids = ht.write_byte_level_tokenizer(out_dir, bos=tokenizer == "llama3",
+                                            chat_template=ht.LLAMA3 if tokenizer == "llama3" else ht.CHATML)
+    return make_checkpoint(out_dir, shape, vocab_size=ids.n_vocab, eos_token_id=list(ids.eos_ids),
+                           bos_token_id=ids.bos_id, **kwargs)
 
 
 def make_checkpoint(out_dir: str | Path, shape: str, vocab_size: int = GPT2_VOCAB + 2, dtype: str = "float32",
                     shards: int = 1, eos_token_id: int | list[int] = GPT2_VOCAB + 1, bos_token_id: int | None = None,
-                    seed: int = 0, config_style: str = "5") -> Path:
+                    seed: int = 0, config_style: str = "5", **overrides) -> Path:
     """A random-weight checkpoint of `shape` in out_dir: config.json, model.safetensors (or `shards` shards and
     model.safetensors.index.json), generation_config.json. dtype: the stored tensors' (float32 or bfloat16).
     config_style "4": rope_theta / rope_scaling at the top level, as transformers 4.x wrote them; "5": as 5.x
-    writes them (rope_parameters). No tokenizer: bench.hf_tokenizers writes one beside it."""
+    writes them (rope_parameters). overrides: config fields that differ from the shape's (fewer layers for a
+    test at real widths). No tokenizer: make_model writes one."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out_dir)
-    fields = dict(SHAPES[shape])
+    fields = {**SHAPES[shape], **overrides}
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, eos_token_id=eos_token_id,
                                   bos_token_id=bos_token_id, **fields)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from lmgraph.config import GPT2Config
+from lmgraph.config import ModelConfig
 from lmgraph.device import VECTOR_FLAGS, cpu_flags, cpu_name
 
 
@@ -45,13 +45,13 @@ class Machine:
     gflops: float  # fp32 matmul
     gbs: float  # DRAM read bandwidth
 
-    def limit_tokens_per_s(self, cfg: GPT2Config, B: int, T: int, N: int) -> float:
+    def limit_tokens_per_s(self, cfg: ModelConfig, B: int, T: int, N: int) -> float:
         """New tokens/s at best for B prompts of T tokens and N new tokens each (greedy, cached decoding)."""
         flops, traffic = job_work(cfg, B, T, N)
         return B * N / max(flops / (self.gflops * 1e9), traffic / (self.gbs * 1e9))
 
 
-def job_work(cfg: GPT2Config, B: int, T: int, N: int) -> tuple[float, float]:
+def job_work(cfg: ModelConfig, B: int, T: int, N: int) -> tuple[float, float]:
     """(FLOPs, bytes moved) a cached generation job cannot avoid.
 
     FLOPs: 2 x weights per token through the layers (prompt and new tokens), 2 x V x C per new token for the LM

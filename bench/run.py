@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 from bench import baselines, machine, pipeline_job  # noqa: E402
 from bench.results import BENCHMARKS, write_between  # noqa: E402
 from lmgraph.checkpoint import random_weights, save_hf  # noqa: E402
-from lmgraph.config import SIZES, GPT2Config  # noqa: E402
+from lmgraph.config import SIZES, ModelConfig  # noqa: E402
 from lmgraph.device import Placement, choose_precision, cpu_flags  # noqa: E402
 from lmgraph.export import export  # noqa: E402
 from lmgraph.loader import GenerationModel  # noqa: E402
@@ -64,7 +64,7 @@ def precisions() -> list[str]:
 
 
 def run(spec: dict, workdir: Path, threads: int) -> tuple[str, dict]:
-    cfg: GPT2Config = SIZES[spec["size"]]
+    cfg: ModelConfig = SIZES[spec["size"]]
     weights = random_weights(cfg, seed=0)
     export(cfg, weights, workdir / "model", default_vocab_dir(), source={"random": True}, name="bench")
     save_hf(workdir / "hf", cfg, weights)
@@ -100,7 +100,7 @@ def run(spec: dict, workdir: Path, threads: int) -> tuple[str, dict]:
     return render(spec, cfg, threads, limits, rows, job), {"rows": rows, "job": job}
 
 
-def render(spec: dict, cfg: GPT2Config, threads: int, limits: machine.Machine, rows: list, job: dict) -> str:
+def render(spec: dict, cfg: ModelConfig, threads: int, limits: machine.Machine, rows: list, job: dict) -> str:
     N = spec["N"]
     lines = [
         f"Machine: {machine_text()}. {threads} threads for every side. Model: GPT-2 {spec['size']} shape "

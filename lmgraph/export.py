@@ -1,12 +1,15 @@
-"""Export a GPT-2 checkpoint to a model directory: generation graphs, one per precision, plus weights and manifest.
+"""Export a checkpoint (GPT-2, or the Llama family) to a model directory: generation graphs, one per precision, plus
+weights, tokenizer and manifest.
 
 MODEL_DIR/
-  model.pb, model-bfloat16.pb, model-float16.pb
-                      GraphDefs of `lmgraph.model.generate` for float32, bfloat16 and float16 weight matrices. The
+  model.pb, model-bfloat16.pb, model-float16.pb, model-int8.pb, model-int8-bfloat16-cache.pb
+                      GraphDefs of `lmgraph.model.generate` for float32, bfloat16, float16 and int8 weight matrices
+                      (int8 with a float32 or a bfloat16 KV cache). The
                       whole generation loop is fixed in the graph; the weights are read-only variables with no
                       gradient or optimizer, bound once at load from weights.safetensors ("external", the default)
   weights.safetensors the weights, float32 (or --dtype), read without pickle and cast at load to the precision run
-  encoder.json, vocab.bpe   the tokenizer
+  encoder.json, vocab.bpe   GPT-2's tokenizer; or the Llama family's tokenizer.json, tokenizer_config.json,
+                      chat_template.jinja, special_tokens_map.json (those the checkpoint has)
   manifest.json       format version, hyperparameters, graphs by precision, tensor names, sha256 of every file
 
 `--weights frozen` instead bakes the weights into one graph as constants (one precision, the export dtype). That
@@ -17,7 +20,7 @@ weights (BENCHMARKS.md), against about 2 s and 1.5 GB bound at load.
 
 Grappler runs here with device-independent passes only (constant folding, arithmetic, dependency, loop and
 function optimisation); device-specific fusions (remapper, layout) run at load time on the worker's own device,
-so one export serves CPU and GPU workers.
+so one export serves CPU and GPU workers (lmgraph.device.session_config).
 """
 from __future__ import annotations
 
@@ -34,10 +37,10 @@ import tensorflow as tf
 from lmgraph import model, tensorfile
 from lmgraph.model import graph_weight, is_matrix
 from lmgraph.checkpoint import Weights, expected_shapes
-from lmgraph.config import GPT2Config
+from lmgraph.config import ModelConfig
 from lmgraph.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, INPUTS, INT8_BF16_CACHE, OUTPUTS, PRECISIONS,
                            SCORE_INPUTS, SCORE_OUTPUTS, sha256_file)
-from lmgraph.tokenizer import Tokenizer, find_vocab_files
+from lmgraph.tokenizer import HF_TOKENIZER, HF_TOKENIZER_FILES, GPT2Tokenizer, HFTokenizer, find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
@@ -53,13 +56,24 @@ def weight_dtype(name: str, precision: str) -> tf.DType:
     return DTYPES.get(precision, tf.float32) if is_matrix(name) else tf.float32
 
 
-def vocabulary_bytes(vocab_dir: str | Path, n_vocab: int) -> list[bytes]:
+def tokenizer_files(cfg: ModelConfig, vocab_dir: str | Path) -> list[Path]:
+    """The tokenizer files the model directory gets: GPT-2's vocabulary files (its tokenizer is tiktoken's, even
+    where a Hugging Face directory also has a tokenizer.json), or the Llama family's tokenizer.json and its
+    companions."""
+    if cfg.gpt2:
+        return list(find_vocab_files(vocab_dir))
+    if not (Path(vocab_dir) / HF_TOKENIZER).is_file():
+        raise FileNotFoundError(f"{vocab_dir}: no {HF_TOKENIZER} (the {cfg.family} tokenizer)")
+    return [Path(vocab_dir) / f for f in HF_TOKENIZER_FILES if (Path(vocab_dir) / f).is_file()]
+
+
+def vocabulary_bytes(cfg: ModelConfig, vocab_dir: str | Path) -> list[bytes]:
     """Each token id's bytes (b"" for ids the tokenizer lacks): the graph matches stop strings against them."""
-    tok = Tokenizer(vocab_dir)
-    return [tok.token_bytes(i) if i < tok.n_vocab else b"" for i in range(n_vocab)]
+    tok = (GPT2Tokenizer if cfg.gpt2 else HFTokenizer)(vocab_dir)
+    return [tok.token_bytes(i) if i < tok.n_vocab else b"" for i in range(cfg.n_vocab)]
 
 
-def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: str, token_bytes: list[bytes],
+def build_graph(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], precision: str, token_bytes: list[bytes],
                 stored: str = "float32", cache_dtype: str | None = None) -> tuple[tf.Graph, dict]:
     """The generation graph with one read-only resource variable per weight, each set at load by its own assign
     op from a placeholder of the dtype the weights are stored in; the cast to `precision` is in the graph
@@ -89,6 +103,7 @@ def build_graph(cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], precision: 
                 binding[name] = {"feed": ph.name, "assign": assign.name}
                 reads = [v.read_value() for v in variables]
                 params[name] = type(form)(*reads) if isinstance(form, tuple) else reads[0]
+        params = model.with_rope(params, cfg)
         vocabulary = tf.constant(token_bytes, name="token_bytes")  # (V,) string
         cache = tf.compat.v1.placeholder(cache_dtype or model.matmul_dtype(params), [None, cfg.head_size],
                                          name=CACHE_INPUT)
@@ -114,7 +129,7 @@ def optimize(graph_def: tf.compat.v1.GraphDef, outputs: list[str]) -> tf.compat.
     return tf_optimizer.OptimizeGraph(config, meta)
 
 
-def frozen_graph(cfg: GPT2Config, weights: Weights, precision: str,
+def frozen_graph(cfg: ModelConfig, weights: Weights, precision: str,
                  token_bytes: list[bytes]) -> tf.compat.v1.GraphDef:
     """The same graph with the weights as constants."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_from_session_graph
@@ -134,7 +149,7 @@ def stored_dtype(name: str, dtype: str) -> np.dtype:
     return np.dtype(np.uint16 if tf_dtype == tf.bfloat16 else tf_dtype.as_numpy_dtype)
 
 
-def write_weights(path: Path, cfg: GPT2Config, tensors: Iterable[tuple[str, np.ndarray]], dtype: str) -> None:
+def write_weights(path: Path, cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype: str) -> None:
     """weights.safetensors, converted and written a tensor at a time as `tensors` yields them."""
     def stored(name: str, w: np.ndarray) -> np.ndarray:
         return w.astype(weight_dtype(name, dtype).as_numpy_dtype, copy=False).view(stored_dtype(name, dtype))
@@ -143,7 +158,7 @@ def write_weights(path: Path, cfg: GPT2Config, tensors: Iterable[tuple[str, np.n
     tensorfile.write(path, specs, ((n, stored(n, w)) for n, w in tensors))
 
 
-def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]], output_dir: str | Path,
+def export(cfg: ModelConfig, weights: Weights | Iterable[tuple[str, np.ndarray]], output_dir: str | Path,
            vocab_dir: str | Path, *, dtype: str = "float32", weights_mode: str = "external",
            source: dict | None = None, name: str = "gpt2") -> dict:
     """Write a model directory; returns its manifest. `weights`: a dict, or (name, float32 array) pairs as
@@ -157,7 +172,8 @@ def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]],
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, graphs = [], {}
-    token_bytes = vocabulary_bytes(vocab_dir, cfg.n_vocab)
+    vocab_files = tokenizer_files(cfg, vocab_dir)
+    token_bytes = vocabulary_bytes(cfg, vocab_dir)
     shapes = expected_shapes(cfg)
     tensors = weights.items() if isinstance(weights, dict) else weights
     if weights_mode == "frozen":
@@ -184,7 +200,7 @@ def export(cfg: GPT2Config, weights: Weights | Iterable[tuple[str, np.ndarray]],
                         "dtypes": {n: weight_dtype(n, dtype).name for n in shapes}, "bind": binding}
     else:
         raise ValueError(f"weights_mode must be external or frozen, got {weights_mode!r}")
-    for f in find_vocab_files(vocab_dir):
+    for f in vocab_files:
         if f.resolve() != (out / f.name).resolve():
             shutil.copyfile(f, out / f.name)
         files.append(f.name)

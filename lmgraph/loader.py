@@ -23,7 +23,7 @@ import numpy as np
 
 from lmgraph import import_tensorflow, tensorfile
 from lmgraph.checkpoint import expected_shapes
-from lmgraph.config import EOT_TOKEN, GPT2Config
+from lmgraph.config import ModelConfig
 from lmgraph.device import engine_threads, graph_key, process_placement, resolve_precision, session_config
 from lmgraph.manifest import (CACHE_INPUT, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError,
                            check_digest, check_ops, model_label, read_manifest, verify_files)
@@ -163,7 +163,7 @@ class GenerationModel:
         # The weights' sha256 is checked as they are bound (one read of the file, hashed beside TensorFlow's work)
         verify_files(model_dir, self.manifest, hashed_by_caller=frozenset({weights_file} - {None}))
         stage_done("verify")
-        self.config = GPT2Config.from_dict(self.manifest["config"])
+        self.config = ModelConfig.from_dict(self.manifest["config"])
         placement = process_placement()
         try:
             self.precision, why = resolve_precision(
@@ -222,7 +222,7 @@ class GenerationModel:
         self.name = model_label(self.manifest)
         self._lock = threading.Lock()
         if warm_up:
-            self.generate([[EOT_TOKEN]], SamplingParams(max_new_tokens=2))
+            self.generate([[self.config.eos_ids[0]]], SamplingParams(max_new_tokens=2))
         release_free_memory()  # what the graph's import and the first run freed (0.09 GB at 1.5B)
         stage_done("warm_up")
         self.load_seconds = time.perf_counter() - start
@@ -365,7 +365,7 @@ class GenerationModel:
         distinct: dict[tuple[int, ...], int] = {}  # a prompt given several times (samples) is prefilled once
         prompt_index = np.array([distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts], np.int32)
         lengths = np.array([len(ids) for ids in distinct], np.int32)
-        batch = np.full((len(distinct), lengths.max()), EOT_TOKEN, np.int32)
+        batch = np.full((len(distinct), lengths.max()), self.config.eos_ids[0], np.int32)
         for row, ids in enumerate(distinct):
             batch[row, :len(ids)] = ids  # right padding
         per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in FIELDS]
@@ -385,7 +385,7 @@ class GenerationModel:
         in place): one kept from an earlier run, grown when too small, so a worker holds one cache's memory
         (per concurrent run) outside TensorFlow's pool, aligned so that TensorFlow feeds it without a copy."""
         c = self.config
-        rows = c.n_layer * 2 * c.n_head * positions
+        rows = c.n_layer * 2 * c.kv_heads * positions
         with self._lock:
             cache = self._caches.pop() if self._caches else None
         if cache is None or len(cache) < rows:
@@ -411,7 +411,7 @@ class GenerationModel:
 
     def _score_run(self, texts: Sequence[Sequence[int]]) -> list[list[float]]:
         lengths = np.array([len(ids) for ids in texts], np.int32)
-        batch = np.full((len(texts), lengths.max()), EOT_TOKEN, np.int32)
+        batch = np.full((len(texts), lengths.max()), self.config.eos_ids[0], np.int32)
         for row, ids in enumerate(texts):
             batch[row, :len(ids)] = ids  # right padding
         logprobs = self._scoring()(batch, lengths)

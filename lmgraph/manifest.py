@@ -55,7 +55,7 @@ ALLOWED_OPS = frozenset("""
     GreaterEqual Identity IdentityN InplaceUpdate LeftShift Less LessEqual Log LogSoftmax LogicalAnd LogicalNot
     LogicalOr LoopCond MatMul Max Maximum Mean Merge Min Minimum Mul Neg NextIteration NoOp Pack Pad PadV2
     Placeholder Pow Prod Range ReadVariableOp RealDiv Reshape RightShift Rsqrt Select SelectV2 Shape Sigmoid Slice
-    Snapshot Softmax Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh
+    Snapshot Softmax Split SplitV Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh
     TensorListConcatV2 TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve
     TensorListSetItem TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
     _QuantizedMatMul RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique

@@ -1,11 +1,14 @@
-"""GPT-2 generation as one TensorFlow graph: a `tf.while_loop` that admits requests into slots (prefill) and
+"""A decoder language model's generation as one TensorFlow graph: a `tf.while_loop` that admits requests into slots (prefill) and
 decodes every occupied slot one token a step (continuous batching, see `generate`).
 
-Shapes: B prompts (right padded to T), R requests, S slots, N = the largest max_new_tokens, L cache columns (the
-longest prompt + max_new_tokens of any request), C n_embd, nh heads, hs head size, V vocabulary (padded, see
-below).
+One graph serves every family of lmgraph.config: GPT-2's block, or the Llama family's (RMSNorm, rotary positions,
+SwiGLU, grouped-query attention); `block`, `embed` and `mlp` are where they differ.
 
-The KV cache is one tensor, `past` (n_layer, 2, S, nh, L, hs): keys [:, 0] and values [:, 1] of every layer, in
+Shapes: B prompts (right padded to T), R requests, S slots, N = the largest max_new_tokens, L cache columns (the
+longest prompt + max_new_tokens of any request), C n_embd, nh query heads, nkv key/value heads (nh for GPT-2), hs
+head size, V vocabulary (padded, see below).
+
+The KV cache is one tensor, `past` (n_layer, 2, S, nkv, L, hs): keys [:, 0] and values [:, 1] of every layer, in
 the weights' dtype (keys and values come out of a matmul in that dtype, so storing them so loses nothing, and a
 bfloat16 cache halves the bytes attention reads each step; int8 weights come with a float32 cache, or bfloat16 on
 CPUs with bfloat16 units: lmgraph.device.graph_key). A slot's row holds its request's prompt in columns [0, length)
@@ -53,7 +56,9 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
-from lmgraph.config import EOT_TOKEN, GPT2Config
+import numpy as np
+
+from lmgraph.config import ModelConfig
 
 NEG_INF = -1e9  # additive mask; finite so a fully masked (padding) query row stays finite
 MAX_REDUCTION = 768  # inputs a bfloat16/float16 matmul sums in one call (see the module docstring)
@@ -114,12 +119,15 @@ Weight = "tf.Tensor | Transposed | Quantized | KeepLayout"
 Params = dict[str, Weight]  # canonical weight name -> tensor (a variable read, or a constant), in its graph form
 
 
+VOCAB_MATRICES = ("wte", "head")  # (V, C) in checkpoints: the embedding, and an untied LM head
+
+
 def is_matrix(name: str) -> bool:
     """Matrices run in the precision; vectors (norms, biases) and wpe stay float32, they are tiny."""
-    return name == "wte" or name.endswith("/w")
+    return name in VOCAB_MATRICES or name.endswith("/w")
 
 
-def graph_weight(name: str, value, cfg: GPT2Config, precision: str, xp=tf) -> Weight:
+def graph_weight(name: str, value, cfg: ModelConfig, precision: str, xp=tf) -> Weight:
     """A checkpoint weight (matrices (in, out), wte (V, C); cast to `precision`'s dtype, float32 for int8) in the
     form the graph of `precision` multiplies it (`matmul`). wte is padded to padded_vocab rows and stored as the
     LM head's weight; `embed` reads a token's vector back from it.
@@ -128,7 +136,7 @@ def graph_weight(name: str, value, cfg: GPT2Config, precision: str, xp=tf) -> We
     - int8: Quantized, (out, in); wte (Vp, C).
     xp=numpy computes the same form on the host from a numpy array (as views: the caller makes it contiguous):
     the loader binds weights that way (lmgraph.loader)."""
-    if name == "wte":
+    if name in VOCAB_MATRICES:
         value = xp.transpose(xp.pad(value, [[0, padded_vocab(cfg.n_vocab) - cfg.n_vocab], [0, 0]]))  # (C, Vp)
     if not is_matrix(name) or precision == "float32":
         return value
@@ -142,12 +150,59 @@ def graph_weight(name: str, value, cfg: GPT2Config, precision: str, xp=tf) -> We
     return Transposed(xp.transpose(xp.reshape(value, [n_out, c, n_in // c]), [1, 0, 2]))  # (c, out, in / c)
 
 
-def graph_params(weights: dict, cfg: GPT2Config, precision: str = "float32") -> Params:
+def graph_params(weights: dict, cfg: ModelConfig, precision: str = "float32") -> Params:
     """Checkpoint weights (name -> array) as constants in the graph's form: for tests and tools that build the
     model's functions directly (the exporter binds variables instead)."""
-    return {name: graph_weight(name, tf.constant(w, tf.float32 if precision == "int8" or not is_matrix(name)
-                                                 else getattr(tf, precision)), cfg, precision)
-            for name, w in weights.items()}
+    params = {name: graph_weight(name, tf.constant(w, tf.float32 if precision == "int8" or not is_matrix(name)
+                                                   else getattr(tf, precision)), cfg, precision)
+              for name, w in weights.items()}
+    return with_rope(params, cfg)
+
+
+def with_rope(params: Params, cfg: ModelConfig) -> Params:
+    """params with the rotary position tables as constants (`rope/cos`, `rope/sin`), for families with RoPE."""
+    if not cfg.rope_theta:
+        return params
+    cos, sin = rope_tables(cfg)
+    return {**params, "rope/cos": tf.constant(cos), "rope/sin": tf.constant(sin)}
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotary frequencies (hs / 2,) float32, computed as transformers does (float32 throughout), with Llama 3's
+    scaling of the low frequencies when the config has it."""
+    f32 = np.float32
+    hs = cfg.head_size
+    inv_freq = f32(1.0) / (f32(cfg.rope_theta) ** (np.arange(0, hs, 2).astype(f32) / f32(hs)))  # (hs / 2,)
+    if not cfg.rope_llama3:
+        return inv_freq
+    factor, low, high, original = (f32(v) for v in cfg.rope_llama3)
+    wavelen = f32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)  # long waves slowed down by factor
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every position's angles, (n_ctx, hs / 2) float32 each. Tables, not tf.cos in the graph:
+    Eigen computes cos with vector code for whole vectors and scalar code for the tail, which round apart, so a
+    row's angles would depend on where they fall in the batch (the module docstring); a gather is exact."""
+    angles = np.arange(cfg.n_ctx, dtype=np.float32)[:, None] * rope_frequencies(cfg)[None, :]  # (n_ctx, hs / 2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_at(params: Params, pos: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """cos and sin at position ids pos (...,): (..., 1, hs / 2) each, the 1 broadcasting over heads once pos's
+    last axis is moved (`rotate`)."""
+    return tf.gather(params["rope/cos"], pos), tf.gather(params["rope/sin"], pos)
+
+
+def rotate(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
+    """Rotary position embedding of x (B, heads, T, hs) float32 with cos/sin (B, 1, T, hs / 2): each pair (x_j,
+    x_{j + hs/2}) turned by its angle, transformers' rotate_half convention."""
+    x1, x2 = tf.split(x, 2, axis=-1)  # (B, heads, T, hs / 2) each
+    return tf.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
@@ -164,13 +219,26 @@ def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, eps: float = 1e-5) -> tf.Tens
     return tf.math.divide_no_nan(x - mean, tf.sqrt(var + eps)) * g + b
 
 
-def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor, gelu: bool = False) -> tf.Tensor:
+def rms_norm(x: tf.Tensor, g: tf.Tensor, eps: float) -> tf.Tensor:
+    """RMSNorm over the last axis of x (M, C): x / sqrt(mean(x^2) + eps) * g, divided as `norm` does (sqrt, not
+    rsqrt, for the same reason)."""
+    return tf.math.divide_no_nan(x, tf.sqrt(tf.reduce_mean(x * x, axis=-1, keepdims=True) + eps)) * g
+
+
+def normalize(x: tf.Tensor, p: Callable[[str], Weight], name: str, cfg: ModelConfig) -> tf.Tensor:
+    """The family's norm `name` (ln_1, ln_2, ln_f) of x (M, C): LayerNorm for GPT-2, RMSNorm otherwise."""
+    if cfg.gpt2:
+        return norm(x, p(f"{name}/g"), p(f"{name}/b"))
+    return rms_norm(x, p(f"{name}/g"), cfg.norm_eps)
+
+
+def linear(x: tf.Tensor, w: "tf.Tensor | Transposed", b: tf.Tensor | None, gelu: bool = False) -> tf.Tensor:
     """x (M, in) @ w + b (then GPT-2's tanh GELU), float32 out. The matmul runs in w's dtype (float32, float16 or
     bfloat16); a Transposed w runs as its chunks, whose results are added in float32 in chunk order (see the
     module docstring). The GELU is GPT-2's tanh approximation written with a sigmoid and y * y, not tf.nn.gelu's
     Pow, which cost 10-17% of a decode step.
     """
-    y = tf.nn.bias_add(matmul(x, w), b)
+    y = matmul(x, w) if b is None else tf.nn.bias_add(matmul(x, w), b)
     if gelu:  # 0.5 y (1 + tanh(z)) = y sigmoid(2z), z = sqrt(2/pi) (y + 0.044715 y^3): 6 element-wise ops, not 9
         y = y * tf.sigmoid(y * (GELU_A + GELU_B * (y * y)))
     return y
@@ -281,14 +349,23 @@ def matmul_dtype(params: Params) -> tf.DType:
     return wte.t.dtype if isinstance(wte, Transposed) else wte.dtype
 
 
-def mlp(x: tf.Tensor, p: Callable[[str], tf.Tensor]) -> tf.Tensor:
-    h = linear(x, p("mlp/c_fc/w"), p("mlp/c_fc/b"), gelu=True)  # (M, 4C)
-    return linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b"))  # (M, C)
+def mlp(x: tf.Tensor, p: Callable[[str], tf.Tensor], cfg: ModelConfig) -> tf.Tensor:
+    """GPT-2's GELU MLP, or the Llama family's SwiGLU: c_fc holds the gate and up projections side by side (one
+    matmul, lmgraph.checkpoint), silu(gate) * up goes down through c_proj."""
+    if cfg.gpt2:
+        h = linear(x, p("mlp/c_fc/w"), p("mlp/c_fc/b"), gelu=True)  # (M, 4C)
+        return linear(h, p("mlp/c_proj/w"), p("mlp/c_proj/b"))  # (M, C)
+    gate, up = tf.split(matmul(x, p("mlp/c_fc/w")), 2, axis=1)  # (M, I) each
+    return matmul(gate * tf.sigmoid(gate) * up, p("mlp/c_proj/w"))  # (M, C)
 
 
 def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor, float64_sums: bool = False) -> tf.Tensor:
-    """Scaled dot-product attention. q (B, nh, Tq, hs), k/v (B, nh, Tk, hs) in the cache's dtype, bias
+    """Scaled dot-product attention. q (B, nh, Tq, hs), k/v (B, nkv, Tk, hs) in the cache's dtype, bias
     (B, 1, Tq, Tk) additive mask. The matmuls run in the cache's dtype, the softmax in float32.
+
+    Grouped-query attention (nkv < nh): the g = nh / nkv query heads of a key/value head (heads j*g .. j*g + g - 1,
+    transformers' repeat_kv) run as g * Tq queries against it, so its keys and values are read once, not copied g
+    times.
 
     float64_sums (int8 weights with a float32 cache, several queries a row: prefill, scoring): multiply in float64
     and round once to float32. oneDNN's AVX2 float32 batch matmul sums even q . k's 64 products in an order that
@@ -299,8 +376,17 @@ def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor, float64_su
     float32 kernel keeps a row's bits at any width and batch (test_invariance)."""
     q = q * tf.constant(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     dtype = tf.float64 if float64_sums else q.dtype
-    w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32) + bias  # (B,nh,Tq,Tk)
-    return tf.cast(tf.matmul(tf.cast(softmax(w), dtype), tf.cast(v, dtype)), v.dtype)  # (B, nh, Tq, hs)
+    nh, nkv = q.shape[1], k.shape[1]
+    if nh == nkv:
+        w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32) + bias  # (B,nh,Tq,Tk)
+        return tf.cast(tf.matmul(tf.cast(softmax(w), dtype), tf.cast(v, dtype)), v.dtype)  # (B, nh, Tq, hs)
+    B, Tq, hs = tf.shape(q)[0], tf.shape(q)[2], q.shape[3]
+    g = nh // nkv
+    q = tf.reshape(q, [B, nkv, g * Tq, hs])  # (B, nkv, g*Tq, hs) a key/value head's queries together
+    w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32)  # (B, nkv, g*Tq, Tk)
+    w = tf.reshape(w, [B, nkv, g, Tq, -1]) + bias[:, :, None]  # (B, nkv, g, Tq, Tk)
+    p = tf.reshape(softmax(w), [B, nkv, g * Tq, -1])
+    return tf.reshape(tf.cast(tf.matmul(tf.cast(p, dtype), tf.cast(v, dtype)), v.dtype), [B, nh, Tq, hs])
 
 
 def softmax(w: tf.Tensor) -> tf.Tensor:
@@ -315,8 +401,8 @@ def softmax(w: tf.Tensor) -> tf.Tensor:
 
 
 def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
-    """Token + position embeddings (..., C) float32 for ids and position ids of the same shape, the token vectors
-    read from wte in its LM-head form (graph_weight)."""
+    """Token (+ learned position, where the model has wpe) embeddings (..., C) float32 for ids and position ids of
+    the same shape, the token vectors read from wte in its LM-head form (graph_weight)."""
     wte, flat = params["wte"], tf.reshape(ids, [-1])
     if isinstance(wte, Transposed) and wte.t.shape.rank == 3:  # (c, Vp, C / c): a token's c chunks side by side
         tokens = tf.transpose(tf.gather(wte.t, flat, axis=1), [1, 0, 2])  # (n, c, C / c)
@@ -327,20 +413,22 @@ def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
     else:  # (C, Vp)
         tokens = tf.transpose(tf.gather(wte, flat, axis=1))  # (n, C)
     tokens = tf.reshape(tf.cast(tokens, tf.float32), tf.concat([tf.shape(ids), [-1]], 0))  # (..., C)
+    if "wpe" not in params:  # rotary positions: applied to queries and keys instead (rotate)
+        return tokens
     return tokens + tf.cast(tf.gather(params["wpe"], pos), tf.float32)
 
 
-def lm_head(params: Params, cfg: GPT2Config, x: tf.Tensor) -> tf.Tensor:
-    """x (M, C) -> logits (M, Vp) float32, Vp = padded_vocab(V), -inf past V: ln_f, then the output projection
-    tied to wte."""
-    return logits_of(params, cfg, norm(x, params["ln_f/g"], params["ln_f/b"]))
+def lm_head(params: Params, cfg: ModelConfig, x: tf.Tensor) -> tf.Tensor:
+    """x (M, C) -> logits (M, Vp) float32, Vp = padded_vocab(V), -inf past V: ln_f, then the output projection."""
+    return logits_of(params, cfg, normalize(x, params.get, "ln_f", cfg))
 
 
-def logits_of(params: Params, cfg: GPT2Config, x: tf.Tensor) -> tf.Tensor:
-    """Normalised hidden states x (M, C) -> logits (M, Vp) float32, -inf past V (the padding is never chosen)."""
+def logits_of(params: Params, cfg: ModelConfig, x: tf.Tensor) -> tf.Tensor:
+    """Normalised hidden states x (M, C) -> logits (M, Vp) float32, -inf past V (the padding is never chosen).
+    The output projection is wte (tied) or the model's own head."""
     V, Vp = cfg.n_vocab, padded_vocab(cfg.n_vocab)
     vocab_mask = tf.constant([0.0] * V + [-math.inf] * (Vp - V), tf.float32)  # (Vp,)
-    return matmul(x, params["wte"]) + vocab_mask
+    return matmul(x, params["wte" if cfg.tied_head else "head"]) + vocab_mask
 
 
 def row_sum_exp(logits: tf.Tensor, top: tf.Tensor) -> tf.Tensor:
@@ -359,12 +447,13 @@ def log_softmax_at(logits: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.cast(tf.gather(logits, index, batch_dims=1), tf.float64) - lse, tf.float32)
 
 
-def layer_params(params: Params, i: int) -> Callable[[str], Weight]:
-    return lambda name: params[f"h{i}/{name}"]
+def layer_params(params: Params, i: int) -> Callable[[str], Weight | None]:
+    """Layer i's weights by their name in the layer (None for one its family lacks, such as a bias)."""
+    return lambda name: params.get(f"h{i}/{name}")
 
 
 class KVCache:
-    """The KV cache `past` (n_layer, 2, B, nh, L, hs) while a pass builds its graph: a flat buffer of rows of hs
+    """The KV cache `past` (n_layer, 2, B, nkv, L, hs) while a pass builds its graph: a flat buffer of rows of hs
     values, written in place (InplaceUpdate) layer by layer, so a write costs the same whatever L is (module
     docstring). columns (b, Tq): the cache columns the pass writes in each of its rows; slots (b,): the slot of
     each row (default: 0..b-1). Every layer writes the same positions of its own part of the buffer, so their
@@ -382,12 +471,12 @@ class KVCache:
         self.layer_rows = 2 * self.B * self.nh * self.L  # rows of one layer's keys and values
 
     def write(self, i: int, kv: tf.Tensor) -> None:
-        """Layer i's keys and values kv (2, b, nh, Tq, hs) into the pass's columns of its slots."""
+        """Layer i's keys and values kv (2, b, nkv, Tq, hs) into the pass's columns of its slots."""
         self.rows = tf.raw_ops.InplaceUpdate(x=self.rows, i=self.index + i * self.layer_rows,
                                              v=tf.reshape(kv, [-1, self.hs]))
 
     def layer(self, i: int) -> tuple[tf.Tensor, tf.Tensor]:
-        """Layer i's keys and values (B, nh, L, hs): views of the buffer, no copy."""
+        """Layer i's keys and values (B, nkv, L, hs): views of the buffer, no copy."""
         kv = tf.reshape(self.rows, self.shape)[i]  # (2, B, nh, L, hs)
         return kv[0], kv[1]
 
@@ -395,27 +484,35 @@ class KVCache:
         return tf.reshape(self.rows, self.shape)
 
 
-def block(x: tf.Tensor, p: Callable[[str], Weight], cfg: GPT2Config, B: tf.Tensor, Tq: tf.Tensor,
+def block(x: tf.Tensor, p: Callable[[str], Weight], cfg: ModelConfig, B: tf.Tensor, Tq: tf.Tensor,
           keys_values: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]], bias: tf.Tensor,
-          dtype: tf.DType) -> tf.Tensor:
+          dtype: tf.DType, rope: tuple[tf.Tensor, tf.Tensor] | None = None) -> tf.Tensor:
     """One transformer block on x (B*Tq, C) float32, Tq positions per row: attention, then the MLP, each on the
-    LayerNorm of the residual and added to it. keys_values(kv) keeps this pass's keys and values (2, B, nh, Tq, hs)
-    and gives those its queries attend to (B, nh, Tk, hs), masked by bias (B or 1, 1, Tq, Tk)."""
-    nh, hs = cfg.n_head, cfg.head_size
-    qkv = tf.cast(linear(norm(x, p("ln_1/g"), p("ln_1/b")), p("attn/c_attn/w"), p("attn/c_attn/b")), dtype)
-    qkv = tf.transpose(tf.reshape(qkv, [B, Tq, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3, B, nh, Tq, hs)
+    norm of the residual and added to it. keys_values(kv) keeps this pass's keys and values (2, B, nkv, Tq, hs)
+    and gives those its queries attend to (B, nkv, Tk, hs), masked by bias (B or 1, 1, Tq, Tk). rope: cos and
+    sin (B, 1, Tq, hs / 2) of the queries' positions, for rotary families."""
+    nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
+    qkv = linear(normalize(x, p, "ln_1", cfg), p("attn/c_attn/w"), p("attn/c_attn/b"))  # (B*Tq, (nh + 2nkv) hs)
+    if rope is None:
+        qkv = tf.transpose(tf.reshape(tf.cast(qkv, dtype), [B, Tq, 3, nh, hs]), [2, 0, 3, 1, 4])  # (3,B,nh,Tq,hs)
+        q, kv = qkv[0], qkv[1:]  # a view of K and V, no copy
+    else:  # queries and keys turned by their positions in float32, then cast
+        qkv = tf.transpose(tf.reshape(qkv, [B, Tq, nh + 2 * nkv, hs]), [0, 2, 1, 3])  # (B, nh + 2nkv, Tq, hs)
+        q, k, v = tf.split(qkv, [nh, nkv, nkv], axis=1)
+        q = tf.cast(rotate(q, *rope), dtype)  # (B, nh, Tq, hs)
+        kv = tf.cast(tf.stack([rotate(k, *rope), v]), dtype)  # (2, B, nkv, Tq, hs)
     exact = dtype == tf.float32 and isinstance(p("attn/c_attn/w"), Quantized)  # int8 prefill, float32 cache
-    a = attend(qkv[0], *keys_values(qkv[1:]), bias, exact)  # (B, nh, Tq, hs); qkv[1:] a view of K and V, no copy
-    a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * Tq, cfg.n_embd])  # (B*Tq, C)
+    a = attend(q, *keys_values(kv), bias, exact)  # (B, nh, Tq, hs)
+    a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [B * Tq, nh * hs])  # (B*Tq, nh*hs)
     x = x + linear(a, p("attn/c_proj/w"), p("attn/c_proj/b"))
-    return x + mlp(norm(x, p("ln_2/g"), p("ln_2/b")), p)
+    return x + mlp(normalize(x, p, "ln_2", cfg), p, cfg)
 
 
-def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
+def forward(params: Params, cfg: ModelConfig, ids: tf.Tensor,
             keep: Callable[[int, tf.Tensor], None] | None = None,
             dtype: tf.DType | None = None) -> tf.Tensor:
     """The transformer over right-padded ids (B, T): hidden states (B*T, C) before ln_f. keep(i, kv), if given,
-    is handed layer i's keys and values (2, B, nh, T, hs), of columns [0, T). Padding comes after each row's
+    is handed layer i's keys and values (2, B, nkv, T, hs), of columns [0, T). Padding comes after each row's
     tokens, so the causal mask alone keeps it out of them; its own outputs are unused.
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
@@ -425,19 +522,20 @@ def forward(params: Params, cfg: GPT2Config, ids: tf.Tensor,
     bias = tf.where(t[:, None] >= t[None, :], 0.0, NEG_INF)[None, None]  # (1, 1, T, T) causal
 
     x = tf.reshape(embed(params, ids, columns), [B * T, cfg.n_embd])  # (B*T, C)
+    rope = None if "rope/cos" not in params else [r[:, None] for r in rope_at(params, columns)]  # (B, 1, T, hs/2)
     for i in range(cfg.n_layer):
         def keys_values(kv, i=i):  # the prompt attends to its own keys and values
             if keep is not None:
                 keep(i, kv)
             return kv[0], kv[1]
-        x = block(x, layer_params(params, i), cfg, B, T, keys_values, bias, dtype)
+        x = block(x, layer_params(params, i), cfg, B, T, keys_values, bias, dtype, rope)
     return x
 
 
-def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, past: tf.Tensor | None = None,
+def prefill(params: Params, cfg: ModelConfig, ids: tf.Tensor, lengths: tf.Tensor, past: tf.Tensor | None = None,
             slots: tf.Tensor | None = None, which: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
     """Run the right-padded prompts ids (U, T) with real lengths (U,): the logits of each prompt's last token
-    (U, Vp), and given the cache past (n_layer, 2, S, nh, L >= T, hs), past with the keys/values of prompt
+    (U, Vp), and given the cache past (n_layer, 2, S, nkv, L >= T, hs), past with the keys/values of prompt
     which[j] written in place into columns [0, T) of slot slots[j] (default: prompt j into slot j). Layer by
     layer, straight into the slots: no cache of the prompts' own, no copy of it.
     """
@@ -453,7 +551,7 @@ def prefill(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor,
     return lm_head(params, cfg, last), None if cache is None else cache.past()
 
 
-def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tensor, column: tf.Tensor,
+def decode_step(params: Params, cfg: ModelConfig, token: tf.Tensor, pos: tf.Tensor, column: tf.Tensor,
                 past: tf.Tensor, key_bias: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """One new token per row: token (B,), position ids (B,), the cache column each row writes (B,) -> logits
     (B, Vp), updated past. Rows are independent: each writes its own column (continuous batching puts rows at
@@ -461,19 +559,20 @@ def decode_step(params: Params, cfg: GPT2Config, token: tf.Tensor, pos: tf.Tenso
     """
     cache = KVCache(past, column[:, None])
     x = embed(params, token, pos)  # (B, C)
+    rope = None if "rope/cos" not in params else [r[:, None, None] for r in rope_at(params, pos)]  # (B,1,1,hs/2)
     params = {name: KeepLayout(w) if isinstance(w, Quantized) else w for name, w in params.items()}
     for i in range(cfg.n_layer):
         def keys_values(kv, i=i):  # the row's new key and value join its cache; it attends to all of it
             cache.write(i, kv)
             return cache.layer(i)
-        x = block(x, layer_params(params, i), cfg, cache.B, 1, keys_values, key_bias, past.dtype)
+        x = block(x, layer_params(params, i), cfg, cache.B, 1, keys_values, key_bias, past.dtype, rope)
     return lm_head(params, cfg, x), cache.past()
 
 
 SCORE_CHUNK = 1024  # positions per LM-head chunk when scoring: (1024, V) float32 logits are 200 MB
 
 
-def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
+def score(params: Params, cfg: ModelConfig, ids: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
     """log p(ids[:, t] | ids[:, <t]) under the model, (B, T) float32, for right-padded ids (B, T) with real
     lengths (B,); 0 at padding and at each row's first token, which has no context (prepend <|endoftext|> to
     score it). The LM head runs over SCORE_CHUNK positions at a time: memory holds one chunk's logits, never
@@ -481,7 +580,7 @@ def score(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor) -
     """
     B, T = tf.shape(ids)[0], tf.shape(ids)[1]
     x = forward(params, cfg, ids)
-    h = norm(x, params["ln_f/g"], params["ln_f/b"])  # (B*T, C)
+    h = normalize(x, params.get, "ln_f", cfg)  # (B*T, C)
     predicted = tf.reshape(tf.concat([ids[:, 1:], ids[:, -1:]], 1), [-1])  # (B*T,) the token after each position
     M = B * T
     chunks = (M + SCORE_CHUNK - 1) // SCORE_CHUNK
@@ -598,7 +697,7 @@ class Outputs(NamedTuple):
 class LoopState(NamedTuple):
     """What the decode loop carries from one iteration to the next."""
     slots: Slots
-    past: tf.Tensor  # (n_layer, 2, S, nh, L, hs) the KV cache, a row per slot
+    past: tf.Tensor  # (n_layer, 2, S, nkv, L, hs) the KV cache, a row per slot
     next_request: tf.Tensor  # () int32 the first request not yet admitted (they are admitted in order)
     out: Outputs
 
@@ -607,7 +706,7 @@ class Run(NamedTuple):
     """What one `generate` call decodes, fixed for the whole loop: the model, the prompts and each request's
     parameters (R requests, N = the largest max_new_tokens, L cache columns)."""
     params: Params
-    cfg: GPT2Config
+    cfg: ModelConfig
     ids: tf.Tensor  # (B, T) int32 the distinct prompts, right padded
     lengths: tf.Tensor  # (B,) int32
     prompt_index: tf.Tensor  # (R,) int32 the prompt each request continues
@@ -640,6 +739,15 @@ def scatter(x: tf.Tensor, index: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
     return tf.tensor_scatter_nd_update(x, index[:, None], values)
 
 
+def ends_row(token: tf.Tensor, cfg: ModelConfig) -> tf.Tensor:
+    """Whether each token (k,) is one of the model's end-of-sequence tokens (a list in Llama 3's and Qwen2's
+    generation_config.json)."""
+    ends = tf.equal(token, cfg.eos_ids[0])
+    for eos in cfg.eos_ids[1:]:
+        ends = ends | tf.equal(token, eos)
+    return ends
+
+
 def choose(run: Run, request: tf.Tensor, step: tf.Tensor, logits: tf.Tensor, n_new: tf.Tensor, text: tf.Tensor,
            active: tf.Tensor, out: Outputs) -> tuple[Chosen, Outputs]:
     """Each row's token of `step` from its logits (k, Vp), then what follows from it: whether the row ends (its
@@ -652,7 +760,7 @@ def choose(run: Run, request: tf.Tensor, step: tf.Tensor, logits: tf.Tensor, n_n
     token, logprob = choose_tokens(logits, tf.where(live, tf.gather(run.temperature, r), 0.0),
                                    tf.gather(run.top_k, r), tf.gather(run.top_p, r), tf.gather(run.seed, r), step,
                                    run.want_logprobs)
-    at_eot = live & tf.equal(token, run.eot) & ~tf.gather(run.ignore_eos, r)
+    at_eot = live & ends_row(token, run.cfg) & ~tf.gather(run.ignore_eos, r)
     kept = live & ~at_eot
     n_new = n_new + tf.cast(kept, tf.int32)
     token = tf.where(kept, token, run.eot)
@@ -729,10 +837,10 @@ def loop_body(run: Run, s: LoopState) -> LoopState:
     return tf.cond(tf.reduce_all(s.slots.done), lambda: s, lambda: decode(run, s))
 
 
-def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
+def generate(params: Params, cfg: ModelConfig, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
              want_logprobs: tf.Tensor, slots: tf.Tensor, stop_pattern: tf.Tensor, max_new_tokens: tf.Tensor,
              temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor,
-             token_bytes: tf.Tensor, cache: tf.Tensor, eot: int = EOT_TOKEN) -> dict[str, tf.Tensor]:
+             token_bytes: tf.Tensor, cache: tf.Tensor) -> dict[str, tf.Tensor]:
     """Completions of R requests, decoded S at a time (continuous batching), all inside the graph.
 
     ids (B, T) int32 distinct right-padded prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt
@@ -741,7 +849,7 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     text so far fully matches once it holds a stop string ("" = none); token_bytes (V,) string: each token's
     bytes (needed for stop strings); and per request: max_new_tokens int32, temperature float32 (0 = greedy),
     top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos bool (go on past end-of-text).
-    cache (>= n_layer x 2 x nh x S x L, hs) zeros in the weights' dtype: the buffer the KV cache is written into,
+    cache (>= n_layer x 2 x nkv x S x L, hs) zeros in the weights' dtype: the buffer the KV cache is written into,
     in place. It is an input, not made here: TensorFlow's CPU pool (BFC) never hands memory back, and a cache it
     allocated stayed resident beside the next, larger one (at 1.5B, +0.4 GiB by a job's second run); the loader
     keeps one buffer for its runs instead.
@@ -752,10 +860,11 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
     its own seed and step: its tokens are those it gets alone, whatever its neighbours and arrival order (and in
     bfloat16 too, see the module docstring).
 
-    Returns tokens (R, N) int32 (padded with eot), lengths (R,), finish_reason (R,) int32 (LENGTH,
+    Returns tokens (R, N) int32 (padded with the first end-of-sequence token), lengths (R,), finish_reason (R,) int32 (LENGTH,
     END_OF_TEXT, STOP_STRING) and logprobs (R, N) float32 of each chosen token; N = max(max_new_tokens).
     The loop ends when every request has ended.
     """
+    eot = cfg.eos_ids[0]  # what a row's unused steps hold
     R = tf.shape(prompt_index)[0]
     N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
     S = tf.clip_by_value(slots, 1, tf.maximum(R, 1))
@@ -768,8 +877,8 @@ def generate(params: Params, cfg: GPT2Config, ids: tf.Tensor, lengths: tf.Tensor
                   done=tf.ones([S], tf.bool), n_new=tf.zeros([S], tf.int32), text=tf.fill([S], ""))
     out = Outputs(tokens=tf.fill([R * N + 1], eot), logprobs=tf.zeros([R * N + 1]), lengths=tf.zeros([R + 1], tf.int32),
                   finish=tf.zeros([R + 1], tf.int32))
-    rows = cfg.n_layer * 2 * S * cfg.n_head * L
-    past = tf.reshape(cache[:rows], [cfg.n_layer, 2, S, cfg.n_head, L, cfg.head_size])  # its first rows: no copy
+    rows = cfg.n_layer * 2 * S * cfg.kv_heads * L
+    past = tf.reshape(cache[:rows], [cfg.n_layer, 2, S, cfg.kv_heads, L, cfg.head_size])  # its first rows: no copy
     s = LoopState(empty, past, tf.constant(0), out)
     [s] = tf.while_loop(lambda s: ~tf.reduce_all(s.slots.done) | (s.next_request < R),
                         lambda s: [loop_body(run, s)], [s])

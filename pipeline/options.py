@@ -10,6 +10,7 @@ import logging
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from lmgraph.config import ModelConfig
 from lmgraph.sampling import FIELDS, HELP, TYPES, SamplingParams
 from pipeline.beam_version import WORKER_BEAM_VERSION, worker_beam_mismatch
 from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
@@ -150,7 +151,7 @@ def max_batch_tokens(args: argparse.Namespace, manifest: dict, scoring: bool = F
     config = manifest["config"]
     if args.max_batch_tokens is not None:
         return args.max_batch_tokens
-    return max_batch_tokens_for(config["n_layer"], config["n_embd"], scoring)
+    return max_batch_tokens_for(config["n_layer"], ModelConfig.from_dict(config).kv_width, scoring)
 
 
 def _check_common(args: argparse.Namespace, beam_args: list[str], prog: str) -> PipelineOptions:

@@ -9,12 +9,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 from lmgraph.checkpoint import random_weights, save_hf  # noqa: E402
-from lmgraph.config import GPT2Config  # noqa: E402
+from lmgraph.config import ModelConfig  # noqa: E402
 from lmgraph.tokenizer import default_vocab_dir  # noqa: E402
 
 # Small but real: the full GPT-2 vocabulary, 3 layers, 4 heads. A larger init std than GPT-2's 0.02 makes the
 # random model's distributions peaked, so greedy choices are not near-ties that float rounding could flip.
-TINY = GPT2Config(n_ctx=128, n_embd=64, n_head=4, n_layer=3)
+TINY = ModelConfig(n_ctx=128, n_embd=64, n_head=4, n_layer=3)
 TINY_STD = 0.2
 
 

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save, save_file
 from lmgraph import tensorfile
 from lmgraph.checkpoint import (CheckpointError, expected_shapes, load_checkpoint, random_tensors, random_weights,
                              read_checkpoint, save_hf, save_openai)
-from lmgraph.config import SIZES, GPT2Config
+from lmgraph.config import SIZES, ModelConfig
 from lmgraph.export import stored_dtype, write_weights
 from lmgraph.tokenizer import default_vocab_dir
 from tests.conftest import TINY, write_hf_checkpoint
@@ -177,7 +177,7 @@ def test_hf_checkpoint_missing_a_tensor_is_refused_before_reading(tmp_path, tiny
 def test_export_holds_one_tensor_at_a_time(tmp_path):
     """A checkpoint read and its weights written (the export's data path) under tracemalloc, which counts every
     numpy buffer: the peak is a few of the largest tensor, not the model (deterministic, unlike RSS)."""
-    cfg = GPT2Config(n_vocab=1000, n_ctx=64, n_embd=256, n_head=4, n_layer=16)
+    cfg = ModelConfig(n_vocab=1000, n_ctx=64, n_embd=256, n_head=4, n_layer=16)
     save_hf(tmp_path / "hf", cfg, random_tensors(cfg, seed=0))
     shapes = expected_shapes(cfg)
     model_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from lmgraph import model as gmodel
-from lmgraph.config import GPT2Config, SIZES
+from lmgraph.config import ModelConfig, SIZES
 from lmgraph.device import INT8_DOT_FLAGS, cpu_flags, session_config
 from lmgraph.export import weight_dtype
 from lmgraph.model import graph_weight
@@ -45,19 +45,19 @@ def alone_vs_together(build, width: int, rows=ROWS, seed: int = 0, scale: float 
         return {m: int((sess.run(y, {x: xs[:m]}) != alone[:m]).reshape(m, -1).any(axis=1).sum()) for m in rows}
 
 
-def layer_shapes(cfg: GPT2Config) -> dict[str, tuple[int, int]]:
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """(inputs, outputs) of each weight matrix of a GPT-2 of this size."""
     C = cfg.n_embd
     return {"attn/c_attn/w": (C, 3 * C), "attn/c_proj/w": (C, C), "mlp/c_fc/w": (C, 4 * C),
             "mlp/c_proj/w": (4 * C, C)}
 
 
-def engine_weight(name: str, shape: tuple[int, int], cfg: GPT2Config, precision: str, seed: int = 1):
+def engine_weight(name: str, shape: tuple[int, int], cfg: ModelConfig, precision: str, seed: int = 1):
     """A random weight as the exported graph of `precision` holds it (layout, chunks, padding)."""
     return graph_form(name, np.random.default_rng(seed).normal(0, 0.02, shape).astype(np.float32), cfg, precision)
 
 
-def graph_form(name: str, w: np.ndarray, cfg: GPT2Config, form: str):
+def graph_form(name: str, w: np.ndarray, cfg: ModelConfig, form: str):
     """w as the graph multiplies it in `form`: a precision, or "int8-decode" (int8 as decode steps hold it)."""
     precision = form.split("-")[0]
     stored = graph_weight(name, tf.cast(tf.constant(w), weight_dtype(name, precision)), cfg, precision)

@@ -193,11 +193,11 @@ def test_host_layout_equals_the_graphs_at_real_widths(precision):
     """The tiny model has no reduction chunks; GPT-2's widths do (3072 -> 4 x 768), and wte is padded."""
     import numpy as np
 
-    from lmgraph.config import GPT2Config
+    from lmgraph.config import ModelConfig
     from lmgraph.export import weight_dtype
     from lmgraph.model import Transposed, graph_weight
 
-    cfg, rng = GPT2Config(), np.random.default_rng(0)
+    cfg, rng = ModelConfig(), np.random.default_rng(0)
     for name, shape in {"wte": (cfg.n_vocab, 768), "h0/attn/c_attn/w": (768, 2304), "h0/mlp/c_proj/w": (3072, 768),
                         "h0/ln_1/g": (768,)}.items():
         w = rng.normal(0, 0.5, shape).astype(np.float32)

@@ -201,15 +201,16 @@ def cut_runs(requests: Iterable[Request], batch_size: int) -> Iterator[list[Requ
         yield run
 
 
-def max_batch_tokens_for(n_layer: int, n_embd: int, scoring: bool = False) -> int:
-    """A model's default max_batch_tokens, as KV cache bytes (a position's cache grows with n_layer x n_embd).
+def max_batch_tokens_for(n_layer: int, kv_width: int, scoring: bool = False) -> int:
+    """A model's default max_batch_tokens, as KV cache bytes (a position's cache grows with n_layer x kv_width, the
+    key/value heads' width: n_embd for GPT-2, less with grouped-query attention, which so gets more positions).
     124M and smaller: the bytes of DEFAULT_MAX_BATCH_TOKENS positions at 124M (576 MiB in bfloat16), within its
     2 GB goal. Larger models: those of LARGE_MODEL_MAX_BATCH_TOKENS at 124M (432 MiB): 4608 positions at 355M,
     2457 at 774M, 1474 at 1.5B, whose job then peaks at 4.92 GB against its goal of 1.3x its weights + 1 GB
     (5.06 GB); 124M's budget would put it past that. BENCHMARKS.md has the measurements. Scoring keeps the
     larger models' budget at every size: its memory is its windows' (T, T) attention, not a cache, and was not
     measured at 124M's larger one."""
-    per_position = n_layer * n_embd
+    per_position = n_layer * kv_width
     small = per_position <= 12 * 768 and not scoring
     at_124m = DEFAULT_MAX_BATCH_TOKENS if small else LARGE_MODEL_MAX_BATCH_TOKENS
     return max(1, at_124m * 12 * 768 // per_position)

@@ -60,7 +60,7 @@ class GPT2Engine:
     def info(self) -> tuple[str, str, int, int]:
         """(model label, precision, context size, default max_batch_tokens)."""
         c = self._model.config
-        return self._model.name, self._model.precision, c.n_ctx, max_batch_tokens_for(c.n_layer, c.n_embd)
+        return self._model.name, self._model.precision, c.n_ctx, max_batch_tokens_for(c.n_layer, c.kv_width)
 
     # the tokenizer's methods that the generation task calls (transforms/generate.py, detokenize.py)
     def encode(self, text: str) -> list[int]:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from lmgraph.config import ModelConfig
 from lmgraph.manifest import MANIFEST, ModelError, model_label, read_manifest, verify_files
 from transforms.batching import max_batch_tokens_for
 
@@ -158,5 +159,6 @@ def model_identity(model_dir: str, label: str | None = None, n_ctx: int | None =
         label = label or model_label(manifest)
         n_ctx = n_ctx or config["n_ctx"]
         if max_batch_tokens is None:
-            max_batch_tokens = max_batch_tokens_for(config["n_layer"], config["n_embd"], scoring)
+            max_batch_tokens = max_batch_tokens_for(config["n_layer"], ModelConfig.from_dict(config).kv_width,
+                                                    scoring)
     return ModelInfo(label, n_ctx, max_batch_tokens)
