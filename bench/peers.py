@@ -1,22 +1,30 @@
 """The CPU engines a user would pick instead of us, as bench.whole_job runs them: CTranslate2 and OpenVINO GenAI.
 
-Each peer gets the same Hugging Face checkpoint, converted by its own tool (not timed, as our export is not), and
-runs as its own process from start to exit: read the Parquet prompts, generate greedily exactly `new_tokens`
-tokens per row (as the transformers side: no early stop), write Parquet. Installed with the `peers` extra
-(`pip install -e ".[peers]"`), never at run time; `--peers_python` runs them from another environment.
+Each peer gets the same Hugging Face checkpoint (GPT-2 or the Llama family, tokenizer beside it), converted by its
+own tool (not timed, as our export is not), and runs as its own process from start to exit: read the Parquet
+prompts, generate greedily exactly `new_tokens` tokens per row (as the other sides: no early stop), write Parquet
+with each row's completion and the number of new tokens it generated (prompt tokens are never counted). Installed
+with the `peers` extra (`pip install -e ".[peers]"`), never at run time; `--peers_python` runs them from another
+environment. Each runs as its docs recommend for a batch job:
 
-  - CTranslate2 (`ct2-transformers-converter`, then `Generator.generate_batch` on batches of 128 by length), int8 weights
-    and activations, or float32 (its CPU has no bfloat16: that falls back to float32).
+  - CTranslate2 (`ct2-transformers-converter`, then `Generator.generate_batch`), int8 weights and activations, or
+    float32 (its CPU has no bfloat16: that falls back to float32). Prompts sorted by length into batches of 128,
+    `include_prompt_in_result=False` (a batch's prompts are forwarded at once up to its shortest one); see
+    ct2_plan for what that means for max_length and each row's result.
   - OpenVINO GenAI (`optimum-cli export openvino`, then `LLMPipeline.generate` over all prompts: continuous
     batching), weights fp32 run in the CPU's inference precision (bfloat16 on CPUs with bf16 units), or int8
-    weights.
+    weights. The prompts go in as plain text, without the chat template it would otherwise apply to a checkpoint
+    that has one (the other sides get the same text).
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import shutil
 import subprocess
 from pathlib import Path
+
+CT2_BATCH = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,38 +35,55 @@ class Peer:
     option: str  # what the script gets as its last argument (compute type / nothing)
 
 
+def ct2_plan(lengths: list[int], new_tokens: int, batch_size: int = CT2_BATCH):
+    """CTranslate2's batches for prompts of these token lengths: (rows, max_length, head of each row's result).
+
+    With include_prompt_in_result=False, generate_batch forwards a batch's prompts at once only up to the batch's
+    shortest prompt. The rest of a longer prompt goes through the decoding loop, comes back at the head of that
+    row's result and counts toward max_length. So prompts of like length go together (sorted), a batch runs to
+    new_tokens + longest - shortest (min_length the same: no early stop), and row i keeps the new_tokens tokens
+    after its own head of lengths[i] - shortest prompt tokens. A shorter row's tokens past its new_tokens are
+    dropped: the batch runs those steps for the longest row's prompt remainder anyway.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        shortest, longest = lengths[rows[0]], lengths[rows[-1]]
+        yield rows, new_tokens + longest - shortest, [lengths[i] - shortest for i in rows]
+
+
+# The script is run by the peers' Python, which need not have this project: ct2_plan goes in as source.
 CT2_SCRIPT = '''\
-"""Batch generation with CTranslate2, as its docs show (written by bench.peers)."""
+"""Batch generation with CTranslate2, as its docs recommend (written by bench.peers)."""
 import glob
 import sys
 
 import ctranslate2
 import pyarrow as pa
 import pyarrow.parquet as pq
-from transformers import GPT2TokenizerFast
+from transformers import AutoTokenizer
+
+CT2_BATCH = %d
+
+
+%s
 
 model_dir, hf_dir, inputs, output, new_tokens, threads, compute_type = sys.argv[1:]
 new_tokens = int(new_tokens)
-tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
+tokenizer = AutoTokenizer.from_pretrained(hf_dir)
 generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type, intra_threads=int(threads))
 table = pa.concat_tables(pq.read_table(path, columns=["id", "prompt"]) for path in sorted(glob.glob(inputs)))
 prompts = [tokenizer.convert_ids_to_tokens(tokenizer.encode(p)) for p in table.column("prompt").to_pylist()]
-# Prompts of different lengths in one generate_batch: the results hold the prompts and max_length counts their
-# tokens (all but the first; include_prompt_in_result=False would drop the prompts only for equal lengths). So
-# batches of 128 by length, each run to its longest prompt + new_tokens, every row cut to its own new_tokens
-# (the shorter rows of a batch take a few extra steps).
-order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
 ids = [None] * len(prompts)
-for start in range(0, len(order), 128):
-    batch = order[start:start + 128]
-    longest = max(len(prompts[i]) for i in batch)
-    results = generator.generate_batch([prompts[i] for i in batch], max_length=longest - 1 + new_tokens,
-                                       min_length=longest - 1 + new_tokens, sampling_topk=1)
-    for i, r in zip(batch, results):
-        ids[i] = r.sequences_ids[0][len(prompts[i]):][:new_tokens]  # the result starts with the prompt
+for rows, length, heads in ct2_plan([len(p) for p in prompts], new_tokens):
+    # end_token=[]: no row ends early, as on the other sides (greedy: sampling_topk=1)
+    results = generator.generate_batch([prompts[i] for i in rows], max_length=length, min_length=length,
+                                       sampling_topk=1, include_prompt_in_result=False, end_token=[])
+    for i, head, r in zip(rows, heads, results):
+        ids[i] = r.sequences_ids[0][head:head + new_tokens]
 pq.write_table(table.append_column("completion", pa.array(tokenizer.batch_decode(ids)))
                .append_column("completion_tokens", pa.array([len(i) for i in ids], pa.int32())), output)
-'''
+''' % (CT2_BATCH, inspect.getsource(ct2_plan))
 
 OV_SCRIPT = '''\
 """Batch generation with OpenVINO GenAI, as its docs show (written by bench.peers)."""
@@ -75,14 +100,16 @@ pipe = openvino_genai.LLMPipeline(model_dir, "CPU", INFERENCE_NUM_THREADS=int(th
 config = openvino_genai.GenerationConfig()
 config.max_new_tokens = config.min_new_tokens = new_tokens
 config.do_sample = False
+config.apply_chat_template = False  # the prompt text as is, as every side gets it (its default wraps it in a chat)
 table = pa.concat_tables(pq.read_table(path, columns=["id", "prompt"]) for path in sorted(glob.glob(inputs)))
 result = pipe.generate(table.column("prompt").to_pylist(), config)
-tokens = result.perf_metrics.get_num_generated_tokens()
-rows = table.num_rows
+# A row that ended by length made exactly max_new_tokens; min_new_tokens leaves no other way to end.
+reasons = result.finish_reasons
+if any(r != openvino_genai.GenerationFinishReason.LENGTH for r in reasons):
+    sys.exit(f"rows ended before {new_tokens} new tokens: {sorted(set(map(str, reasons)))}")
 pq.write_table(table.append_column("completion", pa.array(result.texts))
-               .append_column("completion_tokens", pa.array([tokens // rows] * rows, pa.int32())), output)
+               .append_column("completion_tokens", pa.array([new_tokens] * len(reasons), pa.int32())), output)
 '''
-
 CT2_CONVERT = ["ct2-transformers-converter", "--model", "HF_DIR", "--output_dir", "OUT"]
 OV_CONVERT = ["optimum-cli", "export", "openvino", "--model", "HF_DIR", "--task", "text-generation-with-past"]
 

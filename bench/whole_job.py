@@ -6,6 +6,7 @@
   python -m bench.whole_job --ours_args "--precision bfloat16"   # extra options for our side
   python -m bench.whole_job --peers ct2-int8 ct2-float32 ov-bf16 ov-int8   # the CPU engines too (bench/peers.py;
                                        # the `peers` extra, or --peers_python from an environment that has them)
+  python -m bench.whole_job --shape smollm2-135m   # a Llama-family shape (bench/checkpoints.py SHAPES) instead
 
 What is measured: the product promise, a whole job (start to exit: imports, model load, reading Parquet,
 tokenizing, generating, decoding, writing Parquet) against the plain transformers script a competent user would
@@ -14,19 +15,23 @@ from start to exit, so nothing is warmed up for either side; a user pays that lo
 
   - ours: `python -m pipeline.run ... --runner FnApiRunner`, at its defaults otherwise (precision included), on
     the model `python -m pipeline.export` writes at its defaults from the same checkpoint.
-  - transformers: GPT2LMHeadModel + GPT2TokenizerFast (left padding, pad = end-of-text), greedy `generate` in
+    With --shape, if that export refuses the checkpoint's model type, our side is reported unavailable.
+  - transformers: AutoModelForCausalLM + AutoTokenizer (left padding, pad = end-of-text), greedy `generate` in
     batches of 32 in file order under `torch.inference_mode()`, float32, and again in bfloat16.
 
-Workload: random GPT-2 weights (real vocabulary), N prompts of real words whose token lengths spread evenly over
-1..66, in shuffled order (real data comes in no particular order), greedy, 64 new tokens per row. The HF side
-never stops early (`min_new_tokens`); ours may stop at end-of-text, so tokens/s (generated tokens counted from
-each side's output files / wall seconds) is what is compared. Sides run alternately (ours, fp32, bf16, then in
-reverse) so the shared machine's noise hits all of them alike; each side's median over the repeats is reported.
+Workload: random GPT-2 weights (real vocabulary; or, with --shape, a Llama/Qwen2/Mistral shape's random weights
+written by transformers, its tokenizer GPT-2's byte-level BPE plus chat tokens), N prompts of real words whose token
+lengths spread evenly over 1..66, in shuffled order (real data comes in no particular order), greedy, 64 new tokens
+per row. The HF side and the peers never stop early (`min_new_tokens`); ours may stop at end-of-text, so tokens/s
+(new tokens counted from each side's output files / wall seconds) is what is compared. Sides run alternately (ours,
+fp32, bf16, then in reverse) so the shared machine's noise hits all of them alike; each side's median over the
+repeats is reported.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -43,6 +48,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from bench.checkpoints import SHAPES, make_checkpoint  # noqa: E402
+from bench.hf_tokenizers import CHATML, LLAMA3, write_byte_level_tokenizer  # noqa: E402
 from bench.machine import cpu_features  # noqa: E402
 from bench.peers import PEERS, convert  # noqa: E402
 from bench.results import BENCHMARKS, write_between  # noqa: E402
@@ -77,13 +84,13 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 hf_dir, inputs, output, batch_size, new_tokens, threads, dtype = sys.argv[1:]
 batch_size, new_tokens = int(batch_size), int(new_tokens)
 torch.set_num_threads(int(threads))
-model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
-tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir, padding_side="left")
+model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+tokenizer = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
 tokenizer.pad_token = tokenizer.eos_token
 
 table = pa.concat_tables(pq.read_table(path, columns=["id", "prompt"]) for path in sorted(glob.glob(inputs)))
@@ -122,6 +129,7 @@ class Setup:
     prompts_glob: str
     rows: int
     prompt_tokens: int
+    ours_unavailable: str | None = None  # why pipeline.export could not take the checkpoint, if it could not
 
 
 def prompt_texts(n: int, tokenizer: Tokenizer, seed: int = 0) -> list[str]:
@@ -140,21 +148,65 @@ def prompt_texts(n: int, tokenizer: Tokenizer, seed: int = 0) -> list[str]:
     return [texts[i] for i in np.random.default_rng(seed).permutation(n)]
 
 
-def setup(size: str, rows: int, workdir: Path) -> Setup:
-    """Not timed: the same random weights as a Hugging Face checkpoint and as our model dir, and the prompts."""
-    cfg = SIZES[size]
-    hf_dir, model_dir = workdir / "hf", workdir / "model"
-    save_hf(hf_dir, cfg, random_weights(cfg, seed=0))
-    vocab = default_vocab_dir()  # HF's names for the same files (as tests/conftest.py write_hf_checkpoint)
-    shutil.copyfile(vocab / "encoder.json", hf_dir / "vocab.json")
-    shutil.copyfile(vocab / "vocab.bpe", hf_dir / "merges.txt")
+def adds_bos(shape: str) -> bool:
+    return shape.startswith("llama-3")  # Llama 3's tokenizer adds <|begin_of_text|>; SmolLM2's and Qwen2's nothing
+
+
+def write_shape(hf_dir: Path, shape: str) -> None:
+    """A random-weight checkpoint of a Llama-family shape with its tokenizer beside it: GPT-2's byte-level BPE plus
+    chat tokens. Llama 3 shapes add a BOS to every text (its template LLAMA3); the others (SmolLM2, Qwen2, Mistral
+    here) add nothing and chat in ChatML."""
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    llama3 = adds_bos(shape)
+    ids = write_byte_level_tokenizer(hf_dir, bos=llama3, chat_template=LLAMA3 if llama3 else CHATML)
+    if not llama3:
+        # CTranslate2's converter needs a BOS token's name (its config's bos_token must be a string). SmolLM2 ships
+        # <|im_start|> as its bos_token and never adds it to a text: the same here (the encoding does not change).
+        path = hf_dir / "tokenizer_config.json"
+        config = json.loads(path.read_text())
+        config["bos_token"] = "<|im_start|>"
+        path.write_text(json.dumps(config, indent=2))
+    make_checkpoint(hf_dir, shape, vocab_size=ids.n_vocab, eos_token_id=list(ids.eos_ids), bos_token_id=ids.bos_id)
+
+
+def export_ours(hf_dir: Path, model_dir: Path, shape: str | None) -> str | None:
+    """Our model dir from the checkpoint (not timed). None when done; for a shape our export does not take yet,
+    its message, and our side is reported unavailable instead of failing the whole run."""
     if model_dir.exists():
         shutil.rmtree(model_dir)
     export = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(hf_dir), "--output",
                              str(model_dir)], cwd=ROOT, capture_output=True, text=True)
-    if export.returncode != 0:
-        raise RuntimeError(f"pipeline.export exited {export.returncode}:\n{export.stderr[-3000:]}")
+    if export.returncode == 0:
+        return None
+    # pipeline.export refuses what it does not take by name ("model_type 'x' is not supported", rope types too)
+    if shape and any(m in export.stderr.lower() for m in ("unsupported model type", "is not supported")):
+        return export.stderr.strip().splitlines()[-1]
+    raise RuntimeError(f"pipeline.export exited {export.returncode}:\n{export.stderr[-3000:]}")
 
+
+def setup(size: str, rows: int, workdir: Path, shape: str | None = None) -> Setup:
+    """Not timed: the same random weights as a Hugging Face checkpoint and as our model dir, and the prompts."""
+    hf_dir, model_dir = workdir / "hf", workdir / "model"
+    vocab = default_vocab_dir()
+    if shape:
+        # In a child: torch building the model here would raise this process's peak RSS, and every side's process
+        # reports at least its parent's peak as its own ru_maxrss (Linux carries it over fork and exec).
+        code = ("import sys; from pathlib import Path; from bench.whole_job import write_shape; "
+                "write_shape(Path(sys.argv[1]), sys.argv[2])")
+        done = subprocess.run([sys.executable, "-c", code, str(hf_dir), shape], cwd=ROOT, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"writing the {shape} checkpoint failed:\n{done.stderr[-3000:]}")
+    else:
+        cfg = SIZES[size]
+        save_hf(hf_dir, cfg, random_weights(cfg, seed=0))
+        # HF's names for the same files (as tests/conftest.py write_hf_checkpoint)
+        shutil.copyfile(vocab / "encoder.json", hf_dir / "vocab.json")
+        shutil.copyfile(vocab / "vocab.bpe", hf_dir / "merges.txt")
+    unavailable = export_ours(hf_dir, model_dir, shape)
+
+    # A shape's tokenizer is GPT-2's BPE with chat tokens added: plain words encode to the same ids, so the prompts'
+    # lengths are GPT-2's (plus the BOS a Llama 3 shape adds, which every side's tokenizer adds alike).
     tokenizer = Tokenizer(vocab)
     texts = prompt_texts(rows, tokenizer)
     prompts = workdir / "prompts"
@@ -165,8 +217,9 @@ def setup(size: str, rows: int, workdir: Path) -> Setup:
         part = texts[s::shards]
         pq.write_table(pa.table({"id": [f"{s}-{i}" for i in range(len(part))], "prompt": part}),
                        prompts / f"prompts-{s:03d}.parquet")
+    bos = rows if shape and adds_bos(shape) else 0
     return Setup(hf_dir, model_dir, str(prompts / "*.parquet"), rows,
-                 sum(len(t) for t in tokenizer.encode_batch(texts)))
+                 sum(len(t) for t in tokenizer.encode_batch(texts)) + bos, unavailable)
 
 
 def run_child(cmd: list[str], log: Path, cwd: Path = ROOT) -> tuple[float, float]:
@@ -236,7 +289,6 @@ def median(runs: list[Run], attr: str) -> float:
 
 def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]) -> str:
     cpu, vector = cpu_features()
-    cfg = SIZES[args.size]
     by_side = {side: [r for r in runs if r.side == side] for side in sides}
     ours = median(by_side[sides[0]], "tokens_per_s")
     extra = "; ".join(f"`{shlex.join(a)}`" for a in args.ours_args if a)
@@ -244,7 +296,7 @@ def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]
     lines = [
         f"Machine: {cpu}, {os.cpu_count()} logical CPUs, vector units: {' '.join(vector) or 'none of AVX2+'}; "
         f"{args.threads} threads for every side.",
-        f"Model: GPT-2 {args.size} shape ({cfg.n_layer} layers, {cfg.n_embd} wide), random weights. {s.rows} prompts "
+        f"Model: {model_line(args)}, random weights. {s.rows} prompts "
         f"of 1-{MAX_PROMPT_TOKENS} tokens ({s.prompt_tokens} in all, shuffled, {min(SHARDS, s.rows)} Parquet shards), "
         f"greedy, {args.new_tokens} new tokens per row.",
         "Each side is one process timed from start to exit (imports, model load, read, generate, write); "
@@ -265,7 +317,18 @@ def render(args: argparse.Namespace, s: Setup, sides: list[str], runs: list[Run]
                      f"| {rs[0].tokens} | {tps:.1f} | {ratio} | {same} |")
     lines += ["", "Wall s and tok/s: medians over the runs; peak RSS: the largest. Same weights, greedy: the side "
               "in ours' precision should match it row for row (rounding can flip a near tie), the other drifts."]
+    if s.ours_unavailable:
+        lines += ["", f"Ours: unavailable, pipeline.export does not take this checkpoint yet ({s.ours_unavailable})."]
     return "\n".join(lines)
+
+
+def model_line(args: argparse.Namespace) -> str:
+    if args.shape:
+        f = SHAPES[args.shape]
+        return (f"{args.shape} shape ({f['model_type']}, {f['num_hidden_layers']} layers, {f['hidden_size']} wide, "
+                "HF layout)")
+    cfg = SIZES[args.size]
+    return f"GPT-2 {args.size} shape ({cfg.n_layer} layers, {cfg.n_embd} wide)"
 
 
 def write_results(text: str, path: Path = BENCHMARKS) -> None:
@@ -273,13 +336,18 @@ def write_results(text: str, path: Path = BENCHMARKS) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> str:
-    print(f"setup: GPT-2 {args.size}, {args.prompts} prompts in {workdir}", flush=True)
-    s = setup(args.size, args.prompts, workdir)
+    print(f"setup: {model_line(args)}, {args.prompts} prompts in {workdir}", flush=True)
+    s = setup(args.size, args.prompts, workdir, args.shape)
     hf = f"transformers script, batch {args.batch_size}"
     dtypes = {} if args.no_hf else {f"{hf}, {dtype}": dtype for dtype in ("float32", "bfloat16")}
     peers = {PEERS[k].name: k for k in args.peers}
     ours = {"ours: pipeline.run" + (f" {shlex.join(a)}" if a else ""): a for a in args.ours_args}
+    if s.ours_unavailable:
+        print(f"ours: unavailable ({s.ours_unavailable})", flush=True)
+        ours = {}
     sides = [*ours, *dtypes, *peers]
+    if not sides:
+        raise SystemExit("no side to run")
     models = workdir / "peer-models"
     models.mkdir(exist_ok=True)
     runs_dir = workdir / "runs"
@@ -305,7 +373,9 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.whole_job", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="124M", choices=sorted(SIZES))
+    p.add_argument("--size", default="124M", choices=sorted(SIZES), help="a GPT-2 size")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="a Llama-family shape instead of GPT-2 (random weights in HF layout, made by transformers)")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32, help="the transformers script's batch size")
@@ -321,7 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_isa", choices=sorted(ISA_CAPS),
                    help="run every side below this ISA, through each engine's own switch (an AVX2-only CPU's "
                         "instructions on this one; the table's machine line says so)")
-    p.add_argument("--quick", action="store_true", help="tiny model, 24 prompts, 4 new tokens, 1 repeat")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model (GPT-2's, unless --shape), 24 prompts, 4 new tokens, 1 repeat")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.quick:

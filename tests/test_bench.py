@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import pipeline_job, ragged, run, whole_job
+from bench import peers, pipeline_job, ragged, run, whole_job
 from lmgraph.sampling import SamplingParams
 
 
@@ -124,3 +124,25 @@ def test_an_isa_cap_reaches_every_engines_switch_and_the_machine_line(tmp_path, 
     assert cpu_features(info) == ("Zen 4 (ISA capped at AVX2)", ["avx2"])
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert cpu_features(info) == ("Zen 4", ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"])
+
+
+def test_ct2_plan_sorts_by_length_and_keeps_each_rows_own_new_tokens():
+    """bench.peers' CTranslate2 batches, against CTranslate2's behaviour with include_prompt_in_result=False as
+    simulated here: a batch's prompts are forwarded up to its shortest one, the rest of a longer prompt heads that
+    row's result and counts toward max_length. Every row must keep exactly its own new tokens."""
+    lengths = [5, 1, 66, 3, 3, 40, 2, 66] * 40  # 320 rows: batches of 128, 128, 64
+    new = 16
+    plan = list(peers.ct2_plan(lengths, new))
+    assert [len(rows) for rows, _, _ in plan] == [128, 128, 64]
+    assert sorted(i for rows, _, _ in plan for i in rows) == list(range(len(lengths)))
+    batch_lengths = [[lengths[i] for i in rows] for rows, _, _ in plan]
+    assert sum(batch_lengths, []) == sorted(lengths)  # like lengths together: short batches are cheap
+    for (rows, max_length, heads), ls in zip(plan, batch_lengths):
+        shortest = ls[0]
+        assert max_length == new + ls[-1] - shortest
+        for i, head in zip(rows, heads):
+            prompt = [f"p{i}.{k}" for k in range(lengths[i])]
+            result = prompt[shortest:] + [f"n{i}.{k}" for k in range(max_length - (lengths[i] - shortest))]
+            assert len(result) == max_length and result[head:head + new] == [f"n{i}.{k}" for k in range(new)]
+    assert "include_prompt_in_result=False" in peers.CT2_SCRIPT and "end_token=[]" in peers.CT2_SCRIPT
+    compile(peers.CT2_SCRIPT, "ct2_generate.py", "exec")  # ct2_plan went in as source
