@@ -364,8 +364,9 @@ def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor, float64_su
     (B, 1, Tq, Tk) additive mask. The matmuls run in the cache's dtype, the softmax in float32.
 
     Grouped-query attention (nkv < nh): the g = nh / nkv query heads of a key/value head (heads j*g .. j*g + g - 1,
-    transformers' repeat_kv) run as g * Tq queries against it, so its keys and values are read once, not copied g
-    times.
+    transformers' repeat_kv) each multiply its keys and values, broadcast, not copied g times. Not as g * Tq rows of
+    one matmul: oneDNN's float32 kernel for several rows splits the sum over the cache's columns by the run's
+    cache width, and a decode step's values then changed with it (an AVX2 AMD EPYC, 400 columns).
 
     float64_sums (int8 weights with a float32 cache, several queries a row: prefill, scoring): multiply in float64
     and round once to float32. oneDNN's AVX2 float32 batch matmul sums even q . k's 64 products in an order that
@@ -380,24 +381,24 @@ def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor, float64_su
     if nh == nkv:
         w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32) + bias  # (B,nh,Tq,Tk)
         return tf.cast(tf.matmul(tf.cast(softmax(w), dtype), tf.cast(v, dtype)), v.dtype)  # (B, nh, Tq, hs)
-    B, Tq, hs = tf.shape(q)[0], tf.shape(q)[2], q.shape[3]
-    g = nh // nkv
-    q = tf.reshape(q, [B, nkv, g * Tq, hs])  # (B, nkv, g*Tq, hs) a key/value head's queries together
-    w = tf.cast(tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True), tf.float32)  # (B, nkv, g*Tq, Tk)
-    w = tf.reshape(w, [B, nkv, g, Tq, -1]) + bias[:, :, None]  # (B, nkv, g, Tq, Tk)
-    p = tf.reshape(softmax(w), [B, nkv, g * Tq, -1])
-    return tf.reshape(tf.cast(tf.matmul(tf.cast(p, dtype), tf.cast(v, dtype)), v.dtype), [B, nh, Tq, hs])
+    B, Tq, hs, out = tf.shape(q)[0], tf.shape(q)[2], q.shape[3], v.dtype
+    q = tf.reshape(q, [B, nkv, nh // nkv, Tq, hs])  # (B, nkv, g, Tq, hs) a key/value head's g query heads
+    k, v = tf.cast(k, dtype)[:, :, None], tf.cast(v, dtype)[:, :, None]  # (B, nkv, 1, Tk, hs) broadcast over g
+    w = tf.cast(tf.matmul(tf.cast(q, dtype), k, transpose_b=True), tf.float32) + bias[:, :, None]  # (B,nkv,g,Tq,Tk)
+    return tf.reshape(tf.cast(tf.matmul(tf.cast(softmax(w), dtype), v), out), [B, nh, Tq, hs])
 
 
 def softmax(w: tf.Tensor) -> tf.Tensor:
-    """Softmax over the last axis, computed over a width padded to whole pairs of 16-float vectors: the kernel
-    then sums a column into the same vector lane and accumulator whatever the width, so masked columns after a
-    row's own (zeros) do not change its sum. At other widths a row's last columns fall into the scalar tail or
-    not, depending on the run's cache width."""
+    """Softmax over the last axis, its sum exact (`exact_sum`): TensorFlow's softmax and reduce_sum order a row's
+    sum by how they split the whole tensor, which depends on the row count (on AVX2 CPUs a row among 48 came out
+    other bits than alone). exp runs over a width padded to whole pairs of 16-float vectors, so a row's values fall
+    in vector lanes, never in the scalar tail, whatever the run's cache width."""
     n = tf.shape(w)[-1]
     pad = round_up(n, SOFTMAX_MULTIPLE) - n
     paddings = tf.concat([tf.zeros([tf.rank(w) - 1, 2], tf.int32), [[0, pad]]], 0)
-    return tf.nn.softmax(tf.pad(w, paddings, constant_values=NEG_INF), axis=-1)[..., :n]
+    w = tf.pad(w, paddings, constant_values=NEG_INF)
+    e = tf.exp(w - tf.reduce_max(w, axis=-1, keepdims=True))  # in [0, 1]; masked columns 0
+    return (e / tf.cast(exact_sum(e), tf.float32)[..., None])[..., :n]
 
 
 def embed(params: Params, ids: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
@@ -435,7 +436,12 @@ def row_sum_exp(logits: tf.Tensor, top: tf.Tensor) -> tf.Tensor:
     """sum(exp(logits - top)) per row (M,), float64, the same bits in any summation order: each term (at most 1,
     top being the row's max) is rounded to a multiple of 2^-36 and the integers are summed, which is exact. A float
     sum's order follows how the kernel splits the row across threads, which depends on the row count."""
-    e = tf.exp(logits - top[:, None])  # (M, Vp) in [0, 1]
+    return exact_sum(tf.exp(logits - top[:, None]))  # (M,)
+
+
+def exact_sum(e: tf.Tensor) -> tf.Tensor:
+    """Sums over the last axis of e (..., n), values in [0, 1], float64 (...,): each value rounded to a multiple of
+    2^-36 and the integers summed, which is exact in any order (2^36 x 2^16 values stays below 2^53)."""
     q = tf.cast(tf.round(tf.cast(e, tf.float64) * EXACT_SCALE), tf.int64)
     return tf.cast(tf.reduce_sum(q, axis=-1), tf.float64) / EXACT_SCALE
 
