@@ -65,7 +65,7 @@ def test_tensorflows_startup_lines_only_with_debug(shards, model_dir, tmp_path, 
     assert p.returncode == 0, p.stderr[-3000:]
     shown = [line for line in p.stderr.splitlines() if any(s in line for s in TF_STARTUP)]
     if log_level == "DEBUG":
-        assert any("oneDNN custom operations" in line for line in shown), p.stderr[-3000:]
+        assert shown, p.stderr[-3000:]  # which lines depends on the CPU: the oneDNN notice only where oneDNN is on by default
     else:
         assert shown == [], shown
 

@@ -8,6 +8,7 @@ import pytest
 
 from lmgraph.sampling import SamplingParams
 from lmgraph.tokenizer import Tokenizer, default_vocab_dir
+from tests.test_invariance import needs_bf16_units
 from transforms.detokenize import apply_stop
 
 
@@ -22,6 +23,7 @@ def ragged_rows(n: int, seed: int = 11) -> tuple[list[list[int]], list[SamplingP
 
 @pytest.mark.parametrize("precision", ["model", "bf16_model"], ids=["float32", "bfloat16"])
 def test_refilled_slots_give_what_each_row_gets_alone(request, precision):
+    needs_bf16_units("bfloat16" if precision == "bf16_model" else "float32")
     model = request.getfixturevalue(precision)
     prompts, params = ragged_rows(24)
     alone = [model.generate([p], [q])[0] for p, q in zip(prompts, params)]

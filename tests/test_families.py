@@ -18,7 +18,7 @@ from lmgraph.config import ModelConfig
 from lmgraph.device import session_config
 from lmgraph.sampling import SamplingParams
 from lmgraph.tokenizer import load_tokenizer
-from tests.test_invariance import alone_vs_together, graph_form
+from tests.test_invariance import alone_vs_together, graph_form, needs_bf16_units
 
 # family -> (tiny shape, tokenizer kind, checkpoint dtype, shards, config.json style): between them every reader path
 FAMILIES = {"llama": ("tiny-llama", "llama3", "float32", 1, "4"),
@@ -193,6 +193,7 @@ def test_family_layers_keep_each_rows_bits(shape, precision):
     """Each layer of the family at its real widths (RMSNorm, the fused q/k/v and its biases, o_proj, SwiGLU's
     fused gate/up and down, in the engine's layout and chunks): each of 300 rows alone and among 2 to 300 rows,
     the same bits."""
+    needs_bf16_units(precision)
     cfg = family_config(shape)
     C, I, q, kv = cfg.n_embd, cfg.mlp_width, cfg.n_head * cfg.head_size, cfg.kv_width
     rng = np.random.default_rng(1)
@@ -223,6 +224,7 @@ def test_family_layers_keep_each_rows_bits(shape, precision):
 def test_grouped_query_attention_keeps_a_rows_bits(shape, precision):
     """A decode step's rotary queries and keys and grouped-query attention over the cache: a row alone in a cache
     a little wider than its own columns and among 48 rows in a wider one, the same bits."""
+    needs_bf16_units(precision)
     cfg = family_config(shape)
     nh, nkv, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
     cos, sin = gmodel.rope_tables(cfg)
@@ -263,6 +265,7 @@ def smollm2_width_model(request, tmp_path_factory):
     from lmgraph.loader import GenerationModel
     from pipeline.export import main
 
+    needs_bf16_units(request.param)
     ckpt = make_model(tmp_path_factory.mktemp("smollm2-hf"), "smollm2-135m", num_hidden_layers=2)
     out = tmp_path_factory.mktemp("smollm2-model")
     assert main(["--checkpoint", str(ckpt), "--output", str(out)]) == 0
