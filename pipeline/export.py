@@ -1,4 +1,5 @@
-"""Export a GPT-2 checkpoint (OpenAI TF or Hugging Face safetensors) to a generation-graph model directory.
+"""Export a checkpoint to a generation-graph model directory: GPT-2 (OpenAI TF or Hugging Face safetensors), or the
+Llama family (Hugging Face llama, qwen2, mistral: config.json, safetensors or shards, tokenizer.json).
 
   python -m pipeline.export --checkpoint DIR --output MODEL_DIR [--weights external|frozen] [--dtype ...]
   python -m pipeline.export --random tiny|124M|355M|774M|1558M --output MODEL_DIR   (random weights, for demos)
@@ -16,7 +17,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="OpenAI checkpoint dir (hparams.json) or Hugging Face dir (config.json)")
+    src.add_argument("--checkpoint", help="OpenAI GPT-2 checkpoint dir (hparams.json) or Hugging Face dir (config.json: "
+                          "gpt2, llama, qwen2 or mistral)")
     src.add_argument("--random", choices=["tiny", "124M", "355M", "774M", "1558M"],
                      help="random weights of this size with the real GPT-2 vocabulary (demos and tests)")
     p.add_argument("--output", required=True, help="model directory to write")
