@@ -39,7 +39,7 @@ from lmgraph.model import graph_weight, is_matrix
 from lmgraph.checkpoint import Weights, expected_shapes
 from lmgraph.config import ModelConfig
 from lmgraph.manifest import (CACHE_INPUT, FORMAT, FORMAT_VERSION, INPUTS, INT8_BF16_CACHE, OUTPUTS, PRECISIONS,
-                           SCORE_INPUTS, SCORE_OUTPUTS, sha256_file)
+                           SCORE_INPUTS, SCORE_OUTPUTS, STATE, sha256_file)
 from lmgraph.tokenizer import HF_TOKENIZER, HF_TOKENIZER_FILES, GPT2Tokenizer, HFTokenizer, find_vocab_files
 
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB cap, less room for the graph itself
@@ -107,7 +107,9 @@ def build_graph(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], precision:
         vocabulary = tf.constant(token_bytes, name="token_bytes")  # (V,) string
         cache = tf.compat.v1.placeholder(cache_dtype or model.matmul_dtype(params), [None, cfg.head_size],
                                          name=CACHE_INPUT)
-        outputs = model.generate(params, cfg, *inputs.values(), token_bytes=vocabulary, cache=cache)  # INPUTS' order
+        state = {name: tf.compat.v1.placeholder(dt, shape, name=name) for name, (dt, shape) in STATE.items()}
+        outputs = model.generate(params, cfg, *inputs.values(), token_bytes=vocabulary, cache=cache,  # INPUTS' order
+                                 state=state)
         for name in OUTPUTS:
             tf.identity(outputs[name], name=name)
         scoring = {name: tf.compat.v1.placeholder(dt, shape, name=name) for name, (dt, shape) in SCORE_INPUTS.items()}
@@ -214,7 +216,7 @@ def export(cfg: ModelConfig, weights: Weights | Iterable[tuple[str, np.ndarray]]
         "dtype": dtype,
         "graphs": graphs,
         "weights": weights_info,
-        "inputs": {n: f"{n}:0" for n in [*INPUTS, CACHE_INPUT]},
+        "inputs": {n: f"{n}:0" for n in [*INPUTS, CACHE_INPUT, *STATE]},
         "outputs": {n: f"{n}:0" for n in OUTPUTS},
         "score": {"inputs": {n: f"{n}:0" for n in SCORE_INPUTS}, "outputs": {n: f"{n}:0" for n in SCORE_OUTPUTS}},
         "source": source or {},

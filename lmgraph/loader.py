@@ -12,12 +12,13 @@ import ctypes
 import dataclasses
 import hashlib
 import logging
+import math
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
@@ -25,19 +26,21 @@ from lmgraph import import_tensorflow, tensorfile
 from lmgraph.checkpoint import expected_shapes
 from lmgraph.config import ModelConfig
 from lmgraph.device import engine_threads, graph_key, process_placement, resolve_precision, session_config
-from lmgraph.manifest import (CACHE_INPUT, INPUTS, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS, ModelError,
-                           check_digest, check_ops, model_label, read_manifest, verify_files)
+from lmgraph.manifest import (CACHE_INPUT, INPUTS, LENGTH, OUTPUTS, PRECISIONS, SCORE_INPUTS, SCORE_OUTPUTS, STATE,
+                              UNFINISHED, ModelError, check_digest, check_ops, model_label, read_manifest,
+                              verify_files)
 from lmgraph.sampling import FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 BIND_GROUP_BYTES = 64 << 20
 BIND_SCOPE = "bind"  # where the weights' assigns are imported, apart from the generation graph
 SCORE_SCOPE = "score"  # where scoring's nodes are imported on first use (external weights)
-# Fewest slots a part of a run keeps when a CPU runs it as parts side by side (GenerationModel.generate): each part
+# Fewest slots a lane keeps when a CPU runs a run as lanes side by side (GenerationModel.generate_parts): each lane
 # reads every weight each step, and below about 32 rows a step is bound by those reads (bfloat16 124M, 2 cores:
-# 8 rows 0.93 s in two parts against 0.79 in one, 64 rows alike, 128 rows 1.25x faster in two).
-PART_SLOTS = 32
-PARTS_WIDTH = 768  # models up to this n_embd run each op on one thread on a CPU (GenerationModel)
+# 8 rows 0.93 s in two lanes against 0.79 in one, 64 rows alike, 128 rows 1.25x faster in two).
+LANE_SLOTS = 32
+LANES_WIDTH = 768  # models up to this n_embd run each op on one thread on a CPU (GenerationModel)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -83,38 +86,42 @@ def stop_pattern(stops: Sequence[str]) -> bytes:
     return ("\\C*(?:" + "|".join("".join(map(escape, s)) for s in stops) + ")\\C*").encode()
 
 
-def split_rows(prompts: Sequence[Sequence[int]], costs: Sequence[int], parts: int) -> list[list[int]]:
-    """The rows (indices) of each of up to `parts` runs made of one: a prompt's rows (its samples) stay in one run,
-    which prefills it once, unless there are fewer distinct prompts than parts; each run gets about the same total
-    cost (largest first, each to the least loaded run so far). Each run's rows are in their given order."""
+def split_rows(prompts: Sequence[Sequence[int]], costs: Sequence[int], lanes: int) -> list[list[int]]:
+    """The rows (indices) of each of up to `lanes` lanes: a prompt's rows (its samples) stay in one lane, which
+    prefills it once, unless there are fewer distinct prompts than lanes; each lane gets about the same total cost
+    (largest first, each to the least loaded lane so far). Each lane's rows are in their given order."""
     blocks: dict[tuple[int, ...], list[int]] = {}
     for row, ids in enumerate(prompts):
         blocks.setdefault(tuple(ids), []).append(row)
-    groups = list(blocks.values()) if len(blocks) >= parts else [[row] for row in range(len(prompts))]
-    runs: list[list[int]] = [[] for _ in range(min(parts, len(groups)))]
-    load = [0] * len(runs)
+    groups = list(blocks.values()) if len(blocks) >= lanes else [[row] for row in range(len(prompts))]
+    split: list[list[int]] = [[] for _ in range(min(lanes, len(groups)))]
+    load = [0] * len(split)
     for rows in sorted(groups, key=lambda rows: -sum(costs[r] for r in rows)):  # stable: ties in row order
         least = load.index(min(load))
-        runs[least].extend(rows)
+        split[least].extend(rows)
         load[least] += sum(costs[r] for r in rows)
-    return [sorted(rows) for rows in runs]
+    return [sorted(rows) for rows in split]
 
 
-def side_by_side(parts: list[list[int]], run: Callable[[list[int]], list]) -> list:
-    """run(rows) for each part (row indices), the first in this thread and the others each in a thread of its own
-    (Session.run releases the GIL), their results put back in row order."""
-    if len(parts) == 1:
-        return run(parts[0])
-    done: list = [None] * sum(map(len, parts))
-    with ThreadPoolExecutor(len(parts) - 1) as pool:
-        others = [pool.submit(run, rows) for rows in parts[1:]]
-        for rows, results in zip(parts, [run(parts[0])] + [f.result() for f in others]):
-            for r, result in zip(rows, results):
-                done[r] = result
-    # The parts' threads each kept what oneDNN freed in their own C heap (int8: 0.1 GiB a run, growing run by run:
-    # the 1024 x 64 job peaked at 2139 MiB, against 1874 in one part); handed back after each call.
+def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Each call's result, the first call made in this thread and the others each in a thread of its own
+    (Session.run releases the GIL)."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    with ThreadPoolExecutor(len(calls) - 1) as pool:
+        others = [pool.submit(call) for call in calls[1:]]
+        results = [calls[0]()] + [f.result() for f in others]
+    # The threads each kept what oneDNN freed in their own C heap (int8: 0.1 GiB a run, growing run by run: the
+    # 1024 x 64 job peaked at 2139 MiB, against 1874 in one lane); handed back after each call.
     release_free_memory()
-    return done
+    return results
+
+
+class Part(NamedTuple):
+    """What a part of a run did: the completions of the rows that ended in it (by row index) and the tokens it
+    generated, those of rows still going included."""
+    done: dict[int, Completion]
+    tokens: int
 
 
 def sub_graph(graph_def, outputs: Sequence[str]):
@@ -135,13 +142,80 @@ def sub_graph(graph_def, outputs: Sequence[str]):
     return out
 
 
+class Lane:
+    """A run's rows that one Session.run at a time decodes (`slots` at once), in parts: each `part` goes on from
+    the loop state the last one returned (lmgraph.manifest.STATE) and from the KV cache it left in the buffer the
+    lane holds until it ends. rows: the rows' indices in the run, which Part.done uses."""
+
+    def __init__(self, model: GenerationModel, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                 params: Sequence[SamplingParams], logprobs: bool, slots: int, stops: Sequence[str]):
+        # Longest first (by max_new_tokens; stable, so a prompt's samples stay together): the graph admits rows in
+        # order, so the rows that start last are the shortest and the slots empty together at the end. In arrival
+        # order a long row admitted last ran on alone: 0.64x the tokens/s of even rows, 0.90x longest first
+        # (BENCHMARKS.md). Rows are independent: the order changes no row's output.
+        order = sorted(range(len(prompts)), key=lambda r: -params[r].max_new_tokens)
+        self.model, self.rows = model, [rows[r] for r in order]
+        prompts, params = [prompts[r] for r in order], [params[r] for r in order]
+        distinct: dict[tuple[int, ...], int] = {}  # a prompt given several times (samples) is prefilled once
+        prompt_index = np.array([distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts], np.int32)
+        lengths = np.array([len(ids) for ids in distinct], np.int32)
+        batch = np.full((len(distinct), lengths.max()), model.config.eos_ids[0], np.int32)
+        for row, ids in enumerate(distinct):
+            batch[row, :len(ids)] = ids  # right padding
+        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in FIELDS]
+        self.inputs = [batch, lengths, prompt_index, np.bool_(logprobs), None, stop_pattern(stops), *per_row]
+        R, eot = len(prompts), model.config.eos_ids[0]
+        self.N = max(max(p.max_new_tokens for p in params), 1)
+        S = min(slots, R)
+        self.state = {  # empty slots, no request admitted, every row UNFINISHED (lmgraph.model.generate)
+            "slot_request": np.full(S, R, np.int32), "slot_step": np.zeros(S, np.int32),
+            "slot_token": np.full(S, eot, np.int32), "slot_done": np.ones(S, np.bool_),
+            "slot_n_new": np.zeros(S, np.int32), "slot_text": np.full(S, b"", object),
+            "next_request": np.int32(0), "out_tokens": np.full(R * self.N + 1, eot, np.int32),
+            "out_logprobs": np.zeros(R * self.N + 1, np.float32), "out_lengths": np.zeros(R + 1, np.int32),
+            "out_finish": np.full(R + 1, UNFINISHED, np.int32)}
+        self.reported = np.zeros(R, np.bool_)  # rows whose completion a part has returned
+        self.tokens = 0  # generated so far
+        length = max(len(ids) + max(p.max_new_tokens, 1) for ids, p in zip(prompts, params))  # the graph's L
+        self.cache: np.ndarray | None = model._cache(S * length)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.reported.all())
+
+    def part(self, deadline: float) -> Part:
+        """The next part, up to `deadline` (time.time()'s clock)."""
+        self.inputs[4] = np.float64(deadline)
+        outputs = self.model._run(*self.inputs, self.cache, *self.state.values())
+        self.state = dict(zip(STATE, outputs))
+        R = len(self.rows)
+        finish, lengths = self.state["out_finish"][:R], self.state["out_lengths"][:R]
+        ended = finish != UNFINISHED
+        tokens = self.state["out_tokens"][:R * self.N].reshape(R, self.N)
+        logprobs = self.state["out_logprobs"][:R * self.N].reshape(R, self.N)
+        done = {self.rows[r]: Completion(tokens[r, :n].tolist(), logprobs[r, :n].tolist(),
+                                         "stop" if finish[r] != LENGTH else "length")
+                for r, n in enumerate(lengths) if ended[r] and not self.reported[r]}
+        self.reported |= ended
+        going = self.state["slot_n_new"][~self.state["slot_done"]]
+        generated = int(lengths[ended].sum() + going.sum())
+        generated, self.tokens = generated - self.tokens, generated
+        return Part(done, generated)
+
+    def close(self) -> None:
+        """Hand the cache buffer back to the model for its next run."""
+        if self.cache is not None:
+            self.model._caches.append(self.cache)
+            self.cache = None
+
+
 class GenerationModel:
     """A verified model in its own tf.compat.v1.Session; `generate` is safe to call from many threads.
 
     precision: "auto" (the device's fastest: bfloat16 on CPUs with AMX or AVX512-BF16 and on Ampere GPUs,
     float16 on older GPUs, else float32), or "float32" | "bfloat16" | "float16" | "int8" (CPUs only).
     intra_threads: the cores generation uses (default: those the process may run on). On a CPU a call's rows run
-    as that many parts side by side (generate), and up to PARTS_WIDTH each op on one thread (lmgraph.device).
+    as that many lanes side by side (generate_parts), and up to LANES_WIDTH each op on one thread (lmgraph.device).
     """
 
     def __init__(self, model_dir: str | Path, *, precision: str = "auto", intra_threads: int | None = None,
@@ -179,13 +253,13 @@ class GenerationModel:
         stage_done("graph")
 
         self.graph = tf.Graph()
-        # On a CPU a call's rows run as a part per core side by side (generate). At widths up to PARTS_WIDTH
-        # (124M) the pipeline's runs hold enough slots for two parts or more (transforms.batching: 128 slots at
+        # On a CPU a call's rows run as a lane per core side by side (generate_parts). At widths up to LANES_WIDTH
+        # (124M) the pipeline's runs hold enough slots for two lanes or more (transforms.batching: 128 slots at
         # 124M, at most ~35 above), and each op then runs on one thread; wider models keep every core on each op.
-        one_thread_ops = placement.device.startswith("/CPU") and self.config.n_embd <= PARTS_WIDTH
+        one_thread_ops = placement.device.startswith("/CPU") and self.config.n_embd <= LANES_WIDTH
         self.session = tf.compat.v1.Session(graph=self.graph,
                                             config=session_config(intra_threads, placement, one_thread_ops))
-        self._parts = engine_threads(intra_threads) if placement.device.startswith("/CPU") else 1
+        self._lanes = engine_threads(intra_threads) if placement.device.startswith("/CPU") else 1
         # Close the Session when the model is garbage-collected (e.g. the last DoFn holding it torn down).
         self._close_session = weakref.finalize(self, self.session.close)
         if self.manifest["weights"]["mode"] == "external":
@@ -215,7 +289,7 @@ class GenerationModel:
         del graph_def, generation
         stage_done("import")
         self._run = self.session.make_callable([io[1][n] for n in OUTPUTS],
-                                               feed_list=[io[0][n] for n in [*INPUTS, CACHE_INPUT]])
+                                               feed_list=[io[0][n] for n in [*INPUTS, CACHE_INPUT, *STATE]])
         self._cache_dtype = self.graph.get_tensor_by_name(io[0][CACHE_INPUT]).dtype.as_numpy_dtype
         self._caches: list[np.ndarray] = []  # KV cache buffers between runs (one per concurrent run)
         self._score = None if self._scoring_graph else self._scoring_callable("")
@@ -321,23 +395,38 @@ class GenerationModel:
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                  logprobs: bool = True, slots: int | None = None, stops: Sequence[str] = ()) -> list[Completion]:
-        """Complete each prompt (a non-empty list of token ids) in one Session.run, `slots` rows decoded at once
-        (default: every prompt): a row that ends frees its slot for the next prompt, longest max_new_tokens
-        first (continuous batching). `stops`: strings that end a row as soon as its text holds one; the completion
-        keeps the stop string (transforms/detokenize.py cuts it). Without `logprobs` the graph skips the
-        log-sum-exp over the vocabulary and Completion.logprobs are zeros.
+        """Complete each prompt (a non-empty list of token ids), `slots` rows decoded at once (default: every
+        prompt): a row that ends frees its slot for the next prompt, longest max_new_tokens first (continuous
+        batching). `stops`: strings that end a row as soon as its text holds one; the completion keeps the stop
+        string (transforms/detokenize.py cuts it). Without `logprobs` the graph skips the log-sum-exp over the
+        vocabulary and Completion.logprobs are zeros. `generate_parts` is the same run, in parts."""
+        done: dict[int, Completion] = {}
+        for part in self.generate_parts(prompts, params, logprobs, slots, stops):
+            done.update(part.done)
+        return [done[r] for r in range(len(done))]
 
-        On a CPU with several cores (intra_threads) the rows run as that many Session.runs side by side, each with
-        its share of the slots (split_rows; no part under PART_SLOTS slots). A row's output is the same bits in
-        any part (rows are independent: test_invariance)."""
+    def generate_parts(self, prompts: Sequence[Sequence[int]],
+                       params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                       logprobs: bool = True, slots: int | None = None, stops: Sequence[str] = (),
+                       seconds: float | None = None) -> Iterator[Part]:
+        """`generate`'s run in parts of about `seconds` each (None: one part), yielding what each part did: a
+        part is a Session.run that stops after the first decode step that ends past its deadline, and the next
+        goes on from the loop state and KV cache it left (lmgraph.model.generate), so the rows are the same bits
+        as in one part, while a caller sees rows end and tokens come every `seconds`.
+
+        On a CPU with several cores (intra_threads) the rows run as that many lanes side by side, each with its
+        share of the slots (split_rows; no lane under LANE_SLOTS slots), their parts in step. A row's output is
+        the same bits in any lane (rows are independent: test_invariance)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         if slots is not None and slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"seconds must be > 0, got {seconds!r}")
         if not prompts:
-            return []
+            return
         for row, (ids, p) in enumerate(zip(prompts, params)):
             p.validate()
             if not ids:
@@ -346,39 +435,22 @@ class GenerationModel:
                 raise ValueError(f"row {row}: {len(ids)} prompt tokens + {p.max_new_tokens} new tokens exceed "
                                  f"the model context of {self.config.n_ctx}")
         slots = min(slots or len(prompts), len(prompts))
-        parts = split_rows(prompts, [len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)],
-                           min(self._parts, max(1, slots // PART_SLOTS)))
-
-        return side_by_side(parts, lambda rows: self._generate(  # a part keeps its share of the slots, rounded up
-            [prompts[r] for r in rows], [params[r] for r in rows], logprobs, -(-slots * len(rows) // len(prompts)),
-            stops))
-
-    def _generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], logprobs: bool,
-                  slots: int, stops: Sequence[str]) -> list[Completion]:
-        """generate's rows (checked) as one Session.run of `slots` slots."""
-        # Longest first (by max_new_tokens; stable, so a prompt's samples stay together): the graph admits rows in
-        # order, so the rows that start last are the shortest and the slots empty together at the end. In arrival
-        # order a long row admitted last ran on alone: 0.64x the tokens/s of even rows, 0.90x longest first
-        # (BENCHMARKS.md). Rows are independent: the order changes no row's output.
-        order = sorted(range(len(prompts)), key=lambda r: -params[r].max_new_tokens)
-        prompts, params = [prompts[r] for r in order], [params[r] for r in order]
-        distinct: dict[tuple[int, ...], int] = {}  # a prompt given several times (samples) is prefilled once
-        prompt_index = np.array([distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts], np.int32)
-        lengths = np.array([len(ids) for ids in distinct], np.int32)
-        batch = np.full((len(distinct), lengths.max()), self.config.eos_ids[0], np.int32)
-        for row, ids in enumerate(distinct):
-            batch[row, :len(ids)] = ids  # right padding
-        per_row = [np.array([getattr(p, name) for p in params], INPUTS[name][0]) for name in FIELDS]
-        length = max(len(ids) + max(p.max_new_tokens, 1) for ids, p in zip(prompts, params))  # the graph's L
-        cache = self._cache(slots * length)
+        split = split_rows(prompts, [len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)],
+                           min(self._lanes, max(1, slots // LANE_SLOTS)))
+        lanes = [Lane(self, rows, [prompts[r] for r in rows], [params[r] for r in rows], logprobs,
+                      -(-slots * len(rows) // len(prompts)), stops)  # a lane keeps its share of the slots, rounded up
+                 for rows in split]
         try:
-            tokens, n_new, finish, lp = self._run(batch, lengths, prompt_index, np.bool_(logprobs), np.int32(slots),
-                                                  stop_pattern(stops), *per_row, cache)
+            while lanes:
+                deadline = math.inf if seconds is None else time.time() + seconds  # tf.timestamp's clock
+                parts = side_by_side([lambda lane=lane: lane.part(deadline) for lane in lanes])
+                yield Part({r: c for part in parts for r, c in part.done.items()}, sum(p.tokens for p in parts))
+                for lane in [lane for lane in lanes if lane.ended]:
+                    lane.close()
+                lanes = [lane for lane in lanes if not lane.ended]
         finally:
-            self._caches.append(cache)
-        done = [Completion(tokens[r, :n].tolist(), lp[r, :n].tolist(), "stop" if finish[r] else "length")
-                for r, n in enumerate(n_new)]
-        return [done[i] for i in np.argsort(order, kind="stable")]
+            for lane in lanes:
+                lane.close()
 
     def _cache(self, positions: int) -> np.ndarray:
         """A zeroed KV cache buffer for `positions` positions (lmgraph.model.generate writes the run's cache into it
@@ -406,8 +478,13 @@ class GenerationModel:
         # On a CPU with several cores, as that many Session.runs side by side (as generate): texts dealt longest
         # first, so each run pads to about the same length.
         order = sorted(range(len(texts)), key=lambda r: -len(texts[r]))
-        parts = [order[i::self._parts] for i in range(min(self._parts, len(texts)))]
-        return side_by_side(parts, lambda rows: self._score_run([texts[r] for r in rows]))
+        lanes = [order[i::self._lanes] for i in range(min(self._lanes, len(texts)))]
+        done: list = [None] * len(texts)
+        for rows, scored in zip(lanes, side_by_side([lambda rows=rows: self._score_run([texts[r] for r in rows])
+                                                     for rows in lanes])):
+            for r, logprobs in zip(rows, scored):
+                done[r] = logprobs
+        return done
 
     def _score_run(self, texts: Sequence[Sequence[int]]) -> list[list[float]]:
         lengths = np.array([len(ids) for ids in texts], np.int32)

@@ -12,11 +12,11 @@ import json
 from pathlib import Path, PurePosixPath
 
 FORMAT = "gpt2-tf-generation-graph"
-FORMAT_VERSION = 8  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
+FORMAT_VERSION = 9  # 3: one graph per precision, weights bound at load by default; 4: continuous batching;
 # 5: right-padded inputs, left-aligned cache rows, batch-invariant bfloat16; 6: weight placeholders of unknown shape
 # (the loader checks shapes against the config), weights.safetensors contiguous and hashed as it is bound;
 # 7: the KV cache is an input (CACHE_INPUT); 8: int8 weights (out, in) through _QuantizedMatMul, and an int8 graph
-# with a bfloat16 cache
+# with a bfloat16 cache; 9: a run in parts (the decode loop's STATE in and out, a deadline)
 MANIFEST = "manifest.json"
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 # Graphs by key: one per precision, and int8 weights with a bfloat16 KV cache and attention for CPUs with bfloat16
@@ -30,7 +30,8 @@ INPUTS = {
     "input_lengths": ("int32", [None]),  # (B,) real tokens per row, >= 1
     "prompt_index": ("int32", [None]),  # (R,) the prompt each output row continues
     "want_logprobs": ("bool", []),  # compute each token's log-probability (else zeros)
-    "slots": ("int32", []),  # rows decoded at once (continuous batching: a row that ends frees its slot)
+    # the part ends at the first loop iteration that ends at or past it (seconds since the epoch; inf: never)
+    "deadline": ("float64", []),
     "stop_pattern": ("string", []),  # RE2 pattern a row's text fully matches once it holds a stop string; "" = none
     # the rest are per output row: the SamplingParams fields, in their order
     "max_new_tokens": ("int32", [None]),
@@ -43,7 +44,25 @@ INPUTS = {
 # The run's KV cache, written in place: (at least n_layer x 2 x n_head x S x L rows, head_size), zeros, in the
 # graph's cache dtype (so not in INPUTS: its dtype is the precision's). Fed by the loader from a buffer of its own.
 CACHE_INPUT = "cache_buffer"
-OUTPUTS = ["tokens", "lengths", "finish_reason", "logprobs"]
+# The decode loop's state but its cache (lmgraph.model.LoopState), fed in and returned as `<name>_out` (OUTPUTS):
+# a run is decoded in parts, each a Session.run that goes on where the last one stopped (lmgraph.loader.Run).
+# S slots (their number is the length of the slot_ tensors), R requests, N = the largest max_new_tokens.
+STATE = {
+    "slot_request": ("int32", [None]),  # (S,) the request in the slot (R: none)
+    "slot_step": ("int32", [None]),  # (S,) its own step whose token it chose last
+    "slot_token": ("int32", [None]),  # (S,) that token
+    "slot_done": ("bool", [None]),  # (S,) the row has ended, or the slot is empty
+    "slot_n_new": ("int32", [None]),  # (S,) tokens it has emitted
+    "slot_text": ("string", [None]),  # (S,) its bytes so far (with stop strings)
+    "next_request": ("int32", []),  # the first request not yet admitted
+    "out_tokens": ("int32", [None]),  # (R*N + 1,) request r's token of step k at r*N + k
+    "out_logprobs": ("float32", [None]),  # (R*N + 1,)
+    "out_lengths": ("int32", [None]),  # (R + 1,) tokens emitted, once the request has ended
+    "out_finish": ("int32", [None]),  # (R + 1,) why it ended (lmgraph.model's codes; UNFINISHED until then)
+}
+OUTPUTS = [f"{name}_out" for name in STATE]
+LENGTH, END_OF_TEXT, STOP_STRING = 0, 1, 2  # out_finish: why a row ended
+UNFINISHED = -1  # out_finish of a row that has not ended (yet)
 # The same graph scores given text (lmgraph.model.score), sharing the weights: its own inputs and output.
 SCORE_INPUTS = {"score_ids": ("int32", [None, None]), "score_lengths": ("int32", [None])}  # (B, T) right padded
 SCORE_OUTPUTS = ["token_logprobs"]  # (B, T) log p(token | tokens before it)
@@ -58,7 +77,7 @@ ALLOWED_OPS = frozenset("""
     Snapshot Softmax Split SplitV Sqrt Square SquaredDifference Squeeze StopGradient StridedSlice Sub Sum Switch Tanh
     TensorListConcatV2 TensorListFromTensor TensorListGather TensorListGetItem TensorListLength TensorListReserve
     TensorListSetItem TensorListStack TopKV2 Transpose Unpack VarHandleOp Where ZerosLike
-    _QuantizedMatMul RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique
+    _QuantizedMatMul RegexFullMatch Round Size StringJoin StringLength TensorScatterUpdate Tile Unique Timestamp
 """.split())
 
 

@@ -59,6 +59,7 @@ import tensorflow as tf
 import numpy as np
 
 from lmgraph.config import ModelConfig
+from lmgraph.manifest import END_OF_TEXT, LENGTH, STOP_STRING
 
 NEG_INF = -1e9  # additive mask; finite so a fully masked (padding) query row stays finite
 MAX_REDUCTION = 768  # inputs a bfloat16/float16 matmul sums in one call (see the module docstring)
@@ -678,7 +679,6 @@ def choose_tokens(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, t
     return token, tf.cond(want_logprobs, lambda: log_softmax_at(logits, token), lambda: tf.zeros_like(logits[:, 0]))
 
 
-LENGTH, END_OF_TEXT, STOP_STRING = 0, 1, 2  # finish_reason codes: why a row ended
 
 
 class Slots(NamedTuple):
@@ -697,7 +697,7 @@ class Outputs(NamedTuple):
     tokens: tf.Tensor  # (R*N + 1,) int32 request r's token of step k at r*N + k (eot where none)
     logprobs: tf.Tensor  # (R*N + 1,) float32 its log-probability (0 where none)
     lengths: tf.Tensor  # (R + 1,) int32 tokens emitted, written when the row ends
-    finish: tf.Tensor  # (R + 1,) int32 LENGTH, END_OF_TEXT or STOP_STRING
+    finish: tf.Tensor  # (R + 1,) int32 LENGTH, END_OF_TEXT or STOP_STRING once the row ends, UNFINISHED before
 
 
 class LoopState(NamedTuple):
@@ -844,49 +844,54 @@ def loop_body(run: Run, s: LoopState) -> LoopState:
 
 
 def generate(params: Params, cfg: ModelConfig, ids: tf.Tensor, lengths: tf.Tensor, prompt_index: tf.Tensor,
-             want_logprobs: tf.Tensor, slots: tf.Tensor, stop_pattern: tf.Tensor, max_new_tokens: tf.Tensor,
+             want_logprobs: tf.Tensor, deadline: tf.Tensor, stop_pattern: tf.Tensor, max_new_tokens: tf.Tensor,
              temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, ignore_eos: tf.Tensor,
-             token_bytes: tf.Tensor, cache: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Completions of R requests, decoded S at a time (continuous batching), all inside the graph.
+             token_bytes: tf.Tensor, cache: tf.Tensor, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """A part of the completion of R requests, decoded S at a time (continuous batching), all inside the graph.
 
     ids (B, T) int32 distinct right-padded prompts, lengths (B,) int32 >= 1; prompt_index (R,) int32: the prompt
-    each request continues; want_logprobs () bool: compute the log-probabilities (zeros otherwise); slots ()
-    int32: S, the rows decoded at once (clipped to 1..R); stop_pattern () string: an RE2 pattern that a row's
-    text so far fully matches once it holds a stop string ("" = none); token_bytes (V,) string: each token's
-    bytes (needed for stop strings); and per request: max_new_tokens int32, temperature float32 (0 = greedy),
-    top_k int32 (0 = off), top_p float32 (1 = off), seed int64, ignore_eos bool (go on past end-of-text).
-    cache (>= n_layer x 2 x nkv x S x L, hs) zeros in the weights' dtype: the buffer the KV cache is written into,
-    in place. It is an input, not made here: TensorFlow's CPU pool (BFC) never hands memory back, and a cache it
-    allocated stayed resident beside the next, larger one (at 1.5B, +0.4 GiB by a job's second run); the loader
-    keeps one buffer for its runs instead.
+    each request continues; want_logprobs () bool: compute the log-probabilities (zeros otherwise); deadline ()
+    float64: the part ends after the first loop iteration that ends at or past it (seconds since the epoch, as
+    tf.timestamp; inf: when every request has ended); stop_pattern () string: an RE2 pattern that a row's text so
+    far fully matches once it holds a stop string ("" = none); token_bytes (V,) string: each token's bytes (needed
+    for stop strings); and per request: max_new_tokens int32, temperature float32 (0 = greedy), top_k int32 (0 =
+    off), top_p float32 (1 = off), seed int64, ignore_eos bool (go on past end-of-text).
+    cache (>= n_layer x 2 x nkv x S x L, hs) in the weights' dtype: the buffer the KV cache is written into, in
+    place; zeros at a run's start. It is an input, not made here: TensorFlow's CPU pool (BFC) never hands memory
+    back, and a cache it allocated stayed resident beside the next, larger one (at 1.5B, +0.4 GiB by a job's
+    second run); the loader keeps one buffer for its runs instead.
+    state: the loop's state where the last part left it (lmgraph.manifest.STATE; at a run's start empty slots,
+    next_request 0 and outputs of UNFINISHED rows: lmgraph.loader.Run); its S is the run's slots.
 
     Each iteration decodes one token for every occupied slot (`decode`); a row that ends frees its slot, and the
     next requests are admitted into the free slots in order (`admit`). A row's cache is laid out as it would be
     alone (prompt in columns [0, length), its step k's token in column length + k), its sampling noise keyed by
     its own seed and step: its tokens are those it gets alone, whatever its neighbours and arrival order (and in
-    bfloat16 too, see the module docstring).
+    bfloat16 too, see the module docstring). A part goes on from its state and the cache exactly as the loop
+    would have, so where a run is cut into parts changes nothing in it.
 
-    Returns tokens (R, N) int32 (padded with the first end-of-sequence token), lengths (R,), finish_reason (R,) int32 (LENGTH,
-    END_OF_TEXT, STOP_STRING) and logprobs (R, N) float32 of each chosen token; N = max(max_new_tokens).
-    The loop ends when every request has ended.
+    Returns the state after the part (`<name>_out`): a request's tokens are out_tokens[r*N : r*N + n], n its
+    out_lengths, once its out_finish is LENGTH, END_OF_TEXT or STOP_STRING; N = max(max_new_tokens).
     """
     eot = cfg.eos_ids[0]  # what a row's unused steps hold
     R = tf.shape(prompt_index)[0]
     N = tf.maximum(tf.reduce_max(max_new_tokens), 1)
-    S = tf.clip_by_value(slots, 1, tf.maximum(R, 1))
+    S = tf.shape(state["slot_request"])[0]
     row_length = tf.gather(lengths, prompt_index)  # (R,) prompt length per request
     L = tf.reduce_max(row_length + tf.maximum(max_new_tokens, 1))  # cache columns: the longest row's end
     run = Run(params, cfg, ids, lengths, prompt_index, row_length, max_new_tokens, temperature, top_k, top_p, seed,
               ignore_eos, want_logprobs, stop_pattern, token_bytes, eot, R, N, L)
 
-    empty = Slots(request=tf.fill([S], R), step=tf.zeros([S], tf.int32), token=tf.fill([S], eot),
-                  done=tf.ones([S], tf.bool), n_new=tf.zeros([S], tf.int32), text=tf.fill([S], ""))
-    out = Outputs(tokens=tf.fill([R * N + 1], eot), logprobs=tf.zeros([R * N + 1]), lengths=tf.zeros([R + 1], tf.int32),
-                  finish=tf.zeros([R + 1], tf.int32))
     rows = cfg.n_layer * 2 * S * cfg.kv_heads * L
     past = tf.reshape(cache[:rows], [cfg.n_layer, 2, S, cfg.kv_heads, L, cfg.head_size])  # its first rows: no copy
-    s = LoopState(empty, past, tf.constant(0), out)
-    [s] = tf.while_loop(lambda s: ~tf.reduce_all(s.slots.done) | (s.next_request < R),
-                        lambda s: [loop_body(run, s)], [s])
-    return {"tokens": tf.reshape(s.out.tokens[:R * N], [R, N]), "lengths": s.out.lengths[:R],
-            "finish_reason": s.out.finish[:R], "logprobs": tf.reshape(s.out.logprobs[:R * N], [R, N])}
+    slots = Slots(*(state[f"slot_{name}"] for name in Slots._fields))
+    out = Outputs(*(state[f"out_{name}"] for name in Outputs._fields))
+    s = LoopState(slots, past, state["next_request"], out)
+
+    def more(s, i):  # requests left, and the part's first iteration or time left
+        return ((~tf.reduce_all(s.slots.done) | (s.next_request < R))
+                & (tf.equal(i, 0) | (tf.timestamp() < deadline)))
+
+    s, _ = tf.while_loop(more, lambda s, i: (loop_body(run, s), i + 1), (s, tf.constant(0)))
+    return {**{f"slot_{name}_out": v for name, v in s.slots._asdict().items()}, "next_request_out": s.next_request,
+            **{f"out_{name}_out": v for name, v in s.out._asdict().items()}}

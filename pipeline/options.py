@@ -14,7 +14,7 @@ from lmgraph.config import ModelConfig
 from lmgraph.sampling import FIELDS, HELP, TYPES, SamplingParams
 from pipeline.beam_version import WORKER_BEAM_VERSION, worker_beam_mismatch
 from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
-from transforms.pacing import TARGET_RUN_SECONDS
+from transforms.generate import PART_SECONDS
 from transforms.records import MESSAGES
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -74,9 +74,9 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
                         f"locked {WORKER_BEAM_VERSION}, as this repository's Dockerfile installs); checked when a job "
                         "on a remote runner names its workers (--sdk_container_image, --environment_config)")
     if generating:
-        b.add_argument("--run_seconds", type=float, default=TARGET_RUN_SECONDS,
-                       help="seconds of work per Session.run, from the worker's measured rate: rows done and "
-                            "progress move this often, and a failed run redoes at most this much")
+        b.add_argument("--run_seconds", type=float, default=PART_SECONDS,
+                       help="seconds per Session.run: a worker decodes its rows in parts this long, each going on "
+                            "where the last stopped; rows done and progress move this often")
 
 
 def _console_options(p: argparse.ArgumentParser) -> None:

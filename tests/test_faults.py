@@ -56,13 +56,13 @@ class FaultyModel:
         self.model, self.poison = model, poison
         self.precision = model.precision
 
-    def generate(self, prompts, params, logprobs=True, slots=None, stops=()):
+    def generate_parts(self, prompts, params, logprobs=True, slots=None, stops=(), seconds=None):
         CALLS.append(len(prompts))
         if len(prompts) > FITS:
             raise tf.errors.ResourceExhaustedError(None, None, f"OOM when allocating tensor for {len(prompts)} rows")
         if self.poison in [list(p) for p in prompts]:
             raise tf.errors.InvalidArgumentError(None, None, "logits are NaN")
-        return self.model.generate(prompts, params, logprobs, slots, stops)
+        yield from self.model.generate_parts(prompts, params, logprobs, slots, stops, seconds)
 
 
 class FaultyGenerate(GenerateBatches):
@@ -97,9 +97,9 @@ def test_failing_batch_is_split_down_to_the_rows_that_fail_alone(model, model_di
     result = p.run()
     result.wait_until_finish()
 
-    # 8 rows, taken from the run's end (longest prompts first: r7..r0): halves of 4 fail, their halves of 2 fit,
-    # except [poison, r4], whose r4 alone fits and poison fails
-    assert CALLS == [8, 4, 2, 2, 1, 1, 4, 2, 2]
+    # 8 rows in order: halves of 4 fail, their halves of 2 fit, except [r4, poison], whose r4 alone fits and
+    # poison fails
+    assert CALLS == [8, 4, 2, 2, 4, 2, 1, 1, 2]
     results = {r.request.id: r for r in OUT["ok"]}
     assert sorted(results) == [f"r{i}" for i in range(8) if i != 5]
     for r in batch:
@@ -112,7 +112,7 @@ def test_failing_batch_is_split_down_to_the_rows_that_fail_alone(model, model_di
     metrics = result.metrics().query(MetricsFilter().with_namespace("gpt2"))
     counters = {c.key.metric.name: c.result for c in metrics["counters"]}
     assert (counters["dead_letters"], counters["prompts"]) == (1, 7)
-    sizes = [d.result for d in metrics["distributions"] if d.key.metric.name == "run_size"][0]
+    sizes = [d.result for d in metrics["distributions"] if d.key.metric.name == "rows_per_part"][0]
     assert (sizes.count, sizes.sum, sizes.max) == (4, 7, 2)  # only the batches that worked: 2, 2, 1, 2
 
 

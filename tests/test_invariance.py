@@ -326,22 +326,29 @@ def test_124m_rows_are_the_same_alone_in_one_run_and_with_refills(model_124m):
     assert len({tuple(c.token_ids) for c in alone}) == n  # real, different completions
 
 
-def test_124m_rows_are_the_same_in_parts_side_by_side(model_124m, monkeypatch):
-    """On a CPU a run of 64 rows goes as two Session.runs side by side (one thread an op each): its rows, greedy
-    and sampled, are the same bits as in one run of 31 slots with refills (too few slots to split)."""
+def test_124m_rows_are_the_same_in_lanes_side_by_side(model_124m, monkeypatch):
+    """On a CPU a run of 64 rows goes as two lanes side by side (one thread an op each): its rows, greedy and
+    sampled, are the same bits as in one lane of 31 slots with refills (too few slots to split)."""
+    from lmgraph import loader
+
     rng = np.random.default_rng(11)
     n = 64
     prompts = [rng.integers(0, 50257, k).tolist() for k in rng.integers(1, 21, n)]
     params = [SamplingParams(max_new_tokens=8, temperature=0.8 * (i % 2), top_k=40 * (i % 2), seed=i)
               for i in range(n)]
-    runs = []
-    real = model_124m._generate
-    monkeypatch.setattr(model_124m, "_generate", lambda *a: runs.append(len(a[0])) or real(*a))
-    parts = model_124m.generate(prompts, params)
-    assert sorted(runs) == [32, 32]  # two runs of 32 rows (and 32 slots) each
+    lanes = []
+
+    class Lane(loader.Lane):
+        def __init__(self, model, rows, *a):
+            lanes.append(len(rows))
+            super().__init__(model, rows, *a)
+
+    monkeypatch.setattr(loader, "Lane", Lane)
+    split = model_124m.generate(prompts, params)
+    assert sorted(lanes) == [32, 32]  # two lanes of 32 rows (and 32 slots) each
     one = model_124m.generate(prompts, params, slots=31)
-    assert runs[2:] == [64]
-    assert [(c.token_ids, c.logprobs) for c in parts] == [(c.token_ids, c.logprobs) for c in one]
+    assert lanes[2:] == [64]
+    assert [(c.token_ids, c.logprobs) for c in split] == [(c.token_ids, c.logprobs) for c in one]
 
 
 def test_124m_a_rows_tokens_prefilled_continue_as_decoding_did(model_124m):

@@ -1,28 +1,31 @@
 """Generation as a task of the batch skeleton (transforms/work.py): rows -> requests, one per sample (validate.py's
-checks, a chat row's messages rendered with the model's chat template, tokenized to fit the context); runs of requests -> completions with the GPT-2 generation graph (continuous
-batching: transforms/batching.py cuts the runs and sets their slots; a worker decodes a run in parts of about
-`target_seconds` each, one Session.run per part, transforms/pacing.py); completions -> rows (detokenize.py).
+checks, a chat row's messages rendered with the model's chat template, tokenized to fit the context); runs of
+requests -> completions with the generation graph (continuous batching: transforms/batching.py cuts the runs and
+sets their slots; a worker decodes a run in parts of about `target_seconds` each, one Session.run per part);
+completions -> rows (detokenize.py).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from apache_beam.metrics import Metrics
 
 from lmgraph.sampling import SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, RUNS, group_key, run_slots
 from transforms.detokenize import completion_row
-from transforms.pacing import TARGET_RUN_SECONDS, Pace, parts
 from transforms.progress import NAMESPACE, TOKENS
 from transforms.records import NUM_SAMPLES, Request, Result, dead_letter
 from transforms.resources import shared_model
 from transforms.validate import (expand_samples, fit_context, prompt_error, resolve_num_samples, resolve_params,
                                  to_prompt_row)
-from transforms.work import RunBatches, Task
+from transforms.work import Done, RunBatches, Task
 
 TRUNCATE = ("none", "left")
-_PACE = Pace()  # this worker process's generation rate, shared by its threads and DoFn instances
+# A worker decodes a run in parts of about this many seconds, each a Session.run that goes on where the last one
+# stopped (lmgraph.loader.GenerationModel.generate_parts): rows done and tokens move every part whatever the
+# model's size, and continuous batching goes on across parts.
+PART_SECONDS = 10.0
 
 
 def row_units(batch: list[Request]) -> list[list[Request]]:
@@ -48,13 +51,13 @@ class Generation(Task):
     Runs: `run_slots` rows decoded at a time (batch_size, fewer where max_batch_tokens says the cache would not
     fit); `stops` end a row in the graph as soon as its text holds one (`format` cuts it out); logprobs: the graph
     also gives each token's log-probability (else it skips the log-sum-exp). A run is decoded in parts of about
-    target_seconds of work each (transforms/pacing.py). A row's samples are one unit: retried together, never split
-    between parts. Output rows carry model_label."""
+    target_seconds each, rows going on from one part to the next. A row's samples are one unit: retried together.
+    Output rows carry model_label."""
     batch_size: int = DEFAULT_BATCH_SIZE
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     stops: Sequence[str] = ()
     logprobs: bool = False
-    target_seconds: float = TARGET_RUN_SECONDS
+    target_seconds: float = PART_SECONDS
     defaults: SamplingParams = SamplingParams()
     seed: int = 0
     num_samples: int | None = None
@@ -67,7 +70,7 @@ class Generation(Task):
     stage = "Generate"
     requests_counter = "prompts"
     tokens_counter = TOKENS
-    size_metric = "run_size"
+    size_metric = "rows_per_part"
 
     def __post_init__(self):
         self.stops = (self.stops,) if isinstance(self.stops, str) else tuple(self.stops)
@@ -125,33 +128,31 @@ class Generation(Task):
                                            num_samples=num_samples,
                                            with_sample=self.num_samples is not None or n is not None)))
 
-    def generate(self, model, requests: list[Request]) -> list:
-        """The model's completions of the requests, as one run."""
-        return model.generate([r.token_ids for r in requests], [r.params for r in requests], self.logprobs,
-                              run_slots(requests, self.batch_size, self.max_batch_tokens), self.stops)
-
-    def run(self, model, requests: list[Request]) -> list[Result]:
-        done = self.generate(model, requests)
-        return [Result(r, c.token_ids, c.finish_reason, model.precision, c.logprobs) for r, c in zip(requests, done)]
-
-    def account(self, requests: list[Request], results: list[Result], seconds: float) -> tuple[int, int]:
-        longest = max(len(r.token_ids) for r in requests)
-        Metrics.counter(NAMESPACE, "padding_tokens").inc(sum(longest - len(r.token_ids) for r in requests))
-        tokens = sum(len(c.token_ids) for c in results)
-        _PACE.record(tokens, seconds)
-        return len(requests), tokens
+    def run(self, model, units: list[list[Request]]) -> Iterator[Done]:
+        """The units' completions as one run of run_slots rows at a time, in parts of target_seconds (the model's
+        generate_parts), each unit's Results once its last sample has ended."""
+        rows = [r for u in units for r in u]
+        unit_of = [i for i, u in enumerate(units) for _ in u]
+        first = [0]  # each unit's first row
+        for u in units[:-1]:
+            first.append(first[-1] + len(u))
+        longest = max(len(r.token_ids) for r in rows)
+        Metrics.counter(NAMESPACE, "padding_tokens").inc(sum(longest - len(r.token_ids) for r in rows))
+        results: dict[int, Result] = {}
+        left = [len(u) for u in units]  # samples of each unit not ended yet
+        for part in model.generate_parts([r.token_ids for r in rows], [r.params for r in rows], self.logprobs,
+                                         run_slots(rows, self.batch_size, self.max_batch_tokens), self.stops,
+                                         self.target_seconds):
+            ended = set()
+            for row, c in part.done.items():
+                results[row] = Result(rows[row], c.token_ids, c.finish_reason, model.precision, c.logprobs)
+                left[unit_of[row]] -= 1
+                if not left[unit_of[row]]:
+                    ended.add(unit_of[row])
+            yield Done({i: [results.pop(first[i] + k) for k in range(len(units[i]))] for i in ended}, part.tokens)
 
     def units(self, batch: list[Request]) -> list[list[Request]]:
         return row_units(batch)
-
-    def parts(self, units: list[list[Request]]):
-        rows = [r for u in units for r in u]
-        slots = run_slots(rows, self.batch_size, self.max_batch_tokens)
-        # Longest prompts first (a run comes sorted by prompt length): the first large part sizes the worker's KV
-        # cache buffer for the whole run and later parts reuse it, where shortest first grew it part by part, each
-        # new buffer's pages faulted in afresh (0.35-1.4 s per 600 MB on a VM, BENCHMARKS.md).
-        return parts(units[::-1], _PACE, slots, lambda u: sum(r.params.max_new_tokens for r in u),
-                     self.target_seconds)
 
     def failure(self, unit: list[Request], error: Exception) -> str:
         r = unit[0]

@@ -34,9 +34,8 @@ import apache_beam as beam
 
 from lmgraph.sampling import sampling_params
 from transforms.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
-from transforms.generate import GenerateBatches, Generation
+from transforms.generate import PART_SECONDS, GenerateBatches, Generation
 from transforms.model_cache import model_identity
-from transforms.pacing import TARGET_RUN_SECONDS
 from transforms.work import Batching, BatchWork
 
 
@@ -63,8 +62,8 @@ class GenerateText(BatchWork):
     batch_size, max_batch_tokens: rows decoded at once (the slots of continuous batching; a row that ends frees
       its slot for the next), at most so many that slots x (longest prompt + max_new_tokens) <= max_batch_tokens
       (default: by the model's size, transforms.batching.max_batch_tokens_for).
-    run_seconds: the work a worker puts in one Session.run, from its measured rate (transforms/pacing.py): rows
-      come out and a failed run is retried at that granularity.
+    run_seconds: how long one Session.run (a part of a run) goes on before its rows done and tokens are counted
+      and the next part goes on where it stopped.
     streaming: None = decide by the input (unbounded: batch by size or max_wait_secs); True or False to force.
     max_wait_secs: on unbounded input, how long a row may wait for its batch to fill.
     precision, intra_op_threads: what the workers run the graph in (auto = the device's fastest) and on how many
@@ -77,7 +76,7 @@ class GenerateText(BatchWork):
 
     def __init__(self, model_dir: str, *, stop: list[str] | tuple[str, ...] = (), truncate: str = "none",
                  seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int | None = None, run_seconds: float = TARGET_RUN_SECONDS,
+                 max_batch_tokens: int | None = None, run_seconds: float = PART_SECONDS,
                  streaming: bool | None = None, max_wait_secs: float = 1.0, precision: str = "auto",
                  intra_op_threads: int | None = None,
                  model_label: str | None = None, n_ctx: int | None = None, logprobs: bool = False,

@@ -31,17 +31,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from lmgraph.sampling import FIELDS, sampling_params
-from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for
+from transforms.batching import DEFAULT_BATCH_SIZE, max_batch_tokens_for, run_slots
 from transforms.generate import Generation
 from transforms.model_cache import local_model_dir
 from transforms.records import MESSAGES, Request, Result
 from transforms.resources import load_model, load_tokenizer
-from transforms.work import split_and_retry
+from transforms.work import Done, split_and_retry
 
 # ModelHandler's own keyword arguments (batching, model sharing), passed through to it.
 BEAM_ARGS = frozenset(inspect.signature(ModelHandler.__init__).parameters) - {"self", "kwargs"} | {"env_vars"}
@@ -131,14 +131,21 @@ class GPT2ModelHandler(ModelHandler[Any, dict, GPT2Engine]):
         requests = [example_request(i, example, model, task) for i, example in enumerate(batch)]
         index = {id(r): i for i, r in enumerate(requests)}
         rows: list[dict | None] = [None] * len(batch)
-        run = lambda part: task.generate(model, part)  # noqa: E731
-        for done, outcome, _ in split_and_retry(run, sorted(requests, key=task.policy.sort_key)):
+
+        def run(units: list[list[Request]]) -> Iterator[Done]:  # the batch as one run: a slot per row
+            requests = [r for u in units for r in u]
+            done = model.generate([r.token_ids for r in requests], [r.params for r in requests], task.logprobs,
+                                  run_slots(requests, task.batch_size, task.max_batch_tokens), task.stops)
+            yield Done({i: [Result(r, c.token_ids, c.finish_reason, precision)]
+                        for i, (r, c) in enumerate(zip(requests, done))}, sum(len(c.token_ids) for c in done))
+
+        for units, outcome, _, _ in split_and_retry(run, [[r] for r in sorted(requests, key=task.policy.sort_key)]):
             if isinstance(outcome, Exception):
-                i = index[id(done[0])]
+                i = index[id(units[0][0])]
                 raise RuntimeError(f"example {i} ({_show(batch[i])}): generation failed: "
                                    f"{type(outcome).__name__}: {outcome}") from outcome
-            for r, c in zip(done, outcome):
-                rows[index[id(r)]] = task.format(model, Result(r, c.token_ids, c.finish_reason, precision))
+            for result in outcome:
+                rows[index[id(result.request)]] = task.format(model, result)
         return [PredictionResult(example, row, label) for example, row in zip(batch, rows)]
 
     def __repr__(self) -> str:

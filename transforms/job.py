@@ -10,8 +10,8 @@ import pyarrow as pa
 
 from lmgraph.sampling import SamplingParams
 from transforms.batching import DEFAULT_BATCH_SIZE
+from transforms.generate import PART_SECONDS
 from transforms.generate_text import GenerateText
-from transforms.pacing import TARGET_RUN_SECONDS
 from transforms.read import OVERRIDE_COLUMNS, ReadPrompts
 from transforms.records import ERRORS, MESSAGES
 from transforms.score_text import ScoreText, scores_schema
@@ -45,7 +45,7 @@ class JobConfig(FileJobConfig):
     truncate: str = "none"
     prompt_column: str = "prompt"
     messages_column: str = MESSAGES  # a chat row's messages, where a row has no prompt
-    run_seconds: float = TARGET_RUN_SECONDS  # work per Session.run (transforms/pacing.py)
+    run_seconds: float = PART_SECONDS  # seconds per Session.run (a part of a run)
     logprobs: bool = False  # completions get `logprobs`
     num_samples: int = 1  # completions per row (a num_samples column overrides it)
     samples: bool = False  # completions get `sample` (--num_samples given, or a num_samples column in the input)

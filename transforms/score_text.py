@@ -35,7 +35,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -46,7 +46,7 @@ from transforms.progress import SCORED_TOKENS
 from transforms.records import PromptRow, Record, with_keys
 from transforms.resources import shared_model
 from transforms.validate import prompt_error
-from transforms.work import Batching, BatchWork, RunBatches, Task
+from transforms.work import Batching, BatchWork, Done, RunBatches, Task
 
 SCORES_SCHEMA = pa.schema([
     ("id", pa.string()), ("tokens", pa.int32()), ("logprob_sum", pa.float64()), ("mean_logprob", pa.float64()),
@@ -164,7 +164,7 @@ class Scoring(Task):
     name = "scoring"
     stage = "Score"
     requests_counter = "texts"
-    tokens_counter = SCORED_TOKENS  # size_metric: Task's, batch_size (windows per batch)
+    tokens_counter = SCORED_TOKENS  # size_metric: Task's, batch_size (texts per batch)
 
     def __post_init__(self):
         check_stride(self.stride, self.n_ctx)
@@ -218,17 +218,15 @@ class Scoring(Task):
         return [dataclasses.replace(row, windows=[seq[b:e] for b, e, _ in windows],
                                     keep=[f - b - 1 for b, e, f in windows])]
 
-    def run(self, model, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        """Each request's kept log-probabilities, in token order."""
+    def run(self, model, units: list[list[ScoreRequest]]) -> Iterator[Done]:
+        """Each request's kept log-probabilities, in token order, once all are scored."""
+        requests = [r for u in units for r in u]
         out = [ScoreResult(r, [], model.precision) for r in requests]
         windows = [(i, w, k) for i, r in enumerate(requests) for w, k in zip(r.windows, r.keep)]
         for chunk in cut_windows(windows, self.batch_size, self.max_batch_tokens):
             for (i, _, k), logprobs in zip(chunk, model.score([w for _, w, _ in chunk])):
                 out[i].logprobs.extend(logprobs[k:])
-        return out
-
-    def account(self, requests: list[ScoreRequest], results: list, seconds: float) -> tuple[int, int]:
-        return sum(len(r.windows) for r in requests), sum(len(r.logprobs) for r in results)
+        yield Done({i: [result] for i, result in enumerate(out)}, sum(len(r.logprobs) for r in out))
 
     def format(self, tokenizer, result: ScoreResult) -> dict:
         """scores_schema's fields."""

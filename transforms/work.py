@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -28,29 +28,51 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def split_and_retry(run: Callable[[Sequence[T]], list], batch: Sequence[T]) -> Iterator[tuple]:
-    """Run `run` on the batch; if it raises (e.g. out of memory), on each half, down to single items.
-    Yields (items, outcomes, seconds) for each part that worked and (items, exception, None) for each item that
-    failed alone, in the batch's order."""
+class Done(NamedTuple):
+    """What a task's run has done since it last said: the results of the units that have ended, by their index
+    among the run's units, and the tokens done, those of units still going included (so that progress is true)."""
+    results: dict[int, list]
+    tokens: int
+
+
+class Outcome(NamedTuple):
+    """Units that ended, and their results in order (or, for a unit that failed alone, the exception); the tokens
+    and seconds since the last outcome of the same call."""
+    units: list[list]
+    results: list | Exception
+    tokens: int
+    seconds: float
+
+
+def split_and_retry(run: Callable[[list[list[T]]], Iterator[Done]], units: list[list[T]]) -> Iterator[Outcome]:
+    """Run `run` on the units, an Outcome as each of its parts ends; if it raises (e.g. out of memory), the units
+    it had not finished run again, in halves, down to single units, and a unit that fails alone is an Outcome of
+    its exception."""
+    left = dict(enumerate(units))
     start = time.perf_counter()
     try:
-        outcomes = run(batch)
-    except Exception as e:  # noqa: BLE001 - any failure: halve the batch and try again
-        if len(batch) > 1:
-            log.warning("batch of %d failed (%s); retrying in halves", len(batch), e)
-            half = len(batch) // 2
-            yield from split_and_retry(run, batch[:half])
-            yield from split_and_retry(run, batch[half:])
-        else:
-            yield batch, e, None
-        return
-    yield batch, outcomes, time.perf_counter() - start
+        for done in run(units):
+            now = time.perf_counter()
+            yield Outcome([left.pop(i) for i in sorted(done.results)],
+                          [r for i in sorted(done.results) for r in done.results[i]], done.tokens, now - start)
+            start = now
+    except Exception as e:  # noqa: BLE001 - any failure: halve what is left and try again
+        pending = list(left.values())
+        if len(units) == 1:
+            yield Outcome(pending, e, 0, 0.0)
+            return
+        log.warning("a run of %d units failed with %d left (%s); retrying those in halves", len(units),
+                    len(pending), e)
+        half = (len(pending) + 1) // 2
+        for rest in (pending[:half], pending[half:]):
+            if rest:
+                yield from split_and_retry(run, rest)
 
 
 class Task:
     """One kind of batch work. name: a failure's dead letter says "<name> failed: ...". stage: the label of its
     RunBatches step. requests_counter, tokens_counter (a progress counter), size_metric: the Beam metrics of
-    requests and tokens done, and run sizes."""
+    requests and tokens done, and of the units each part ends."""
     policy: Policy
     name = "work"
     stage = "Run"
@@ -66,21 +88,13 @@ class Task:
         """A result -> its output row's own fields (Format adds the input row's passthrough keys and origin)."""
         raise NotImplementedError
 
-    def run(self, model, requests: list) -> list:
-        """A result per request, from the model: a batch, or a part of one (`parts`)."""
-        raise NotImplementedError
-
-    def account(self, requests: list, results: list, seconds: float) -> tuple[int, int]:
-        """(size, tokens) of a part done in `seconds`: its value of the size metric, and the tokens it did."""
+    def run(self, model, units: list[list]) -> Iterator[Done]:
+        """The units' results from the model (a result per request), as they end."""
         raise NotImplementedError
 
     def units(self, batch: list) -> list[list]:
-        """The batch as units retried whole: a failure halves a part between units, never within one."""
+        """The batch as units retried whole: a failure halves the units left, never a unit."""
         return [[r] for r in batch]
-
-    def parts(self, units: list[list]) -> Iterable[list[list]]:
-        """The units in parts, each run and retried on its own (`account` sees one before the next is taken)."""
-        return [units]
 
     def failure(self, unit: list, error: Exception) -> str:
         return f"{self.name} failed: {type(error).__name__}: {error}"
@@ -105,21 +119,19 @@ class RunBatches(beam.DoFn):
 
     def process(self, batch: list):
         task = self.task
-        run = lambda units: task.run(self._model, [r for u in units for r in u])  # noqa: E731
-        for part in task.parts(task.units(batch)):
-            for units, results, seconds in split_and_retry(run, part):
-                if isinstance(results, Exception):
-                    self.rejected.inc()
-                    yield beam.pvalue.TaggedOutput(ERRORS, units[0][0].dead_letter(task.failure(units[0], results)))
-                    continue
-                requests = [r for u in units for r in u]
-                size, tokens = task.account(requests, results, seconds)
-                self.latency.update(int(seconds * 1000))
-                self.size.update(size)
-                self.done.inc(len(requests))
-                self.tokens.inc(tokens)
-                log_done(len(requests), tokens)
-                yield from results
+        for units, results, tokens, seconds in split_and_retry(lambda units: task.run(self._model, units),
+                                                               task.units(batch)):
+            if isinstance(results, Exception):
+                self.rejected.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, units[0][0].dead_letter(task.failure(units[0], results)))
+                continue
+            self.latency.update(int(seconds * 1000))
+            if units:
+                self.size.update(len(results))
+            self.done.inc(len(results))
+            self.tokens.inc(tokens)
+            log_done(len(results), tokens)
+            yield from results
 
 
 @dataclasses.dataclass(frozen=True)
