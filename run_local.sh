@@ -4,7 +4,7 @@
 #   ./run_local.sh
 #       demo: makes a random-weight GPT-2 124M (real vocabulary) and sample prompt shards, then runs on them
 #   ./run_local.sh --input 'data/*.parquet' --output out/ --model_dir models/gpt2 [job or Beam options]
-#       your data and model (see README: "Export real GPT-2 weights"); any other option is passed through,
+#       your data and model (see README: "Export a model"); any other option is passed through,
 #       e.g. --max_new_tokens 32 --temperature 0.8 --direct_num_workers 2 --direct_running_mode multi_processing
 set -euo pipefail
 cd "$(dirname "$0")"

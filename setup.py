@@ -8,7 +8,7 @@ requirements = [line.strip() for line in Path(__file__).with_name("requirements.
 setup(
     name="gpt2-beam",
     version="0.1.0",
-    description="Distributed batch generation with GPT-2 as a frozen TensorFlow graph on Apache Beam",
+    description="Distributed batch generation with GPT-2 and Llama-family models as TensorFlow graphs on Apache Beam",
     python_requires=">=3.10",
     packages=find_packages(include=["lmgraph", "lmgraph.*", "pipeline", "pipeline.*", "transforms", "transforms.*"]),
     install_requires=requirements,

@@ -22,7 +22,7 @@ Sampling is per row: a row's choice depends only on its own logits, parameters, 
 neighbours (see `choose_tokens`, `sample_tokens`).
 
 Batch invariance. In bfloat16 a row's tokens and log-probabilities are the same bits alone, in any batch, at any
-slot, next to any neighbours (float16 on CPUs runs through Eigen's matmuls, which this does not cover; README). A
+slot, next to any neighbours (float16 on CPUs runs through Eigen's matmuls, which this does not cover; docs/precision.md). A
 last-bit difference anywhere would not stay small: the next cast to bfloat16 turns it into a whole bf16 step now
 and then, and a greedy token or a draw flips. So every op a row's values go through computes them in an order that
 depends on nothing but the row:

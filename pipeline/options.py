@@ -64,8 +64,8 @@ def _worker_options(p: argparse.ArgumentParser, rows: str) -> None:
     b.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
                    help="auto: the fastest the worker's device has (bfloat16 on CPUs with AMX or AVX512-BF16 and "
                         "on Ampere GPUs, float16 on older GPUs, else float32); int8 (CPUs only) quantizes the weight "
-                        "matrices, slightly less accurate, never chosen by auto (on Zen 4 slower than bfloat16); "
-                        "each row records the one used")
+                        "matrices (exact integer sums, batch-invariant), slightly less accurate, never chosen by "
+                        "auto; each row records the one used")
     b.add_argument("--intra_op_threads", type=int, default=None,
                    help="cores generation uses per worker process (default: all it may run on); on a CPU a "
                         "batch runs as that many parts side by side (at 124M each op on one thread)")
@@ -94,7 +94,7 @@ def _parser(prog: str, description: str) -> _Parser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _parser("python -m pipeline.run", "Batch text generation with GPT-2 (one TensorFlow graph)")
+    p = _parser("python -m pipeline.run", "Batch text generation with GPT-2 or a Llama-family model (one TensorFlow graph)")
     io = _io_options(p, "completions")
     io.add_argument("--prompt_column", default="prompt")
     io.add_argument("--messages_column", default=MESSAGES,
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_score_parser() -> argparse.ArgumentParser:
     p = _parser("python -m pipeline.score",
-                "Log-likelihood of given text under GPT-2 (the same model directory and graph)")
+                "Log-likelihood of given text under the model (the same model directory and graph)")
     io = _io_options(p, "scores")
     io.add_argument("--text_column", default=None, help="the column of the text to score (default: text)")
     io.add_argument("--prompt_column", default=None,

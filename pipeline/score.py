@@ -1,4 +1,4 @@
-"""The scoring job: text shards (Parquet or JSON Lines) in, each row's log-likelihood under GPT-2 out.
+"""The scoring job: text shards (Parquet or JSON Lines) in, each row's log-likelihood under the model out.
 
   python -m pipeline.score --input 'texts/*.parquet' --output out/ --model_dir models/gpt2 [options] [Beam options]
   python -m pipeline.score ... --prompt_column prompt --completion_column completion   # a completion given its prompt

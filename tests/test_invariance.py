@@ -24,7 +24,7 @@ from lmgraph.sampling import SamplingParams
 
 ROWS = (1, 2, 7, 64, 65, 128, 300)
 # float16 is GPU-only in this sense: on CPUs without AVX512-FP16 TensorFlow runs float16 matmuls through Eigen,
-# whose blocking changes a row's sums with the row count at any width (README, Precision).
+# whose blocking changes a row's sums with the row count at any width (docs/precision.md).
 # int8 quantizes each row with its own scale and sums integers: exact by construction (lmgraph.model.matmul_int8).
 LOW_PRECISIONS = ("bfloat16", "int8")
 # The int8 matmuls of decode steps run another oneDNN kernel (on weights it keeps laid out: model.KeepLayout)
@@ -113,7 +113,7 @@ def test_int8_matmul_sums_the_integers_exactly(n_in, n_out):
 
     CPUs without int8 dot-product units (VNNI, AMX) run oneDNN's gemm_s8u8s32, whose vpmaddubsw adds each pair of
     neighbouring u8 x s8 products (inputs 2j, 2j + 1) in int16 with saturation before the int32 sum: there the sum
-    is exactly that one, and only the outputs where a pair saturated stray further from float32 (README, int8;
+    is exactly that one, and only the outputs where a pair saturated stray further from float32 (docs/precision.md, int8;
     test_int8_is_exact_and_batch_invariant_without_vnni runs this under an AVX2 cap)."""
     rng = np.random.default_rng(5)
     x = rng.normal(0, 1, (7, n_in)).astype(np.float32)

@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms import jsonl
-from transforms.progress import ROWS_DONE, Counter
+from transforms.progress import NAMESPACE, ROWS_DONE, Counter
 from transforms.read import shard_name, unreadable_id
 from transforms.records import is_jsonl
 
@@ -138,8 +138,8 @@ class WriteShard(beam.DoFn):
                  schema: pa.Schema | None = None, kind: str = "completions"):
         self.output_dir, self.output_format, self.logprobs = output_dir, output_format, logprobs
         self.schema, self.kind = schema or completions_schema(logprobs), kind
-        self.written = Metrics.counter("gpt2", "rows_written")
-        self.dead = Metrics.counter("gpt2", "rows_dead_lettered")
+        self.written = Metrics.counter(NAMESPACE, "rows_written")
+        self.dead = Metrics.counter(NAMESPACE, "rows_dead_lettered")
 
     def process(self, element):
         source, groups = element
