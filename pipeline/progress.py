@@ -135,9 +135,9 @@ class Reporter:
         while not self._stop.wait(self.interval):
             counts, now = self.counts(), time.monotonic()
             if counts is not None:
-                # rates since the line that first had rows done (start-up and model loading aside); until then,
-                # since the start
+                # rates since the line that first had work done, rows or tokens (a part's tokens count as it
+                # ends, its rows still going included): start-up and model loading aside; until then, since the start
                 start, since = first or (self._start, None)
                 log.info("%s", progress_line(counts, self.total, now - start, since, self.tokens_counter))
-                if first is None and counts.get(ROWS_DONE, 0):
+                if first is None and (counts.get(ROWS_DONE, 0) or counts.get(self.tokens_counter, 0)):
                     first = (now, counts)
