@@ -98,6 +98,24 @@ def read_checkpoint(directory: str | Path) -> tuple[ModelConfig, Tensors, str]:
     return cfg, tensors, fmt
 
 
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def checkpoint_dtype(directory: str | Path) -> str:
+    """The dtype a checkpoint's float tensors are stored in (float32, float16 or bfloat16), float32 if they mix
+    them or the layout is OpenAI's: what an export stores them in by default, losing nothing and taking no more
+    disk or load time than the checkpoint did."""
+    d = Path(directory)
+    if detect_format(d) == "openai":
+        return "float32"
+    reader = ShardedReader(d)
+    try:
+        found = {STORED_DTYPES.get(reader.dtype(k)) for k in reader.where}
+    finally:
+        reader.close()
+    return found.pop() if len(found) == 1 and None not in found else "float32"
+
+
 def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, Weights, str]:
     """(config, weights, format): every tensor in memory at once (tests and small models)."""
     cfg, tensors, fmt = read_checkpoint(directory)

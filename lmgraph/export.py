@@ -145,10 +145,9 @@ def frozen_graph(cfg: ModelConfig, weights: Weights, precision: str,
 
 
 def stored_dtype(name: str, dtype: str) -> np.dtype:
-    """The numpy dtype weights.safetensors holds a weight in: `dtype` for matrices, float32 for the rest;
-    bfloat16 as its raw bits in uint16 (safetensors.numpy has no bfloat16 dtype)."""
-    tf_dtype = weight_dtype(name, dtype)
-    return np.dtype(np.uint16 if tf_dtype == tf.bfloat16 else tf_dtype.as_numpy_dtype)
+    """The numpy dtype weights.safetensors holds a weight in: `dtype` for matrices, float32 for the rest
+    (bfloat16 is ml_dtypes', written as safetensors' BF16)."""
+    return np.dtype(weight_dtype(name, dtype).as_numpy_dtype)
 
 
 def write_weights(path: Path, cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype: str) -> None:

@@ -46,11 +46,16 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def dtype_name(dtype) -> str:
+    """safetensors' name of a numpy dtype: BF16 for bfloat16 (ml_dtypes', as TensorFlow's as_numpy_dtype gives it)."""
+    return "BF16" if np.dtype(dtype).name == "bfloat16" else _NAMES[np.dtype(dtype)]
+
+
 def write(path: str | Path, specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
           tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file of the tensors `specs` names ({name: (dtype, shape)}), taking each array from
     `tensors` as it comes, in any order; every tensor must come exactly once with its declared dtype and shape."""
-    entries = sorted(((_NAMES[np.dtype(dt)], tuple(shape), name) for name, (dt, shape) in specs.items()),
+    entries = sorted(((dtype_name(dt), tuple(shape), name) for name, (dt, shape) in specs.items()),
                      key=lambda e: (-_RANK[e[0]], e[2]))
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset, where = 0, {}

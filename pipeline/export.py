@@ -26,8 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="external (default): graphs for float32, bfloat16 and float16, weights in "
                         "weights.safetensors bound at load in the precision the worker picks (124M: loads in ~2 s, "
                         "~1.5 GB); frozen: one graph with the weights as constants (124M: ~25 s, 8-10 GB to load)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype the weight matrices are stored in (external) or baked in (frozen); norms, "
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype the weight matrices are stored in (external) or baked in (frozen); auto: the "
+                        "checkpoint's own (a bfloat16 checkpoint stays bfloat16, half float32's bytes; float32 for "
+                        "--random and OpenAI checkpoints); each worker casts them to its precision at load. Norms, "
                         "biases, activations and softmax stay float32")
     p.add_argument("--name", help="model name recorded in the manifest and in every output row")
     p.add_argument("--seed", type=int, default=0, help="with --random: the weights' seed")
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     if args.random:
+        args.dtype = "float32" if args.dtype == "auto" else args.dtype
         cfg = SIZES[args.random]
         weights = checkpoint.random_tensors(cfg, seed=args.seed)  # generated a tensor at a time as written
         vocab_dir, name = default_vocab_dir(), args.name or f"gpt2-{args.random}-random"
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         vocab_dir, name = Path(args.checkpoint), args.name or Path(args.checkpoint).resolve().name
+        if args.dtype == "auto":
+            args.dtype = checkpoint.checkpoint_dtype(args.checkpoint)
         source = {"random": False, "format": fmt, "path": str(Path(args.checkpoint).resolve())}
     try:
         manifest = export.export(cfg, weights, args.output, vocab_dir, dtype=args.dtype,

@@ -60,6 +60,20 @@ def hf_greedy(hf, prompt: list[int], n: int, eos=None) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def test_export_stores_the_matrices_in_the_checkpoints_dtype(family, request):
+    """By default (--dtype auto) a bfloat16 checkpoint's matrices stay bfloat16 in the model directory (half the
+    bytes of float32, nothing lost) and a float32 one's float32; the greedy tests here run on those files."""
+    from lmgraph import tensorfile
+    from lmgraph.checkpoint import checkpoint_dtype
+
+    ckpt, out, _, _ = family
+    want = FAMILIES[request.node.callspec.params["family"]][2]
+    assert checkpoint_dtype(ckpt) == want
+    with tensorfile.Reader(out / "weights.safetensors") as r:
+        assert r.dtype("h0/mlp/c_fc/w") == {"float32": "F32", "bfloat16": "BF16"}[want]
+        assert r.dtype("h0/ln_1/g") == "F32"  # norms stay float32
+
+
 def test_logits_and_cache_match_transformers(family):
     ckpt, _, hf, _ = family
     cfg, weights, _ = load_checkpoint(ckpt)
