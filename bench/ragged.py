@@ -4,6 +4,7 @@
   python -m bench.ragged --quick    # tiny model, 48 prompts, 8 new tokens on average: a smoke run (the tests run it)
   python -m bench.ragged --write    # also write the tables into BENCHMARKS.md between its ragged markers
   python -m bench.ragged --engine_only   # the engine tables only (~10 min)
+  python -m bench.ragged --job_only --prompts 192 --mean 48   # the whole job only
 
 Workloads, on the same prompts (real words, 1..66 tokens, shuffled; random GPT-2 weights; greedy; ignore_eos, so a
 row runs exactly to its max_new_tokens):
@@ -118,14 +119,14 @@ def engine(model_dir: Path, prompts: list[list[int]], mean: int, slots: int, thr
     return results
 
 
-def render(args: argparse.Namespace, rows: int, jobs: dict, eng: dict) -> str:
+def render(args: argparse.Namespace, rows: int, jobs: dict, eng: dict | None) -> str:
     cpu, vector = cpu_features()
     cfg = SIZES[args.size]
     lines = [
         f"Machine: {cpu}, {os.cpu_count()} logical CPUs, vector units: {' '.join(vector) or 'none of AVX2+'}; "
         f"{args.threads} threads.",
         f"Model: GPT-2 {args.size} shape ({cfg.n_layer} layers, {cfg.n_embd} wide), random weights, "
-        f"{eng['precision']}. {rows} prompts of 1-{MAX_PROMPT_TOKENS} tokens, shuffled. Uniform: {args.mean} new "
+        f"{eng['precision'] if eng else 'the default precision'}. {rows} prompts of 1-{MAX_PROMPT_TOKENS} tokens, shuffled. Uniform: {args.mean} new "
         f"tokens per row; ragged: max_new_tokens spread evenly over 1-{2 * args.mean - 1} (mean {args.mean}).",
     ]
     if jobs:
@@ -135,6 +136,8 @@ def render(args: argparse.Namespace, rows: int, jobs: dict, eng: dict) -> str:
         for kind in ("uniform", "ragged"):
             s, t = jobs[kind]
             lines.append(f"| {kind} | {s:.1f} | {t} | {tps[kind]:.1f} | {tps[kind] / tps['uniform']:.2f}x |")
+    if eng is None:
+        return "\n".join(lines)
     lines += ["", f"Engine alone ({eng['slots']} slots; static: runs of {eng['slots']} rows in arrival order, "
               "each to its longest row):", "",
               "| workload | batching | s | new tokens | tok/s | / uniform continuous |", "|---|---|---:|---:|---:|---:|"]
@@ -174,8 +177,9 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
             print(f"whole job {kind} {r + 1}/{args.repeats}: {seconds:.1f} s, {tokens} tokens, "
                   f"{tokens / seconds:.1f} tok/s", flush=True)
     jobs = {k: (float(np.median([s for s, _ in v])), v[0][1]) for k, v in runs.items() if v}
-    eng = engine(s.model_dir, tokenizer.encode_batch(texts), args.mean, args.slots, args.threads)
-    for k, v in eng.items():
+    eng = None if args.job_only else engine(s.model_dir, tokenizer.encode_batch(texts), args.mean, args.slots,
+                                            args.threads)
+    for k, v in (eng or {}).items():
         print(f"engine {k}: {v}", flush=True)
     return render(args, len(texts), jobs, eng)
 
@@ -191,6 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="whole-job rounds, alternating the order")
     p.add_argument("--workdir", help="where models, prompts and outputs go (default: a temporary directory)")
     p.add_argument("--engine_only", action="store_true", help="skip the whole-job runs and their table")
+    p.add_argument("--job_only", action="store_true", help="skip the engine's tables")
     p.add_argument("--quick", action="store_true", help="tiny model, 48 prompts, 8 new tokens, 8 slots, 1 round")
     p.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md")
     args = p.parse_args(argv)
