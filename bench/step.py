@@ -3,7 +3,7 @@
     python -m bench.step --model_dir MODEL_DIR [--batches 1 8 64] [--precision auto|float32|bfloat16]
 
 The engine's step time is the difference of two runs that differ only in new tokens (so prefill cancels), over
-the steps between them. The kernel floor is one step's matrices (four per layer, then the LM head) multiplied in
+the steps between them. The kernel floor is one step's matrices (four per layer in the model's shapes, then the LM head) multiplied in
 a bare TensorFlow graph by a (B, C) input, in the model's precision, with the weights in read-only variables as
 in the engine (constants would let oneDNN cache a reordered copy, which the engine cannot have): what
 TensorFlow's own kernels need for the step's weights, with no attention, norms, sampling or loop. The engine cannot beat that floor without faster kernels; the gap above it is
@@ -26,15 +26,16 @@ from lmgraph.sampling import SamplingParams
 def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], int]:
     """A callable running one step's weight matmuls at batch B, and the bytes of weights it reads."""
     cfg = model.config
-    C, V = cfg.n_embd, cfg.n_vocab
+    C, V, F = cfg.n_embd, cfg.n_vocab, cfg.mlp_width
     rng = np.random.default_rng(0)
-    layer = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]  # c_attn, attn c_proj, mlp c_fc, mlp c_proj
+    # c_attn (q, k, v), attn c_proj, mlp c_fc (SwiGLU's gate and up side by side), mlp c_proj
+    layer = [(C, C + 2 * cfg.kv_width), (C, C), (C, F if cfg.gpt2 else 2 * F), (F, C)]
     shapes = layer * cfg.n_layer + [(C, V)]  # then the LM head
     dtype = tf.as_dtype(model.precision)
     graph = tf.Graph()
     with graph.as_default():
         x = tf.compat.v1.placeholder(dtype, (B, C))
-        h = tf.compat.v1.placeholder(dtype, (B, 4 * C))
+        h = tf.compat.v1.placeholder(dtype, (B, F))
         # The engine's layout: (in, out) in float32, (out, in) with transpose_b otherwise (lmgraph.model.Transposed).
         flip = model.precision != "float32"
         weights = [tf.compat.v1.get_variable(f"w{i}", initializer=rng.standard_normal(s[::-1] if flip else s)
@@ -49,7 +50,7 @@ def kernel_floor(model: GenerationModel, B: int) -> tuple[Callable[[], object], 
     session = tf.compat.v1.Session(graph=graph, config=config)
     session.run(init)
     run = session.make_callable(total, [x, h])
-    xs, hs = (np.ones(s, dtype.as_numpy_dtype) for s in ((B, C), (B, 4 * C)))
+    xs, hs = (np.ones(s, dtype.as_numpy_dtype) for s in ((B, C), (B, F)))
     return (lambda: run(xs, hs)), dtype.size * sum(k * n for k, n in shapes)
 
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model = GenerationModel(args.model_dir, precision=args.precision)
+    if model.precision == "int8":
+        p.error("the kernel floor is plain matmuls in the model's float precision: run float32 or bfloat16")
     print(f"precision {model.precision}")
     rng = np.random.default_rng(0)
     print("| batch | engine ms/step | kernel floor ms/step | floor GB/s | engine / floor |")
